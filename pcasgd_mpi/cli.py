@@ -1,0 +1,182 @@
+"""`pcasgd-mpi`: a thin command-line shell over the trainer."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from . import __version__
+
+ALGORITHMS = ("dsgd", "clip", "predict", "pc-asgd", "pc-asgd-pv", "pc-asgd-av", "allreduce")
+MODES = ("lockstep", "async")
+WEIGHT_RULES = ("metropolis", "uniform", "max-degree", "file")
+DATASETS = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
+MODELS = ("mlp", "cnn", "resnet20", "vgg11")
+
+
+def _env_rank() -> int:
+    """This process's rank as the launcher sets it, read without starting MPI."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # Every rank parses the same argv; one copy of the message is enough.
+        if _env_rank() == 0:
+            print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _theta(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"theta must be in [0, 1], got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pcasgd-mpi", description="Decentralized asynchronous training over MPI with PC-ASGD.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train one model per MPI rank (launch with mpirun -n N)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = t.add_argument_group("graph")
+    g.add_argument("--topology", default="ring",
+                   help="ring, torus, exponential, complete, star, random-regular:D, small-world:K:P, or a file")
+    g.add_argument("--weights", default="metropolis", choices=WEIGHT_RULES, help="mixing-matrix rule")
+    a = t.add_argument_group("algorithm")
+    a.add_argument("--algorithm", default="pc-asgd-pv", choices=ALGORITHMS)
+    a.add_argument("--theta", type=_theta, default=0.5, help="predict/clip tradeoff for pc-asgd")
+    a.add_argument("--lam", type=float, default=0.04, help="Taylor-prediction coefficient λ (>= 0)")
+    a.add_argument("--lam-mode", default="fixed", choices=("fixed", "adaptive"))
+    a.add_argument("--tolerance", type=_nonneg_int, default=None,
+                   help="staleness still counted fresh (default: 0 lockstep, 1 async)")
+    a.add_argument("--horizon", type=_nonneg_int, default=16, help="staleness beyond which a neighbour is dropped")
+    r = t.add_argument_group("execution")
+    r.add_argument("--mode", default="async", choices=MODES)
+    r.add_argument("--delay", default="none", help="lockstep delay: none, fixed:TAU, random:P:TAU, ranks:R1,R2:TAU")
+    r.add_argument("--straggler", action="append", default=[], metavar="RANK:FACTOR",
+                   help="make RANK's steps FACTOR times slower (repeatable)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch threads per rank (default: cores of the node / ranks on it)")
+    r.add_argument("--timeout", type=_positive_float, default=120.0,
+                   help="seconds any wait for another rank may take before the job is aborted")
+    d = t.add_argument_group("data and model")
+    d.add_argument("--dataset", default="digits", choices=DATASETS)
+    d.add_argument("--data-dir", default=None, help="folder with the files of mnist, fashion-mnist or cifar10")
+    d.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (non-IID label skew)")
+    d.add_argument("--model", default="mlp", choices=MODELS)
+    o = t.add_argument_group("optimisation")
+    length = o.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="local steps per rank (default 500)")
+    length.add_argument("--epochs", type=_positive_float, default=None, help="passes over the training set")
+    o.add_argument("--batch-size", type=int, default=32)
+    o.add_argument("--lr", type=_positive_float, default=0.1)
+    o.add_argument("--momentum", type=float, default=0.0)
+    o.add_argument("--weight-decay", type=float, default=0.0)
+    o.add_argument("--seed", type=int, default=0)
+    out = t.add_argument_group("output")
+    out.add_argument("--out", default=None, help="run directory (default runs/<time>-<algorithm>)")
+    out.add_argument("--eval-every", type=_nonneg_int, default=0, help="evaluate every N steps (0: only at the end)")
+    out.add_argument("--log-every", type=_nonneg_int, default=1, help="write a metrics line every N steps")
+    out.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    out.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+    top = sub.add_parser("topology", help="inspect a topology")
+    top_sub = top.add_subparsers(dest="topology_command", required=True, parser_class=_Parser)
+    show = top_sub.add_parser("show", help="print the graph, mixing matrix and spectral gap")
+    show.add_argument("spec")
+    show.add_argument("-n", "--size", type=int, required=True, help="number of agents")
+    show.add_argument("--weights", default="metropolis", choices=WEIGHT_RULES)
+    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--png", default=None, help="also draw the graph to this PNG file")
+    return p
+
+
+def _topology_show(args) -> int:
+    from . import topology
+
+    graph = topology.build(args.spec, args.size, seed=args.seed)
+    topology.validate(graph, args.size)
+    W = topology.mixing_matrix(graph, args.weights)
+    print(topology.describe(graph, W))
+    if args.png:
+        topology.draw(graph, args.png)
+        print(f"graph drawn to {args.png}")
+    return 0
+
+
+def _train(args) -> int:
+    from .trainer import SetupError, TrainConfig, run
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**fields)
+    try:
+        summary = run(cfg)
+    except SetupError as exc:
+        # Every rank knows about it (the ranks agreed on it), so nobody is left waiting.
+        if _env_rank() == 0:
+            print(f"pcasgd-mpi: error: {exc}", file=sys.stderr)
+        return 2
+    if summary is not None:
+        print(f"final test accuracy of the average model: {summary['final_accuracy']:.4f} "
+              f"(agents: {', '.join(f'{a:.3f}' for a in summary['agent_accuracies'])}; "
+              f"consensus distance {summary['consensus_distance']:.3g}; "
+              f"{summary['wall_time_s']:.1f} s)")
+        print(f"results in {summary['out']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "topology":
+            return _topology_show(args)
+        return _train(args)
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as exc:
+        # Bad input (topology, data, spec): one line, no traceback unless asked.
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"pcasgd-mpi [rank {_env_rank()}]: error: {exc}", file=sys.stderr, flush=True)
+        _abort_if_parallel(2)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: report once, end the job
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        rank = _env_rank()
+        print(f"pcasgd-mpi [rank {rank}]: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        _abort_if_parallel(1)
+        return 1
+
+
+def _abort_if_parallel(code: int) -> None:
+    """Other ranks may be waiting on this one: take the whole job down instead of leaving them hanging."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
+        mpi.COMM_WORLD.Abort(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Nonblocking exchange of flat weight (and gradient) buffers with graph neighbours.
+
+This module moves bytes and knows nothing about learning. Each message is one contiguous
+buffer: a 64-byte header of int64 words followed by the payload (weights, then optionally the
+gradient). Sends come from a small pool of buffers so that a buffer is never written while a
+send from it is still in flight; every neighbour has one receive pre-posted at all times and
+the newest message per neighbour wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+MAGIC = 0x3144475341435050  # b"PPCASGD1" read as a little-endian int64
+HEADER_BYTES = 64
+_WORDS = HEADER_BYTES // 8
+_MAGIC, _SENDER, _STEP, _NUMEL, _SIGNATURE, _FLAGS = range(6)
+FLAG_GRAD = 1
+TAG = 7401
+
+
+class ExchangeTimeout(RuntimeError):
+    """A wait in the exchange passed its deadline."""
+
+
+class PeerFailed(RuntimeError):
+    """MPI reported a neighbour as failed (ULFM)."""
+
+    def __init__(self, rank: int):
+        super().__init__(f"rank {rank} failed")
+        self.rank = rank
+
+
+def model_signature(named_shapes: Sequence[tuple[str, tuple[int, ...], str]]) -> int:
+    """A 63-bit hash of parameter names, shapes and dtypes; messages from another model are refused."""
+    text = ";".join(f"{n}:{tuple(s)}:{d}" for n, s, d in named_shapes)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+@dataclass
+class Message:
+    """A received message. Tensors are views into exchange buffers, valid until the next poll."""
+
+    source: int
+    step: int
+    weights: torch.Tensor
+    grad: torch.Tensor | None
+
+
+class _Buffer:
+    """One message-sized host buffer; allocated through numpy for full transfer bandwidth."""
+
+    def __init__(self, nbytes: int, numel: int, dtype: torch.dtype, with_grad: bool):
+        self.raw = np.empty(nbytes, dtype=np.uint8)
+        self.header = self.raw[:HEADER_BYTES].view(np.int64)
+        payload = torch.from_numpy(self.raw[HEADER_BYTES:]).view(dtype)
+        self.weights = payload[:numel]
+        self.grad = payload[numel:] if with_grad else None
+        self.requests: list[MPI.Request] = []
+
+    def busy(self) -> bool:
+        if self.requests:
+            self.requests = [r for r in self.requests if not r.Test()]
+        return bool(self.requests)
+
+
+@dataclass
+class ExchangeStats:
+    sent: int = 0
+    skipped: int = 0  # sends not made because the previous one to that neighbour was in flight
+    received: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+def _wait(done: Callable[[], bool], deadline: float, what: Callable[[], str]) -> None:
+    """Spin on `done` until it holds or the deadline passes; back off so idle ranks yield the core."""
+    spins = 0
+    while not done():
+        if time.monotonic() > deadline:
+            raise ExchangeTimeout(what())
+        spins += 1
+        if spins > 50:
+            time.sleep(min(1e-3, 1e-5 * (spins - 50)))
+
+
+class Exchange:
+    """Point-to-point exchange with a fixed set of neighbours on a private duplicate communicator."""
+
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        neighbours: Sequence[int],
+        numel: int,
+        dtype: torch.dtype = torch.float32,
+        *,
+        signature: int = 0,
+        with_grad: bool = True,
+        check_finite: bool = True,
+        warn: Callable[[str], None] | None = None,
+    ):
+        self.comm = comm.Dup()
+        self.comm.Set_errhandler(MPI.ERRORS_RETURN)
+        self.rank = self.comm.Get_rank()
+        self.neighbours = list(neighbours)
+        self.numel = numel
+        self.dtype = dtype
+        self.signature = signature
+        self.with_grad = with_grad
+        self.check_finite = check_finite
+        self.stats = ExchangeStats()
+        self.failed: set[int] = set()
+        self._warn = warn or (lambda msg: None)
+        self._warned: set[str] = set()
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.nbytes = HEADER_BYTES + numel * itemsize * (2 if with_grad else 1)
+        make = lambda: _Buffer(self.nbytes, numel, dtype, with_grad)  # noqa: E731
+        # Each neighbour has at most one send in flight, so deg + 1 buffers always leave one free.
+        self._send_pool = [make() for _ in range(len(self.neighbours) + 1)]
+        self._in_flight: dict[int, MPI.Request] = {}
+        self._inbox = {n: make() for n in self.neighbours}
+        self._latest = {n: make() for n in self.neighbours}
+        self._latest_step = {n: -1 for n in self.neighbours}
+        self._recv = {n: self._post_recv(n) for n in self.neighbours}
+        self._closed = False
+
+    # ---------------------------------------------------------------- sending
+    def _post_recv(self, source: int) -> MPI.Request:
+        return self.comm.Irecv([self._inbox[source].raw, MPI.BYTE], source=source, tag=TAG)
+
+    def _progress_sends(self) -> None:
+        for dest, req in list(self._in_flight.items()):
+            try:
+                done = req.Test()
+            except MPI.Exception as exc:
+                self._peer_error(dest, exc)
+                done = True
+            if done:
+                del self._in_flight[dest]
+
+    def send_ready(self) -> bool:
+        """True when no send to any neighbour is still in flight."""
+        self._progress_sends()
+        return not self._in_flight
+
+    def send(
+        self,
+        step: int,
+        weights: torch.Tensor,
+        grad: torch.Tensor | None = None,
+        *,
+        block: bool = False,
+        deadline: float = float("inf"),
+    ) -> int:
+        """Send (step, weights[, grad]) to every neighbour; returns how many sends were started.
+
+        A neighbour whose previous message is still in flight is skipped (the next send carries
+        newer weights anyway) unless `block`, which waits for it up to `deadline`.
+        """
+        if block:
+            _wait(self.send_ready, deadline,
+                  lambda: f"sends to ranks {sorted(self._in_flight)} did not complete")
+        else:
+            self._progress_sends()
+        targets = [n for n in self.neighbours if n not in self._in_flight and n not in self.failed]
+        self.stats.skipped += len(self.neighbours) - len(targets) - len(self.failed & set(self.neighbours))
+        if not targets:
+            return 0
+        buf = next(b for b in self._send_pool if not b.busy())
+        h = buf.header
+        h[_MAGIC], h[_SENDER], h[_STEP], h[_NUMEL] = MAGIC, self.rank, step, self.numel
+        h[_SIGNATURE], h[_FLAGS] = self.signature, FLAG_GRAD if self.with_grad else 0
+        buf.weights.copy_(weights)
+        if self.with_grad:
+            if grad is None:
+                buf.grad.zero_()
+            else:
+                buf.grad.copy_(grad)
+        for dest in targets:
+            req = self.comm.Isend([buf.raw, MPI.BYTE], dest=dest, tag=TAG)
+            buf.requests.append(req)
+            self._in_flight[dest] = req
+        self.stats.sent += len(targets)
+        return len(targets)
+
+    # -------------------------------------------------------------- receiving
+    def _reject(self, source: int, reason: str) -> None:
+        self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+        if reason not in self._warned:
+            self._warned.add(reason)
+            self._warn(f"dropped a message from rank {source}: {reason} (counted; further ones are not reported)")
+
+    def _peer_error(self, source: int, exc: MPI.Exception) -> None:
+        if exc.Get_error_class() == MPI.ERR_PROC_FAILED:
+            self.failed.add(source)
+            return
+        raise exc
+
+    def _validate(self, source: int, status: MPI.Status) -> str | None:
+        h = self._inbox[source].header
+        if status.Get_count(MPI.BYTE) != self.nbytes:
+            return "wrong message size"
+        if h[_MAGIC] != MAGIC or h[_SENDER] != source or h[_NUMEL] != self.numel:
+            return "malformed header"
+        if h[_SIGNATURE] != self.signature:
+            return "foreign model signature"
+        if bool(h[_FLAGS] & FLAG_GRAD) != self.with_grad:
+            return "gradient flag mismatch"
+        if self.check_finite:
+            buf = self._inbox[source]
+            if not bool(torch.isfinite(buf.weights).all()) or (
+                buf.grad is not None and not bool(torch.isfinite(buf.grad).all())
+            ):
+                return "non-finite values"
+        return None
+
+    def poll(self, handler: Callable[[Message], None] | None = None) -> list[int]:
+        """Take every message that has arrived; returns the neighbours with a newer message.
+
+        `handler` sees every valid message in arrival order (views valid only during the call);
+        afterwards `latest(n)` gives the newest one.
+        """
+        updated = []
+        status = MPI.Status()
+        for source in self.neighbours:
+            if source in self.failed:
+                continue
+            while True:
+                req = self._recv[source]
+                try:
+                    if not req.Test(status):
+                        break
+                    reason = self._validate(source, status)
+                except MPI.Exception as exc:
+                    if exc.Get_error_class() == MPI.ERR_TRUNCATE:
+                        reason = "wrong message size"
+                    else:
+                        self._peer_error(source, exc)
+                        break
+                if reason is not None:
+                    self._reject(source, reason)
+                else:
+                    self.stats.received += 1
+                    buf = self._inbox[source]
+                    step = int(buf.header[_STEP])
+                    if handler is not None:
+                        handler(Message(source, step, buf.weights, buf.grad))
+                    if step > self._latest_step[source]:
+                        self._inbox[source], self._latest[source] = self._latest[source], buf
+                        self._latest_step[source] = step
+                        if source not in updated:
+                            updated.append(source)
+                self._recv[source] = self._post_recv(source)
+        return updated
+
+    def latest(self, source: int) -> Message | None:
+        if self._latest_step[source] < 0:
+            return None
+        buf = self._latest[source]
+        return Message(source, self._latest_step[source], buf.weights, buf.grad)
+
+    def latest_step(self, source: int) -> int:
+        return self._latest_step[source]
+
+    def wait_for_step(self, step: int, deadline: float, handler: Callable[[Message], None] | None = None) -> None:
+        """Poll until every live neighbour's newest message is at least `step` (lockstep mode)."""
+        def done() -> bool:
+            self.poll(handler)
+            self._progress_sends()
+            return all(self._latest_step[n] >= step for n in self.neighbours if n not in self.failed)
+
+        _wait(done, deadline, lambda: "no message for step {} from ranks {}".format(
+            step, [n for n in self.neighbours if self._latest_step[n] < step and n not in self.failed]))
+
+    # --------------------------------------------------------------- shutdown
+    def close(self, deadline: float) -> None:
+        """Collective: complete every send, drain every receive, cancel the pre-posted ones.
+
+        Two nonblocking barriers order it: after the first, nobody starts a send; after the
+        second, every send has been matched, so cancelling the receives loses nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+
+        def barrier(what: str) -> None:
+            req = self.comm.Ibarrier()
+            _wait(lambda: (self.poll(), self._progress_sends(), req.Test())[-1], deadline, lambda: what)
+
+        barrier("not every rank reached the end of training")
+        _wait(lambda: (self.poll(), self.send_ready())[-1], deadline,
+              lambda: f"sends to ranks {sorted(self._in_flight)} were never received")
+        barrier("not every rank finished its sends")
+        self.poll()
+        for req in self._recv.values():
+            req.Cancel()
+        _wait(lambda: all(r.Test() for r in self._recv.values()), deadline,
+              lambda: "receives could not be cancelled")
+        self.comm.Free()

@@ -1,0 +1,340 @@
+"""DistributedOptimizer: wraps a torch optimizer; `step()` does the local step, the exchange and the rule.
+
+The parameters of the model are re-pointed into one contiguous flat buffer, so mixing, sending
+and the rule work on a single vector (ALGORITHM.md "Setting"). The local step Δ is whatever the
+wrapped optimizer does (plain SGD, momentum, weight decay, ...): Δ = x after its step − x before.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from . import rule
+from .delay import DelayModel
+from .exchange import Exchange, model_signature
+from .world import World
+
+NEVER = "never"  # staleness histogram key for a neighbour that has not sent anything yet
+
+
+class Algorithm(str, Enum):
+    DSGD = "dsgd"
+    CLIP = "clip"
+    PREDICT = "predict"
+    PC_ASGD = "pc-asgd"
+    PC_ASGD_PV = "pc-asgd-pv"
+    PC_ASGD_AV = "pc-asgd-av"
+    ALLREDUCE = "allreduce"
+
+    @property
+    def sends_gradient(self) -> bool:
+        return self in (Algorithm.PREDICT, Algorithm.PC_ASGD, Algorithm.PC_ASGD_PV, Algorithm.PC_ASGD_AV)
+
+
+class Mode(str, Enum):
+    LOCKSTEP = "lockstep"
+    ASYNC = "async"
+
+
+@dataclass
+class StepInfo:
+    step: int
+    staleness: dict[int, int | None]  # None: nothing received yet
+    choice: str | None = None  # PV: "predict" or "clip" when a neighbour was stale
+    thetas: dict[int, float] | None = None  # AV: θ_l of each stale neighbour
+
+
+class FlatParameters:
+    """All floating-point parameters of a model as views into one contiguous buffer."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+        if not self.named:
+            raise ValueError("the model has no floating-point parameters to train")
+        dtypes = {p.dtype for _, p in self.named}
+        devices = {p.device for _, p in self.named}
+        if len(dtypes) != 1 or len(devices) != 1:
+            raise ValueError(f"all parameters must share one dtype and device, found {dtypes} on {devices}")
+        self.dtype, self.device = dtypes.pop(), devices.pop()
+        self.sizes = [p.numel() for _, p in self.named]
+        self.numel = sum(self.sizes)
+        self.data = self._empty()
+        self.grad = self._empty()
+        offset = 0
+        with torch.no_grad():
+            for (_, p), n in zip(self.named, self.sizes):
+                view = self.data[offset:offset + n].view_as(p)
+                view.copy_(p)
+                p.data = view
+                offset += n
+        self.signature = model_signature([(n, tuple(p.shape), str(p.dtype)) for n, p in self.named])
+
+    def _empty(self) -> torch.Tensor:
+        if self.device.type == "cpu":
+            # numpy-allocated memory transfers at full MPI bandwidth (see MPI notes).
+            nbytes = self.numel * torch.empty((), dtype=self.dtype).element_size()
+            return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(self.dtype)
+        return torch.empty(self.numel, dtype=self.dtype, device=self.device)
+
+    def gather_grad(self) -> torch.Tensor:
+        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=self.dtype,
+                 device=self.device) for _, p in self.named]
+        torch.cat(grads, out=self.grad)
+        return self.grad
+
+    def scatter_grad(self) -> None:
+        offset = 0
+        for (_, p), n in zip(self.named, self.sizes):
+            if p.grad is not None:
+                p.grad.copy_(self.grad[offset:offset + n].view_as(p))
+            offset += n
+
+
+class _History:
+    """Per neighbour, the last few messages by step, so lockstep can hand out the one from step k − d."""
+
+    def __init__(self, neighbours: list[int], depth: int, numel: int, dtype: torch.dtype, with_grad: bool):
+        self.depth = depth
+        self.steps = {n: [-1] * depth for n in neighbours}
+        self.x = {n: torch.empty(depth, numel, dtype=dtype) for n in neighbours}
+        self.g = {n: torch.empty(depth, numel, dtype=dtype) for n in neighbours} if with_grad else None
+
+    def store(self, msg) -> None:
+        slot = msg.step % self.depth
+        self.steps[msg.source][slot] = msg.step
+        self.x[msg.source][slot].copy_(msg.weights)
+        if self.g is not None:
+            self.g[msg.source][slot].copy_(msg.grad)
+
+    def get(self, source: int, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        slot = step % self.depth
+        if self.steps[source][slot] != step:
+            raise RuntimeError(f"lockstep history has no message of step {step} from rank {source}")
+        return self.x[source][slot], (self.g[source][slot] if self.g is not None else None)
+
+
+class DistributedOptimizer:
+    """Decentralized training step over MPI with the PC-ASGD family of rules (ALGORITHM.md).
+
+    Call `step(closure)` once per iteration after `loss.backward()`; `closure()` must return the
+    loss of the current parameters on the same minibatch (no backward), it is needed by
+    `pc-asgd-pv`. Call `finalize()` on every rank at the end.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module,
+        *,
+        world: World,
+        algorithm: Algorithm | str = Algorithm.PC_ASGD_PV,
+        mode: Mode | str = Mode.ASYNC,
+        theta: float = 0.5,
+        lam: float = 0.04,
+        lam_mode: str = "fixed",
+        tolerance: int | None = None,
+        horizon: int = 16,
+        delay: DelayModel | str | None = None,
+        timeout: float = 120.0,
+        check_finite: bool = True,
+        av_beta: float = 0.8,
+        warn: Callable[[str], None] | None = None,
+    ):
+        self.inner, self.model, self.world = optimizer, model, world
+        self.algorithm, self.mode = Algorithm(algorithm), Mode(mode)
+        self.theta, self.lam, self.lam_mode = float(theta), float(lam), lam_mode
+        self.tolerance = tolerance if tolerance is not None else (0 if self.mode is Mode.LOCKSTEP else 1)
+        self.horizon = int(horizon)
+        self.delay = DelayModel.parse(delay) if isinstance(delay, str) else (delay or DelayModel())
+        self.timeout = float(timeout)
+        _check_settings(self)
+        self.delay.check_ranks(world.size)
+        self.flat = FlatParameters(model)
+        self.neighbours = world.neighbours
+        self.step_count = 0
+        self.staleness_histogram = {n: Counter() for n in self.neighbours}
+        self.pv_wins = {"predict": 0, "clip": 0}
+        self._x_k = torch.empty_like(self.flat.data)
+        self._delta = torch.empty_like(self.flat.data)
+        self.exchange: Exchange | None = None
+        self._history: _History | None = None
+        if self.algorithm is not Algorithm.ALLREDUCE:
+            with_grad = self.algorithm.sends_gradient
+            self.exchange = Exchange(world.comm, self.neighbours, self.flat.numel, self.flat.dtype,
+                                     signature=self.flat.signature, with_grad=with_grad,
+                                     check_finite=check_finite, warn=warn)
+            if self.mode is Mode.LOCKSTEP:
+                # A neighbour can be one step ahead while we wait, hence depth max_delay + 2.
+                self._history = _History(self.neighbours, self.delay.max_delay + 2, self.flat.numel,
+                                         self.flat.dtype, with_grad)
+        self.trackers = ({n: rule.SubstitutionTracker(beta=av_beta) for n in self.neighbours}
+                         if self.algorithm is Algorithm.PC_ASGD_AV else {})
+
+    # ------------------------------------------------------------------ the step
+    @property
+    def lr(self) -> float:
+        return float(self.inner.param_groups[0]["lr"])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.timeout
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> StepInfo:
+        k = self.step_count
+        if self.algorithm is Algorithm.ALLREDUCE:
+            self._allreduce_step()
+            self.step_count += 1
+            return StepInfo(k, {})
+        x = self.flat.data
+        grad = self.flat.gather_grad()
+        self._x_k.copy_(x)
+        self.exchange.send(k, x, grad if self.algorithm.sends_gradient else None,
+                           block=self.mode is Mode.LOCKSTEP, deadline=self._deadline())
+        self.inner.step()
+        torch.sub(x, self._x_k, out=self._delta)
+        nbs = self._neighbours_at(k)
+        info = StepInfo(k, {n: (None if nb.x is None else nb.staleness) for n, nb in zip(self.neighbours, nbs)})
+        for n, tau in info.staleness.items():
+            self.staleness_histogram[n][NEVER if tau is None else tau] += 1
+        x.copy_(self._update(nbs, closure, info))
+        self.step_count += 1
+        return info
+
+    def _allreduce_step(self) -> None:
+        grad = self.flat.gather_grad()
+        if self.world.size > 1:
+            _allreduce_mean(self.world.comm, grad)
+            self.flat.scatter_grad()
+        self.inner.step()
+
+    def _neighbours_at(self, k: int) -> list[rule.Neighbour]:
+        out = []
+        if self.mode is Mode.LOCKSTEP:
+            self.exchange.wait_for_step(k, self._deadline(), self._history.store)
+            for n in self.neighbours:
+                s = k - self.delay.delay(n, self.world.rank, k)
+                if s < 0:
+                    out.append(rule.Neighbour(self.world.weight(n), None, None, 0))
+                else:
+                    xs, gs = self._history.get(n, s)
+                    out.append(rule.Neighbour(self.world.weight(n), xs, gs, k - s))
+            return out
+        self.exchange.poll()
+        for n in self.neighbours:
+            msg = self.exchange.latest(n)
+            if msg is None or n in self.exchange.failed:
+                out.append(rule.Neighbour(self.world.weight(n), None, None, 0))
+            else:
+                out.append(rule.Neighbour(self.world.weight(n), msg.weights, msg.grad, max(0, k - msg.step)))
+        return out
+
+    def _rule_kwargs(self) -> dict:
+        if self.algorithm is Algorithm.DSGD:
+            # Consensus SGD uses whatever arrived as it is: nothing is ever stale or too old.
+            return dict(lr=self.lr, lam=self.lam, tolerance=_FOREVER, horizon=_FOREVER, lam_mode=self.lam_mode,
+                        segments=self.flat.sizes)
+        return dict(lr=self.lr, lam=self.lam, tolerance=self.tolerance, horizon=self.horizon,
+                    lam_mode=self.lam_mode, segments=self.flat.sizes)
+
+    def _update(self, nbs: list[rule.Neighbour], closure, info: StepInfo) -> torch.Tensor:
+        x_k, delta, w_self = self._x_k, self._delta, self.world.self_weight
+        kw = self._rule_kwargs()
+        stale = [rule.classify(nb, kw["tolerance"], kw["horizon"]) is rule.Status.STALE for nb in nbs]
+        if self.algorithm is Algorithm.PC_ASGD_PV:
+            x_p, x_c = rule.candidates(x_k, delta, w_self, nbs, **kw)
+            if not any(stale):
+                return x_c
+            if closure is None:
+                raise ValueError("pc-asgd-pv needs step(closure=...) returning the minibatch loss")
+            keep_p = rule.pv_choose(self._loss_at(x_p, closure), self._loss_at(x_c, closure))
+            info.choice = "predict" if keep_p else "clip"
+            self.pv_wins[info.choice] += 1
+            return x_p if keep_p else x_c
+        if self.algorithm is Algorithm.PC_ASGD_AV:
+            thetas = self._av_thetas(nbs, stale, x_k, kw)
+            info.thetas = {n: t for n, t, s in zip(self.neighbours, thetas, stale) if s}
+        else:
+            theta = {Algorithm.CLIP: 0.0, Algorithm.PREDICT: 1.0}.get(self.algorithm, self.theta)
+            thetas = [theta] * len(nbs)
+        return rule.mix(x_k, delta, w_self, nbs, thetas, **kw)
+
+    def _av_thetas(self, nbs, stale, x_k, kw) -> list[float]:
+        k = self.step_count
+        thetas = []
+        for n, nb, is_stale in zip(self.neighbours, nbs, stale):
+            tracker = self.trackers[n]
+            if nb.x is not None:
+                tracker.observe(k - nb.staleness, nb.x)
+            if is_stale and tracker.pending_step is None:
+                x_hat = rule.predict_weights(nb.x, nb.grad, nb.staleness, kw["lr"], kw["lam"],
+                                             lam_mode=kw["lam_mode"], segments=kw["segments"])
+                tracker.record(k, x_hat, x_k)
+            thetas.append(tracker.theta)
+        return thetas
+
+    @torch.no_grad()
+    def _loss_at(self, vec: torch.Tensor, closure) -> float:
+        # Forward passes for the PV check must not move BatchNorm statistics.
+        buffers = [b.clone() for b in self.model.buffers()]
+        self.flat.data.copy_(vec)
+        loss = float(closure())
+        for b, saved in zip(self.model.buffers(), buffers):
+            b.copy_(saved)
+        return loss
+
+    # ------------------------------------------------------------------- the end
+    def finalize(self) -> None:
+        """Collective: complete and drain every message so that no rank is left waiting."""
+        if self.exchange is not None:
+            self.exchange.close(self._deadline())
+
+    def average(self) -> torch.Tensor:
+        """Collective: the average of all agents' flat parameters."""
+        avg = self.flat.data.detach().clone()
+        _allreduce_mean(self.world.comm, avg)
+        return avg
+
+    def consensus_distance(self, average: torch.Tensor) -> float:
+        """Collective: (1/N) Σ_j ‖x^j − x̄‖²."""
+        local = float(torch.sum((self.flat.data.double() - average.double()) ** 2))
+        return self.world.comm.allreduce(local, op=MPI.SUM) / self.world.size
+
+
+_FOREVER = 2**62
+
+
+def _allreduce_mean(comm: MPI.Comm, t: torch.Tensor) -> None:
+    # Reduce in float32 or wider: bfloat16 reductions are silently wrong in this MPI.
+    work = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    buf = work.numpy() if work.device.type == "cpu" else work.cpu().numpy()
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    out = torch.from_numpy(buf).to(t.device) / comm.Get_size()
+    t.copy_(out)
+
+
+def _check_settings(opt: DistributedOptimizer) -> None:
+    if not 0.0 <= opt.theta <= 1.0:
+        raise ValueError(f"theta must be in [0, 1], got {opt.theta}")
+    if opt.lam < 0:
+        raise ValueError(f"lam must be >= 0, got {opt.lam}")
+    if opt.lam_mode not in ("fixed", "adaptive"):
+        raise ValueError(f"lam_mode must be 'fixed' or 'adaptive', got '{opt.lam_mode}'")
+    if opt.tolerance < 0 or opt.horizon < 0:
+        raise ValueError("tolerance and horizon must be >= 0")
+    if opt.tolerance > opt.horizon:
+        raise ValueError(f"tolerance ({opt.tolerance}) must not exceed horizon ({opt.horizon})")
+    if opt.timeout <= 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {opt.timeout}")
+    for group in opt.inner.param_groups:
+        if not group.get("lr", 1.0) > 0:
+            raise ValueError(f"the learning rate must be > 0, got {group.get('lr')}")

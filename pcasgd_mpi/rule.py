@@ -1,0 +1,287 @@
+"""The PC-ASGD rule as pure tensor functions (no MPI, no training loop).
+
+Section names in the docstrings refer to ALGORITHM.md. Every function works on any floating
+dtype and device, allocates its own outputs and never writes into its arguments, so the
+exchange layer can hand in receive buffers and parameter views without defensive copies.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Neighbour", "Status", "classify", "phi", "predict_weights", "candidates",
+           "blend", "pv_choose", "mix", "SubstitutionTracker"]
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """Newest message held from neighbour l: ``weight`` = W[j][l], ``x`` = x^l_s (None: nothing
+    received yet), ``grad`` = slope g^l of the prediction (None: none sent), ``staleness`` = τ_l.
+    """
+    weight: float
+    x: Tensor | None
+    grad: Tensor | None
+    staleness: int
+
+
+class Status(Enum):
+    FRESH, STALE, DROPPED = "fresh", "stale", "dropped"
+
+
+def classify(nb: Neighbour, tolerance: int, horizon: int) -> Status:
+    """Section "Staleness": τ ≤ τ₀ fresh, τ > H or never received dropped, otherwise stale."""
+    if nb.x is None:
+        return Status.DROPPED
+    if nb.staleness <= tolerance:
+        return Status.FRESH
+    if nb.staleness > horizon:
+        return Status.DROPPED
+    return Status.STALE
+
+
+def phi(c: Tensor, n: int) -> Tensor:
+    """φ(c, n) = (1 − (1 − c)^n) / c with φ(0, n) = n, for c in [0, 1] and integer n ≥ 0.
+
+    The naive quotient loses all digits as c → 0 (1 − (1 − c)^n cancels). −expm1(n·log1p(−c))/c
+    keeps full relative precision for every c > 0 but is 0/0 at c = 0, so where n·c < sqrt(eps)
+    the series n − n(n−1)c/2 is used (relative truncation error < (nc)²/6 < eps, and φ(0, n) = n).
+    At c = 1, log1p(−1) = −inf and expm1(−inf) = −1, so φ(1, n) = 1 falls out without a branch.
+    """
+    return _phi_(c.clone(), n)
+
+
+def _phi_(c: Tensor, n: int) -> Tensor:
+    """phi written over ``c``, which the caller owns: on CPU, fresh allocations cost about four
+    times an in-place pass, and this runs once per stale neighbour per step."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if n <= 2:  # φ = 0, 1, 2 − c: nothing cancels, and τ = 2 is the common case when τ₀ = 1
+        return c.neg_().add_(2.0) if n == 2 else c.fill_(float(n))
+    small = c < math.sqrt(torch.finfo(c.dtype).eps) / n
+    general = torch.neg(c).log1p_().mul_(n).expm1_().neg_().div_(c)  # 0/0 at c = 0 is discarded
+    series = c.mul_(-0.5 * n * (n - 1)).add_(n)
+    return torch.where(small, series, general, out=c)
+
+
+def _apply_lam_(g2: Tensor, lam: float, lam_mode: str, segments: Sequence[int] | None,
+                eps: float) -> Tensor:
+    """Turns g⊙g into λ_eff·g⊙g in place: λ_eff = λ ("fixed") or λ / sqrt(mean(g⊙g) + ε) per
+    segment ("adaptive", DC-ASGD-a). Callers pass α·λ as λ, so c takes a single pass."""
+    if lam_mode == "fixed":
+        return g2.mul_(lam)
+    if lam_mode != "adaptive":
+        raise ValueError(f"lam_mode must be 'fixed' or 'adaptive', got {lam_mode!r}")
+    if segments is None:
+        return g2.mul_(g2.mean().add(eps).rsqrt().mul(lam))
+    flat = g2.view(-1)
+    if sum(segments) != flat.numel():
+        raise ValueError(f"segments sum to {sum(segments)}, vector has {flat.numel()} elements")
+    lengths = torch.as_tensor(list(segments), dtype=torch.long, device=g2.device)
+    scales = torch.segment_reduce(flat, "mean", lengths=lengths).add_(eps).rsqrt_().mul_(lam)
+    # Scaling contiguous pieces through views needs no index vector; repeat_interleave would build
+    # an int64 one as long as the model, and it dominated the cost of the prediction.
+    for piece, scale in zip(flat.split(list(segments)), scales):
+        piece.mul_(scale)
+    return g2
+
+
+def _predict(x_stale: Tensor, grad: Tensor | None, staleness: int, lr: float, lam: float,
+             lam_mode: str, segments: Sequence[int] | None, eps: float = 1e-8) -> Tensor:
+    """predict_weights that may return ``x_stale`` itself; internal callers only read the result."""
+    if staleness < 0 or lam < 0:
+        raise ValueError(f"staleness and lam must be >= 0, got {staleness} and {lam}")
+    if grad is None or staleness == 0:
+        return x_stale
+    if lam == 0:
+        return torch.add(x_stale, grad, alpha=-lr * staleness)
+    g2 = grad * grad
+    c = _apply_lam_(g2, lr * lam, lam_mode, segments, eps).clamp_(0.0, 1.0)
+    return torch.addcmul(x_stale, grad, _phi_(c, staleness), value=-lr)
+
+
+def predict_weights(x_stale: Tensor, grad: Tensor | None, staleness: int, lr: float, lam: float,
+                    *, lam_mode: str = "fixed", segments: Sequence[int] | None = None,
+                    eps: float = 1e-8) -> Tensor:
+    """Section "The predicting step": x̂ = x_s − α·g·φ(c, τ), c = clamp(α·λ_eff·g⊙g, 0, 1).
+
+    This is the closed form of τ steps of y_{t+1} = y_t − α(g + λ g⊙g⊙(y_t − x_s)) from y₀ = x_s.
+    λ = 0 is linear extrapolation x_s − α τ g. ``lam_mode="adaptive"`` uses
+    λ_eff = λ / sqrt(mean(g⊙g) + eps) over each segment; ``segments`` lists the segment lengths
+    (one per parameter tensor of the flat vector), None = one segment.
+    With τ = 0 or no slope (grad None) the prediction is x_s; a copy is returned then, so the
+    result is always a new tensor that can be modified without touching ``x_stale``.
+    """
+    out = _predict(x_stale, grad, staleness, lr, lam, lam_mode, segments, eps)
+    return out.clone() if out is x_stale else out
+
+
+def candidates(x: Tensor, delta: Tensor, self_weight: float, neighbours: Sequence[Neighbour], *,
+               lr: float, lam: float, tolerance: int, horizon: int, lam_mode: str = "fixed",
+               segments: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Section "The two candidates and the update": returns (x^P, x^C).
+
+    x^C = (w_self + Σ_{S∪D} W)·x + Σ_F W·x^l + Δ  (fresh used as they are, stale and dropped
+    replaced by the agent's own x^j_k), and x^P = x^C + Σ_S W·(x̂^l − x^j_k), so the predicting
+    candidate costs one pass per stale neighbour on top of the clipping one (this is also the cheap
+    way to get both for PV). Without stale neighbours x^P equals x^C (returned as separate tensors).
+    The dsgd baseline passes tolerance = horizon = sys.maxsize: every received neighbour is then
+    fresh and its weights are used as they are, however old.
+    """
+    status = [classify(nb, tolerance, horizon) for nb in neighbours]
+    own = self_weight + sum(nb.weight for nb, s in zip(neighbours, status)
+                            if s is not Status.FRESH)
+    x_c = torch.mul(x, own)
+    for nb, s in zip(neighbours, status):
+        if s is Status.FRESH:
+            x_c.add_(nb.x, alpha=nb.weight)
+    x_p = x_c.add_(delta).clone()
+    stale = [nb for nb, s in zip(neighbours, status) if s is Status.STALE]
+    for nb in stale:
+        x_hat = _predict(nb.x, nb.grad, nb.staleness, lr, lam, lam_mode, segments)
+        x_p.add_(x_hat, alpha=nb.weight)
+    if stale:
+        x_p.add_(x, alpha=-sum(nb.weight for nb in stale))
+    return x_p, x_c
+
+
+def _check_theta(theta: float) -> None:
+    if not 0.0 <= theta <= 1.0:  # written this way round so that NaN is rejected too
+        raise ValueError(f"theta must lie in [0, 1], got {theta}")
+
+
+def blend(x_p: Tensor, x_c: Tensor, theta: float) -> Tensor:
+    """x^j_{k+1} = θ·x^P + (1 − θ)·x^C; θ = 0 returns x^C and θ = 1 returns x^P exactly."""
+    _check_theta(theta)
+    return torch.lerp(x_c, x_p, theta)
+
+
+def pv_choose(loss_p: float, loss_c: float) -> bool:
+    """PV choice, True = keep x^P: the strictly lower loss wins, a tie keeps x^C.
+
+    A NaN loss marks a diverged candidate, so it loses; two NaNs keep x^C.
+    """
+    if math.isnan(loss_p):
+        return False
+    if math.isnan(loss_c):
+        return True
+    return loss_p < loss_c
+
+
+def mix(x: Tensor, delta: Tensor, self_weight: float, neighbours: Sequence[Neighbour],
+        thetas: Sequence[float], *, lr: float, lam: float, tolerance: int, horizon: int,
+        lam_mode: str = "fixed", segments: Sequence[int] | None = None,
+        on_predict: Callable[[int, Tensor], None] | None = None) -> Tensor:
+    """One-pass update with a θ_l per neighbour (sections "The two candidates and the update" and
+    "Adaptive variant"): a stale neighbour contributes W·(θ_l x̂^l + (1 − θ_l) x^j_k).
+
+    The (1 − θ_l)·W·x^j_k parts are folded into the coefficient of x, so a stale neighbour costs
+    one pass (its prediction) and none at θ_l = 0. With all θ_l = θ this equals
+    blend(*candidates(...), θ). ``thetas`` is aligned with ``neighbours`` (entries of non-stale ones
+    are ignored but must lie in [0, 1]). ``on_predict(i, x̂)`` receives each stale neighbour's
+    prediction, read-only (for SubstitutionTracker.record); when given, x̂ is made even at θ_l = 0
+    so that the tracker keeps measuring. The dsgd baseline passes tolerance = horizon = sys.maxsize.
+    """
+    if len(thetas) != len(neighbours):
+        raise ValueError(f"{len(thetas)} thetas for {len(neighbours)} neighbours")
+    for theta in thetas:
+        _check_theta(theta)
+    status = [classify(nb, tolerance, horizon) for nb in neighbours]
+    own = self_weight + sum(nb.weight * (1.0 - theta if s is Status.STALE else 1.0)
+                            for nb, s, theta in zip(neighbours, status, thetas)
+                            if s is not Status.FRESH)
+    out = torch.mul(x, own)
+    for i, (nb, s, theta) in enumerate(zip(neighbours, status, thetas)):
+        if s is Status.FRESH:
+            out.add_(nb.x, alpha=nb.weight)
+        elif s is Status.STALE and (theta > 0.0 or on_predict is not None):
+            x_hat = _predict(nb.x, nb.grad, nb.staleness, lr, lam, lam_mode, segments)
+            if on_predict is not None:
+                on_predict(i, x_hat)
+            if theta > 0.0:
+                out.add_(x_hat, alpha=nb.weight * theta)
+    return out.add_(delta)
+
+
+class SubstitutionTracker:
+    """Section "Adaptive variant": measured error of the two substitutes for one neighbour.
+
+    Holds at most one pending record (t, x̂_t, x^j_t) in two buffers reused across records; when
+    the truth x^l_s with s ≥ t arrives, e_P = ‖x̂_t − x^l_s‖ and e_C = ‖x^j_t − x^l_s‖ update the
+    averages E ← β E + (1 − β) e (the first measurement initialises them) and the record is dropped.
+    """
+
+    def __init__(self, beta: float = 0.8, eps: float = 1e-12) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must lie in [0, 1), got {beta}")
+        self.beta, self.eps = float(beta), float(eps)
+        self._e_p: float | None = None  # E_P and E_C, both set by the first measurement
+        self._e_c: float | None = None
+        self._count = 0
+        self._step: int | None = None  # t of the pending record
+        self._x_hat: Tensor | None = None
+        self._x_self: Tensor | None = None
+
+    @property
+    def theta(self) -> float:
+        """θ_l = E_C² / (E_P² + E_C² + ε), the variance-optimal weight; 0.5 before measuring."""
+        if self._e_p is None or self._e_c is None:
+            return 0.5
+        return self._e_c ** 2 / (self._e_p ** 2 + self._e_c ** 2 + self.eps)
+
+    e_p = property(lambda self: self._e_p, doc="E_P (float), None before the first measurement.")
+    e_c = property(lambda self: self._e_c, doc="E_C (float), None before the first measurement.")
+    measurements = property(lambda self: self._count, doc="Number of measurements made.")
+    pending_step = property(lambda self: self._step, doc="t of the pending record, or None.")
+
+    @staticmethod
+    def _store(buf: Tensor | None, src: Tensor) -> Tensor:
+        """Copy into the previous record's buffer when it fits, so steady state allocates nothing."""
+        src = src.detach()
+        fits = buf is not None and buf.shape == src.shape and buf.dtype == src.dtype
+        return buf.copy_(src) if fits and buf.device == src.device else src.clone()
+
+    def record(self, t: int, x_hat: Tensor, x_self: Tensor) -> bool:
+        """Keep copies of both substitutes used at step t unless a record is still pending."""
+        if self._step is not None:
+            return False
+        self._x_hat = self._store(self._x_hat, x_hat)
+        self._x_self = self._store(self._x_self, x_self)
+        self._step = int(t)
+        return True
+
+    def observe(self, s: int, x_true: Tensor) -> bool:
+        """Measure the pending record against x^l_s if s ≥ t; returns whether it measured."""
+        if self._step is None or s < self._step:
+            return False
+        # The buffers are dead after this measurement, so the differences are formed in place.
+        x_true = x_true.detach()
+        e_p = torch.linalg.vector_norm(self._x_hat.sub_(x_true), dtype=torch.float64).item()
+        e_c = torch.linalg.vector_norm(self._x_self.sub_(x_true), dtype=torch.float64).item()
+        if self._e_p is None or self._e_c is None:
+            self._e_p, self._e_c = e_p, e_c
+        else:
+            self._e_p = self.beta * self._e_p + (1.0 - self.beta) * e_p
+            self._e_c = self.beta * self._e_c + (1.0 - self.beta) * e_c
+        self._count += 1
+        self._step = None
+        return True
+
+    def state_dict(self) -> dict:
+        """Floats, counters and, while a record is pending, copies of its two vectors."""
+        pending = self._step is not None
+        return {"beta": self.beta, "eps": self.eps, "e_p": self._e_p, "e_c": self._e_c,
+                "measurements": self._count, "pending_step": self._step,
+                "x_hat": self._x_hat.clone() if pending else None,
+                "x_self": self._x_self.clone() if pending else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta, self.eps = float(state["beta"]), float(state["eps"])
+        self._e_p, self._e_c, self._step = state["e_p"], state["e_c"], state["pending_step"]
+        self._count = int(state["measurements"])
+        self._x_hat, self._x_self = (None if state[k] is None else state[k].clone()
+                                     for k in ("x_hat", "x_self"))

@@ -1,0 +1,311 @@
+"""The training loop: data shard, model, DistributedOptimizer, metrics and the final summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from . import data, models
+from .delay import DelayModel, Straggler
+from .optimizer import NEVER, Algorithm, DistributedOptimizer, Mode
+from .world import World, init
+
+
+class SetupError(RuntimeError):
+    """A problem with the configuration or the inputs, found before training started."""
+
+
+@dataclass
+class TrainConfig:
+    topology: str = "ring"
+    weights: str = "metropolis"
+    algorithm: str = Algorithm.PC_ASGD_PV.value
+    theta: float = 0.5
+    lam: float = 0.04
+    lam_mode: str = "fixed"
+    tolerance: int | None = None
+    horizon: int = 16
+    mode: str = Mode.ASYNC.value
+    delay: str = "none"
+    straggler: list[str] = field(default_factory=list)
+    dataset: str = "digits"
+    data_dir: str | None = None
+    partition: str = "iid"
+    model: str = "mlp"
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    out: str | None = None
+    eval_every: int = 0
+    log_every: int = 1
+    timeout: float = 120.0
+    threads: int | None = None
+    progress: bool = True
+
+    def config_hash(self) -> str:
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress",)}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+DEFAULT_STEPS = 500
+BN_CALIBRATION_SAMPLES = 4096
+
+
+def _warn(rank: int):
+    return lambda msg: print(f"pcasgd-mpi [rank {rank}]: warning: {msg}", file=sys.stderr, flush=True)
+
+
+class _Setup:
+    """Everything a rank builds before training; errors are collected, then agreed on by all ranks."""
+
+    def __init__(self, cfg: TrainConfig, world: World):
+        self.cfg, self.world = cfg, world
+        rank, size = world.rank, world.size
+        self.stragglers = {s.rank: s.factor for s in map(Straggler.parse, cfg.straggler)}
+        bad = sorted(r for r in self.stragglers if r >= size)
+        if bad:
+            raise SetupError(f"--straggler names ranks {bad} but the job has {size} ranks")
+        if cfg.batch_size < 1:
+            raise SetupError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+        delay = DelayModel.parse(cfg.delay, seed=cfg.seed)
+        if delay.max_delay > 0 and Mode(cfg.mode) is Mode.ASYNC:
+            raise SetupError("--delay injects delays in --mode lockstep; in async mode use --straggler")
+        self.dataset = data.load(cfg.dataset, root=cfg.data_dir, seed=cfg.seed)
+        shards = data.partition(self.dataset.y_train, size, cfg.partition, seed=cfg.seed)
+        self.sampler = data.ShardSampler(shards[rank], cfg.batch_size, cfg.seed, rank)
+        if cfg.steps is not None:
+            self.steps = cfg.steps
+        elif cfg.epochs is not None:
+            self.steps = max(1, int(np.ceil(cfg.epochs * len(self.dataset.y_train) / (size * cfg.batch_size))))
+        else:
+            self.steps = DEFAULT_STEPS
+        if self.steps < 1:
+            raise SetupError(f"--steps must be >= 1, got {self.steps}")
+        self.model = models.build(cfg.model, self.dataset.input_shape, self.dataset.num_classes, seed=cfg.seed)
+        inner = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+        self.opt = DistributedOptimizer(
+            inner, self.model, world=world, algorithm=cfg.algorithm, mode=cfg.mode, theta=cfg.theta,
+            lam=cfg.lam, lam_mode=cfg.lam_mode, tolerance=cfg.tolerance, horizon=cfg.horizon, delay=delay,
+            timeout=cfg.timeout, warn=_warn(rank))
+
+
+def _agree(comm: MPI.Comm, error: str | None, cfg_hash: str) -> None:
+    """All ranks learn whether any rank failed its setup, and whether all run the same config."""
+    reports = comm.allgather((error, cfg_hash))
+    for r, (err, _) in enumerate(reports):
+        if err is not None:
+            raise SetupError(err if comm.Get_size() == 1 else f"[rank {r}] {err}")
+    hashes = {h for _, h in reports}
+    if len(hashes) > 1:
+        groups = {h: [r for r, (_, hh) in enumerate(reports) if hh == h] for h in hashes}
+        raise SetupError(f"ranks were started with different configurations (ranks by config: "
+                         f"{sorted(groups.values())}); launch every rank with the same options")
+
+
+def _output_dir(cfg: TrainConfig, comm: MPI.Comm) -> Path:
+    out = cfg.out
+    if comm.Get_rank() == 0 and out is None:
+        out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.algorithm}")
+    out = comm.bcast(out, root=0)
+    path = Path(out)
+    if comm.Get_rank() == 0:
+        (path / "metrics").mkdir(parents=True, exist_ok=True)
+    comm.Barrier()
+    return path
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of the model on (x, y), in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(y), batch):
+        logits = model(x[i:i + batch])
+        loss += float(F.cross_entropy(logits, y[i:i + batch], reduction="sum"))
+        correct += int((logits.argmax(1) == y[i:i + batch]).sum())
+    model.train(was_training)
+    return correct / len(y), loss / len(y)
+
+
+def model_sha256(model: torch.nn.Module) -> str:
+    """sha256 of the parameters as little-endian float32 bytes in state_dict order."""
+    h = hashlib.sha256()
+    params = dict(model.named_parameters())
+    for name in model.state_dict():
+        if name in params:
+            h.update(params[name].detach().cpu().float().numpy().astype("<f4").tobytes())
+    return h.hexdigest()
+
+
+def run(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
+    """Train on every rank; returns the summary on rank 0 (None elsewhere)."""
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    _set_threads(cfg.threads, comm)
+    error, setup = None, None
+    try:
+        world = init(cfg.topology, cfg.weights, comm=comm, seed=cfg.seed)
+        setup = _Setup(cfg, world)
+    except (ValueError, SetupError, OSError) as exc:
+        error = str(exc)
+    _agree(comm, error, cfg.config_hash())
+    out = _output_dir(cfg, comm)
+    if rank == 0:
+        cfg_dict = dataclasses.asdict(cfg) | {"out": str(out)}
+        (out / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
+    return _Loop(cfg, setup, out).run()
+
+
+class _Loop:
+    def __init__(self, cfg: TrainConfig, setup: _Setup, out: Path):
+        self.cfg, self.s, self.out = cfg, setup, out
+        self.world, self.opt, self.model = setup.world, setup.opt, setup.model
+        self.rank = self.world.rank
+        self.metrics = open(out / "metrics" / f"rank-{self.rank}.jsonl", "w")
+
+    def _log(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+
+    def run(self) -> dict | None:
+        cfg, s, opt, model, ds = self.cfg, self.s, self.opt, self.model, self.s.dataset
+        comm = self.world.comm
+        slow = s.stragglers.get(self.rank, 1.0)
+        bar = _progress(cfg, s.steps, self.rank)
+        comm.Barrier()
+        t0 = time.perf_counter()
+        stale_sum = stale_n = 0
+        for k in range(s.steps):
+            t_step = time.perf_counter()
+            idx = torch.from_numpy(s.sampler.next_batch())
+            xb, yb = ds.x_train[idx], ds.y_train[idx]
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            info = opt.step(closure=lambda: F.cross_entropy(model(xb), yb))
+            if slow > 1.0:
+                # Sleep rather than compute, so a straggler does not steal the other ranks' cores.
+                time.sleep((slow - 1.0) * (time.perf_counter() - t_step))
+            known = [t for t in info.staleness.values() if t is not None]
+            stale_sum, stale_n = stale_sum + sum(known), stale_n + len(known)
+            if cfg.log_every and k % cfg.log_every == 0:
+                rec = {"rank": self.rank, "step": k, "t": round(time.perf_counter() - t0, 6),
+                       "loss": round(loss.item(), 6),
+                       "staleness": {str(n): t for n, t in info.staleness.items()}}
+                if info.choice is not None:
+                    rec["choice"] = info.choice
+                if info.thetas:
+                    rec["theta"] = {str(n): round(t, 4) for n, t in info.thetas.items()}
+                self._log(rec)
+            if cfg.eval_every and (k + 1) % cfg.eval_every == 0:
+                self._eval(k + 1)
+            if bar is not None:
+                bar.update(1)
+                if k % 10 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", stale=f"{stale_sum / max(stale_n, 1):.2f}")
+        wall = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        opt.finalize()
+        return self._finish(wall, s.steps)
+
+    def _eval(self, step: int) -> None:
+        ds = self.s.dataset
+        acc, loss = evaluate(self.model, ds.x_test, ds.y_test)
+        rec = {"rank": self.rank, "step": step, "eval": {"agent_accuracy": acc, "agent_loss": loss}}
+        if Mode(self.cfg.mode) is Mode.LOCKSTEP or self.opt.algorithm is Algorithm.ALLREDUCE:
+            avg_acc, avg_loss, _ = self._average_model_eval()
+            rec["eval"] |= {"accuracy": avg_acc, "test_loss": avg_loss,
+                            "consensus_distance": self._last_consensus}
+        self._log(rec)
+
+    def _average_model_eval(self):
+        avg = self.opt.average()
+        self._last_consensus = self.opt.consensus_distance(avg)
+        saved = self.opt.flat.data.clone()
+        self.opt.flat.data.copy_(avg)
+        # BatchNorm statistics are local; the average model gets its own from training data.
+        models.recalibrate_bn(self.model, self.s.dataset.x_train[:BN_CALIBRATION_SAMPLES])
+        acc, loss = evaluate(self.model, self.s.dataset.x_test, self.s.dataset.y_test)
+        digest = model_sha256(self.model)
+        self.opt.flat.data.copy_(saved)
+        return acc, loss, digest
+
+    def _finish(self, wall: float, steps: int) -> dict | None:
+        comm, ds, opt = self.world.comm, self.s.dataset, self.opt
+        agent_acc, _ = evaluate(self.model, ds.x_test, ds.y_test)
+        acc, loss, digest = self._average_model_eval()
+        self.metrics.close()
+        per_rank = comm.gather({
+            "steps": steps, "wall_time_s": wall, "agent_accuracy": agent_acc,
+            "staleness": {str(n): {str(t): c for t, c in sorted(h.items(), key=lambda kv: (kv[0] == NEVER, str(kv[0])))}
+                          for n, h in opt.staleness_histogram.items()},
+            "pv_wins": opt.pv_wins,
+            "exchange": dataclasses.asdict(opt.exchange.stats) if opt.exchange else None,
+            "av": {str(n): {"theta": t.theta, "e_p": t.e_p, "e_c": t.e_c, "measurements": t.measurements}
+                   for n, t in opt.trackers.items()} or None,
+        }, root=0)
+        if self.rank != 0:
+            return None
+        summary = {
+            "algorithm": opt.algorithm.value, "mode": opt.mode.value, "world_size": self.world.size,
+            "topology": self.cfg.topology, "spectral_gap": self.world.spectral_gap,
+            "delay": str(opt.delay), "dataset": self.cfg.dataset, "model": self.cfg.model,
+            "steps": [p["steps"] for p in per_rank],
+            "wall_time_s": max(p["wall_time_s"] for p in per_rank),
+            "steps_per_second": [p["steps"] / p["wall_time_s"] for p in per_rank],
+            "final_accuracy": acc, "final_test_loss": loss,
+            "agent_accuracies": [p["agent_accuracy"] for p in per_rank],
+            "consensus_distance": self._last_consensus,
+            "staleness_histogram": {str(r): p["staleness"] for r, p in enumerate(per_rank)},
+            "pv_wins": {side: sum(p["pv_wins"][side] for p in per_rank) for side in ("predict", "clip")},
+            "exchange": [p["exchange"] for p in per_rank],
+            "model_sha256": digest,
+            "out": str(self.out),
+        }
+        if opt.algorithm is Algorithm.PC_ASGD_AV:
+            summary["av"] = {str(r): p["av"] for r, p in enumerate(per_rank)}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _merge_metrics(self.out, self.world.size)
+        return summary
+
+
+def _set_threads(threads: int | None, comm: MPI.Comm) -> None:
+    """Share the node's cores among the ranks on it: oversubscribed torch threads slow everyone."""
+    if threads is None:
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        threads = max(1, (os.cpu_count() or 1) // local.Get_size())
+        local.Free()
+    torch.set_num_threads(threads)
+
+
+def _merge_metrics(out: Path, size: int) -> None:
+    with open(out / "metrics.jsonl", "w") as merged:
+        for r in range(size):
+            with open(out / "metrics" / f"rank-{r}.jsonl") as part:
+                merged.write(part.read())
+
+
+def _progress(cfg: TrainConfig, total: int, rank: int):
+    if rank != 0 or not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"{cfg.algorithm} [{cfg.mode}] rank 0", unit="step", dynamic_ncols=True,
+                mininterval=0.5, file=sys.stderr)

@@ -1,0 +1,48 @@
+"""The MPI world an agent lives in: communicator, graph, mixing weights, its neighbours."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+from mpi4py import MPI
+
+from . import topology
+
+
+@dataclass
+class World:
+    comm: MPI.Comm
+    rank: int
+    size: int
+    graph: nx.Graph
+    W: np.ndarray
+    topology: str
+    weight_rule: str
+
+    @property
+    def neighbours(self) -> list[int]:
+        return topology.neighbours(self.graph, self.rank)
+
+    @property
+    def self_weight(self) -> float:
+        return float(self.W[self.rank, self.rank])
+
+    def weight(self, other: int) -> float:
+        return float(self.W[self.rank, other])
+
+    @property
+    def spectral_gap(self) -> float:
+        return topology.spectral_gap(self.W)
+
+
+def init(topology_spec: str = "ring", weights: str = "metropolis", *, comm: MPI.Comm | None = None,
+         seed: int = 0) -> World:
+    """Build the graph for this MPI world (same on every rank: it is a pure function of its inputs)."""
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    size = comm.Get_size()
+    graph = topology.build(topology_spec, size, seed=seed)
+    topology.validate(graph, size)
+    W = topology.mixing_matrix(graph, weights)
+    return World(comm, comm.Get_rank(), size, graph, W, topology_spec, str(weights))

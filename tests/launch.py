@@ -1,0 +1,49 @@
+"""Launch commands under mpirun with a hard timeout, for tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mpi_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    # The PyPI Open MPI tries a fabric transport first that is absent here and costs a second per rank.
+    env.setdefault("OMPI_MCA_btl", "^ofi")
+    if os.geteuid() == 0:
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def mpirun_prefix(n: int) -> list[str]:
+    exe = shutil.which("mpirun") or shutil.which("mpiexec")
+    if exe is None:
+        raise RuntimeError("mpirun not found: install the project with pip install -e '.[test]'")
+    return [exe, "-n", str(n), "--oversubscribe", "--bind-to", "none"]
+
+
+def run(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | str | None = None):
+    """Run cmd in its own process group; on timeout kill the whole group and fail loudly."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=mpi_env(env), cwd=cwd or ROOT, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def train(n: int, args: list[str], timeout: float = 180, env: dict | None = None):
+    cmd = mpirun_prefix(n) + [sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress", *args]
+    return run(cmd, timeout, env)

@@ -1,0 +1,116 @@
+"""Training under mpirun -n 4: lockstep equals a one-process simulation, seeds reproduce, async ends."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from pcasgd_mpi import data, models, topology
+from pcasgd_mpi.optimizer import DistributedOptimizer
+from pcasgd_mpi.trainer import TrainConfig, run
+from pcasgd_mpi.world import init
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+
+
+def _shared_dir(tmp_path: Path) -> str:
+    return comm.bcast(str(tmp_path), root=0)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_lockstep_dsgd_without_delay_equals_single_process_simulation():
+    steps, lr, bs, seed = 25, 0.1, 16, 3
+    ds = data.load("digits")
+    shards = data.partition(ds.y_train, size, "iid", seed=seed)
+    world = init("ring", comm=comm)
+    model = models.build("mlp", ds.input_shape, ds.num_classes, seed=seed)
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr), model, world=world,
+                               algorithm="dsgd", mode="lockstep", delay="fixed:0")
+    sampler = data.ShardSampler(shards[rank], bs, seed, rank)
+    for _ in range(steps):
+        idx = torch.from_numpy(sampler.next_batch())
+        loss = F.cross_entropy(model(ds.x_train[idx]), ds.y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    opt.finalize()
+    mine = opt.flat.data.clone()
+    everyone = comm.allgather(mine.numpy())
+
+    # The same update in one process: x_{k+1}^j = Σ_l W_jl x_k^l − lr g_k^j.
+    W = torch.tensor(topology.mixing_matrix(topology.build("ring", size)), dtype=torch.float32)
+    sims = [models.build("mlp", ds.input_shape, ds.num_classes, seed=seed) for _ in range(size)]
+    samplers = [data.ShardSampler(shards[j], bs, seed, j) for j in range(size)]
+    for _ in range(steps):
+        xs, gs = [], []
+        for m, s in zip(sims, samplers):
+            idx = torch.from_numpy(s.next_batch())
+            m.zero_grad()
+            F.cross_entropy(m(ds.x_train[idx]), ds.y_train[idx]).backward()
+            xs.append(torch.cat([p.detach().reshape(-1) for p in m.parameters()]))
+            gs.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
+        X = torch.stack(xs)
+        new = W @ X - lr * torch.stack(gs)
+        for m, x in zip(sims, new):
+            torch.nn.utils.vector_to_parameters(x, m.parameters())
+    for j in range(size):
+        np.testing.assert_allclose(everyone[j], new[j].numpy(), rtol=0, atol=2e-5)
+    assert not np.allclose(everyone[0], everyone[1]), "agents on different shards must differ"
+
+
+@pytest.mark.mpi(min_size=2)
+def test_same_seed_gives_same_model_hash_and_other_seed_differs(tmp_path):
+    out = Path(_shared_dir(tmp_path))
+    common = dict(mode="lockstep", algorithm="pc-asgd-pv", delay="random:0.5:3", steps=40, progress=False)
+    a = run(TrainConfig(out=str(out / "a"), seed=1, **common))
+    b = run(TrainConfig(out=str(out / "b"), seed=1, **common))
+    c = run(TrainConfig(out=str(out / "c"), seed=2, **common))
+    if rank == 0:
+        assert a["model_sha256"] == b["model_sha256"]
+        assert a["model_sha256"] != c["model_sha256"]
+        assert a["pv_wins"]["predict"] + a["pv_wins"]["clip"] > 0, "random delays must create stale neighbours"
+
+
+@pytest.mark.mpi(min_size=2)
+def test_lockstep_fixed_delay_shows_in_staleness_histogram(tmp_path):
+    out = _shared_dir(tmp_path)
+    summary = run(TrainConfig(out=out, mode="lockstep", algorithm="pc-asgd", delay="fixed:3", steps=30,
+                              progress=False))
+    if rank == 0:
+        for r, per_nb in summary["staleness_histogram"].items():
+            for n, hist in per_nb.items():
+                assert hist == {"3": 27, "never": 3}, (r, n, hist)
+        lines = [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
+        assert {l["rank"] for l in lines} == set(range(size))
+        assert all(set(l["staleness"].values()) <= {3, None} for l in lines if "staleness" in l)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("algorithm", ["pc-asgd-pv", "pc-asgd-av", "dsgd", "allreduce"])
+def test_async_terminates_with_every_rank_reporting(tmp_path, algorithm):
+    out = _shared_dir(tmp_path)
+    summary = run(TrainConfig(out=out, mode="async", algorithm=algorithm, steps=120, progress=False,
+                              straggler=["1:2"]))
+    if rank == 0:
+        assert summary["steps"] == [120] * size
+        assert len(summary["agent_accuracies"]) == size
+        assert summary["final_accuracy"] > 0.5
+        assert (Path(out) / "summary.json").exists()
+        if algorithm != "allreduce":
+            assert all(sum(h.values()) == 120 for per in summary["staleness_histogram"].values()
+                       for h in per.values())
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_setup_error_on_one_rank_reaches_every_rank(tmp_path):
+    from pcasgd_mpi.trainer import SetupError
+
+    out = _shared_dir(tmp_path)
+    bad = "fixed:1" if rank == 1 else "none"  # ranks disagree on the configuration
+    with pytest.raises(SetupError, match="different configurations"):
+        run(TrainConfig(out=out, mode="lockstep", delay=bad, steps=5, progress=False))

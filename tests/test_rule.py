@@ -1,0 +1,421 @@
+"""Single-process tests of the pure rule in pcasgd_mpi.rule against ALGORITHM.md."""
+import io
+import math
+import sys
+from fractions import Fraction
+
+import pytest
+import torch
+
+from pcasgd_mpi.rule import (Neighbour, Status, SubstitutionTracker, blend, candidates, classify,
+                             mix, phi, predict_weights, pv_choose)
+
+F64 = torch.float64
+
+
+def t64(*values):
+    return torch.tensor(values, dtype=F64)
+
+
+def rollout(x_s, g, tau, lr, lam_elem):
+    """τ literal steps of y_{t+1} = y_t − α(g + λ g⊙g⊙(y_t − x_s)), λ given per element."""
+    y = x_s.clone()
+    for _ in range(tau):
+        y = y - lr * (g + lam_elem * g * g * (y - x_s))
+    return y
+
+
+def exact_phi(c: float, n: int) -> float:
+    """φ in exact rational arithmetic, the reference for the floating-point versions."""
+    if n == 0:
+        return 0.0
+    q = Fraction(c)
+    if q == 0:
+        return float(n)
+    return float((1 - (1 - q) ** n) / q)
+
+
+# ---------------------------------------------------------------- phi
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 50, 1000])
+def test_phi_matches_exact_rational(n):
+    cs = [0.0, 1e-300, 1e-16, 1e-12, 1e-9, 3e-7, 1e-5, 1e-3, 0.05, 0.3, 0.75, 0.999, 1.0]
+    got = phi(torch.tensor(cs, dtype=F64), n)
+    want = t64(*[exact_phi(c, n) for c in cs])
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+
+
+def test_phi_float32_close_to_exact_and_beats_naive_form():
+    cs = [1e-10, 1e-7, 1e-5, 1e-3, 0.1, 0.6, 1.0]
+    n = 9
+    got = phi(torch.tensor(cs, dtype=torch.float32), n)
+    assert got.dtype == torch.float32
+    want = torch.tensor([exact_phi(float(torch.tensor(c, dtype=torch.float32)), n) for c in cs],
+                        dtype=torch.float32)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+    c = torch.tensor([1e-7], dtype=torch.float32)
+    naive = (1 - (1 - c) ** n) / c
+    assert abs(naive.item() - n) > 1e-2 * n  # the cancellation the stable form avoids
+
+
+def test_phi_special_values():
+    c = t64(0.0, 1e-8, 0.4, 1.0)
+    assert torch.equal(phi(c, 0), torch.zeros(4, dtype=F64))
+    assert torch.equal(phi(t64(1.0), 5), t64(1.0))
+    assert torch.equal(phi(t64(1.0), 1), t64(1.0))
+    assert torch.equal(phi(t64(0.0), 6), t64(6.0))
+    assert torch.isfinite(phi(c, 4)).all()
+    with pytest.raises(ValueError):
+        phi(c, -1)
+
+
+# ---------------------------------------------------------------- predict_weights
+
+LR = 0.1
+C_TARGETS = [1e-12, 1e-6, 0.02, 0.3, 0.9, 1.0, 2.5, 40.0]  # the last two are clamped to 1
+
+
+def _grad_for(c_targets, lr, lam, signs=True):
+    g = torch.tensor([math.sqrt(c / (lr * lam)) for c in c_targets], dtype=F64)
+    if signs:
+        g[1::2] *= -1
+    return g
+
+
+@pytest.mark.parametrize("tau", [1, 2, 3, 5, 12])
+@pytest.mark.parametrize("lam", [0.04, 1.0, 7.5])
+def test_closed_form_equals_taylor_rollout(tau, lam):
+    g = _grad_for(C_TARGETS, LR, lam)
+    x_s = torch.linspace(-1.0, 2.0, len(C_TARGETS), dtype=F64)
+    got = predict_weights(x_s, g, tau, LR, lam)
+    # where α λ g² > 1 the clamp replaces λ by the λ that makes c exactly 1
+    c = torch.tensor(C_TARGETS, dtype=F64)
+    lam_elem = torch.where(c > 1, 1.0 / (LR * g * g), torch.full_like(g, lam))
+    torch.testing.assert_close(got, rollout(x_s, g, tau, LR, lam_elem), rtol=1e-12, atol=1e-12)
+
+
+def test_clamp_changes_result_for_large_c():
+    g = _grad_for([40.0], LR, 1.0)
+    x_s = t64(0.5)
+    clamped = predict_weights(x_s, g, 4, LR, 1.0)
+    unclamped = rollout(x_s, g, 4, LR, t64(1.0))
+    assert not torch.allclose(clamped, unclamped)
+    torch.testing.assert_close(clamped, x_s - LR * g)  # φ(1, n) = 1
+
+
+def test_lambda_zero_is_linear_extrapolation():
+    x_s, g = t64(1.0, -2.0, 3.5), t64(0.3, -4.0, 1e-9)
+    for tau in (1, 4, 9):
+        want = x_s - LR * tau * g
+        torch.testing.assert_close(predict_weights(x_s, g, tau, LR, 0.0), want, rtol=1e-15, atol=0)
+
+
+def test_tau_zero_and_missing_grad_return_a_copy_of_x_stale():
+    x_s, g = t64(1.0, 2.0), t64(5.0, -5.0)
+    for out in (predict_weights(x_s, g, 0, LR, 0.5), predict_weights(x_s, None, 3, LR, 0.5)):
+        assert torch.equal(out, x_s)
+        out.add_(1.0)
+    assert torch.equal(x_s, t64(1.0, 2.0))
+
+
+def test_negative_arguments_rejected():
+    with pytest.raises(ValueError):
+        predict_weights(t64(1.0), t64(1.0), -1, LR, 0.1)
+    with pytest.raises(ValueError):
+        predict_weights(t64(1.0), t64(1.0), 2, LR, -0.1)
+
+
+def _hand_adaptive(x_s, g, tau, lr, lam, segments, eps):
+    out, start = [], 0
+    for length in filter(None, segments):  # an empty segment owns no element
+        seg = g[start:start + length]
+        lam_eff = lam / math.sqrt(sum(v * v for v in seg) / length + eps)
+        for v, x in zip(seg, x_s[start:start + length]):
+            c = min(max(lr * lam_eff * v * v, 0.0), 1.0)
+            out.append(x - lr * v * exact_phi(c, tau))
+        start += length
+    return t64(*out)
+
+
+@pytest.mark.parametrize("segments", [[2, 3], [5], [1, 0, 4], None])
+def test_adaptive_lambda_per_segment(segments):
+    g_list = [0.1, -0.2, 3.0, 4.0, -5.0]
+    x_list = [1.0, 0.0, -1.0, 2.0, 0.5]
+    lam, tau, eps = 0.3, 4, 1e-8
+    got = predict_weights(t64(*x_list), t64(*g_list), tau, LR, lam, lam_mode="adaptive",
+                          segments=segments, eps=eps)
+    want = _hand_adaptive(x_list, g_list, tau, LR, lam, segments or [5], eps)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+    if segments == [2, 3]:  # the per-segment scale must actually differ from one global scale
+        assert not torch.allclose(got, _hand_adaptive(x_list, g_list, tau, LR, lam, [5], eps))
+
+
+def test_adaptive_argument_errors():
+    with pytest.raises(ValueError):
+        predict_weights(t64(1.0, 2.0), t64(1.0, 2.0), 2, LR, 0.1, lam_mode="adaptive", segments=[3])
+    with pytest.raises(ValueError):
+        predict_weights(t64(1.0), t64(1.0), 2, LR, 0.1, lam_mode="bogus")
+
+
+# ---------------------------------------------------------------- classify / candidates / mix
+
+def test_classify_boundaries():
+    x = t64(0.0)
+    assert classify(Neighbour(0.1, None, None, 0), 1, 16) is Status.DROPPED
+    assert classify(Neighbour(0.1, x, None, 1), 1, 16) is Status.FRESH
+    assert classify(Neighbour(0.1, x, None, 2), 1, 16) is Status.STALE
+    assert classify(Neighbour(0.1, x, None, 16), 1, 16) is Status.STALE
+    assert classify(Neighbour(0.1, x, None, 17), 1, 16) is Status.DROPPED
+
+
+X = t64(1.0, 2.0, 3.0)
+DELTA = t64(-0.01, 0.02, 0.0)
+A = t64(4.0, -1.0, 0.5)   # fresh
+B = t64(2.0, 2.0, -2.0)   # stale
+GB = t64(1.0, -3.0, 0.5)
+C = t64(9.0, 9.0, 9.0)    # too old
+KW = dict(lr=LR, lam=0.0, tolerance=0, horizon=16)
+
+
+def mixed_neighbours():
+    return [Neighbour(0.2, A, None, 0), Neighbour(0.3, B, GB, 3),
+            Neighbour(0.1, C, t64(1.0, 1.0, 1.0), 17), Neighbour(0.2, None, None, 0)]
+
+
+def test_candidates_hand_example():
+    x_p, x_c = candidates(X, DELTA, 0.2, mixed_neighbours(), **KW)
+    x_hat = B - LR * 3 * GB
+    torch.testing.assert_close(x_p, 0.2 * X + 0.2 * A + 0.3 * x_hat + 0.1 * X + 0.2 * X + DELTA)
+    torch.testing.assert_close(x_c, 0.2 * X + 0.2 * A + 0.3 * X + 0.1 * X + 0.2 * X + DELTA)
+    assert torch.equal(blend(x_p, x_c, 0.0), x_c)
+    assert torch.equal(blend(x_p, x_c, 1.0), x_p)
+    torch.testing.assert_close(blend(x_p, x_c, 0.25), 0.25 * x_p + 0.75 * x_c)
+
+
+def test_candidates_with_curvature_uses_predict_weights():
+    kw = dict(KW, lam=2.0, tolerance=1)
+    nbs = [Neighbour(0.5, B, GB, 5)]
+    x_p, x_c = candidates(X, DELTA, 0.5, nbs, **kw)
+    x_hat = predict_weights(B, GB, 5, LR, 2.0)
+    torch.testing.assert_close(x_p, 0.5 * X + 0.5 * x_hat + DELTA)
+    torch.testing.assert_close(x_c, X + DELTA)
+
+
+def test_no_stale_means_equal_candidates():
+    nbs = [Neighbour(0.25, A, None, 0), Neighbour(0.25, None, None, 0),
+           Neighbour(0.25, C, None, 40)]
+    x_p, x_c = candidates(X, DELTA, 0.25, nbs, **KW)
+    assert torch.equal(x_p, x_c)
+    assert x_p.data_ptr() != x_c.data_ptr()
+
+
+def test_dsgd_setting_uses_every_received_neighbour_as_is():
+    big = sys.maxsize
+    nbs = [Neighbour(0.3, B, GB, 500), Neighbour(0.3, A, None, 0), Neighbour(0.2, None, None, 0)]
+    x_p, x_c = candidates(X, DELTA, 0.2, nbs, lr=LR, lam=0.5, tolerance=big, horizon=big)
+    want = 0.2 * X + 0.3 * B + 0.3 * A + 0.2 * X + DELTA
+    torch.testing.assert_close(x_p, want)
+    torch.testing.assert_close(x_c, want)
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("lam", [0.0, 0.8])
+def test_mix_with_equal_thetas_is_blend_of_candidates(theta, lam):
+    nbs = mixed_neighbours() + [Neighbour(0.1, A, B, 2)]
+    kw = dict(KW, lam=lam)
+    x_p, x_c = candidates(X, DELTA, 0.1, nbs, **kw)
+    got = mix(X, DELTA, 0.1, nbs, [theta] * len(nbs), **kw)
+    torch.testing.assert_close(got, blend(x_p, x_c, theta), rtol=1e-14, atol=1e-14)
+
+
+def test_mix_per_neighbour_thetas_hand_computation():
+    nbs = [Neighbour(0.2, A, None, 0), Neighbour(0.3, B, GB, 3), Neighbour(0.25, C, A, 2),
+           Neighbour(0.05, C, None, 99)]
+    thetas = [0.9, 0.75, 0.2, 0.6]  # only the two stale entries matter
+    seen = {}
+    got = mix(X, DELTA, 0.2, nbs, thetas, **KW,
+              on_predict=lambda i, x_hat: seen.__setitem__(i, x_hat.clone()))
+    hat_b, hat_c = B - LR * 3 * GB, C - LR * 2 * A
+    want = (0.2 * X + 0.2 * A + 0.3 * (0.75 * hat_b + 0.25 * X) + 0.25 * (0.2 * hat_c + 0.8 * X)
+            + 0.05 * X + DELTA)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    assert sorted(seen) == [1, 2]
+    torch.testing.assert_close(seen[1], hat_b)
+    torch.testing.assert_close(seen[2], hat_c)
+
+
+def test_mix_theta_zero_skips_prediction_unless_observed():
+    nbs = [Neighbour(0.5, B, torch.full((3,), float("nan"), dtype=F64), 3)]
+    out = mix(X, DELTA, 0.5, nbs, [0.0], **KW)
+    torch.testing.assert_close(out, X + DELTA)
+    calls = []
+    out = mix(X, DELTA, 0.5, nbs, [0.0], **KW, on_predict=lambda i, h: calls.append(i))
+    assert calls == [0]
+    torch.testing.assert_close(out, X + DELTA)  # the NaN prediction was made but not mixed in
+
+
+def test_mix_argument_errors():
+    with pytest.raises(ValueError):
+        mix(X, DELTA, 0.2, mixed_neighbours(), [0.5], **KW)
+    with pytest.raises(ValueError):
+        mix(X, DELTA, 0.2, mixed_neighbours(), [0.5, 1.5, 0.5, 0.5], **KW)
+
+
+@pytest.mark.parametrize("theta", [-0.01, 1.01, float("nan")])
+def test_blend_rejects_theta_outside_unit_interval(theta):
+    with pytest.raises(ValueError):
+        blend(X, X, theta)
+
+
+# ---------------------------------------------------------------- inputs untouched, dtypes
+
+def _snapshot(*tensors):
+    return [t.clone() for t in tensors]
+
+
+def test_inputs_untouched():
+    nbs = mixed_neighbours() + [Neighbour(0.1, A, B, 2)]
+    watched = [X, DELTA, A, B, GB, C]
+    before = _snapshot(*watched)
+    predict_weights(B, GB, 3, LR, 0.7, lam_mode="adaptive", segments=[1, 2])
+    predict_weights(B, GB, 3, LR, 0.7)
+    predict_weights(B, None, 3, LR, 0.7).add_(5.0)
+    for lam in (0.0, 0.7):
+        x_p, x_c = candidates(X, DELTA, 0.1, nbs, **dict(KW, lam=lam))
+        x_p.add_(1.0), x_c.add_(1.0)
+        mix(X, DELTA, 0.1, nbs, [0.5] * len(nbs), **dict(KW, lam=lam),
+            on_predict=lambda i, x_hat: None).add_(1.0)
+    tracker = SubstitutionTracker()
+    tracker.record(0, B, X)
+    tracker.observe(1, A)
+    for old, new in zip(before, watched):
+        assert torch.equal(old, new)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtype_preserved_and_float32_matches_float64(dtype):
+    def conv(t):
+        return None if t is None else t.to(dtype)
+
+    nbs = [Neighbour(n.weight, conv(n.x), conv(n.grad), n.staleness)
+           for n in mixed_neighbours() + [Neighbour(0.1, A, B, 2)]]
+    kw = dict(KW, lam=0.6)
+    outs = [predict_weights(conv(B), conv(GB), 3, LR, 0.6, lam_mode="adaptive"),
+            *candidates(conv(X), conv(DELTA), 0.1, nbs, **kw),
+            mix(conv(X), conv(DELTA), 0.1, nbs, [0.4] * 5, **kw),
+            phi(torch.tensor([0.0, 0.5], dtype=dtype), 3)]
+    ref_nbs = mixed_neighbours() + [Neighbour(0.1, A, B, 2)]
+    refs = [predict_weights(B, GB, 3, LR, 0.6, lam_mode="adaptive"),
+            *candidates(X, DELTA, 0.1, ref_nbs, **kw),
+            mix(X, DELTA, 0.1, ref_nbs, [0.4] * 5, **kw),
+            phi(t64(0.0, 0.5), 3)]
+    for out, ref in zip(outs, refs):
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    dev = torch.device("cuda")
+    nbs = [Neighbour(n.weight, None if n.x is None else n.x.to(dev),
+                     None if n.grad is None else n.grad.to(dev), n.staleness)
+           for n in mixed_neighbours()]
+    kw = dict(KW, lam=0.6, lam_mode="adaptive", segments=[1, 2])
+    got = mix(X.to(dev), DELTA.to(dev), 0.2, nbs, [0.5] * 4, **kw)
+    assert got.device.type == "cuda"
+    want = mix(X, DELTA, 0.2, mixed_neighbours(), [0.5] * 4, **kw)
+    torch.testing.assert_close(got.cpu(), want)
+
+
+# ---------------------------------------------------------------- PV
+
+def test_pv_choose():
+    assert pv_choose(0.1, 0.2) is True
+    assert pv_choose(0.3, 0.2) is False
+    assert pv_choose(0.2, 0.2) is False
+    assert pv_choose(float("nan"), 0.2) is False
+    assert pv_choose(0.2, float("nan")) is True
+    assert pv_choose(float("nan"), float("nan")) is False
+
+
+# ---------------------------------------------------------------- SubstitutionTracker
+
+TRUTH = torch.zeros(4, dtype=F64)
+HAT_1 = t64(1.0, 0.0, 0.0, 0.0)    # e_P = 1
+SELF_2 = t64(0.0, 2.0, 0.0, 0.0)   # e_C = 2
+
+
+def test_tracker_theta_from_known_errors_and_ema():
+    tr = SubstitutionTracker(beta=0.8)
+    assert tr.theta == 0.5 and tr.e_p is None and tr.e_c is None and tr.measurements == 0
+    assert tr.record(3, HAT_1, SELF_2)
+    assert tr.observe(3, TRUTH)
+    assert tr.e_p == pytest.approx(1.0) and tr.e_c == pytest.approx(2.0)
+    assert tr.theta == pytest.approx(4.0 / 5.0)
+    assert tr.record(4, t64(0.0, 0.0, 3.0, 0.0), t64(0.0, 0.0, 0.0, -1.0))  # e_P = 3, e_C = 1
+    assert tr.observe(10, TRUTH)
+    assert tr.e_p == pytest.approx(0.8 * 1.0 + 0.2 * 3.0)
+    assert tr.e_c == pytest.approx(0.8 * 2.0 + 0.2 * 1.0)
+    assert tr.theta == pytest.approx(1.8 ** 2 / (1.4 ** 2 + 1.8 ** 2))
+    assert tr.measurements == 2
+
+
+def test_tracker_float32_norms_against_nonzero_truth():
+    truth = torch.full((1000,), 3.0)
+    tr = SubstitutionTracker()
+    tr.record(0, truth + 0.001, truth - 0.002)
+    tr.observe(0, truth)
+    assert tr.e_p == pytest.approx(0.001 * math.sqrt(1000), rel=1e-3)
+    assert tr.e_c == pytest.approx(0.002 * math.sqrt(1000), rel=1e-3)
+
+
+def test_tracker_keeps_pending_record_until_checked():
+    tr = SubstitutionTracker()
+    assert tr.pending_step is None
+    assert tr.record(5, HAT_1, SELF_2)
+    assert not tr.record(6, t64(7.0, 7.0, 7.0, 7.0), t64(7.0, 7.0, 7.0, 7.0))
+    assert tr.pending_step == 5
+    assert not tr.observe(4, TRUTH)
+    assert tr.pending_step == 5 and tr.measurements == 0 and tr.theta == 0.5
+    assert tr.observe(5, TRUTH)
+    assert tr.pending_step is None
+    assert (tr.e_p, tr.e_c) == pytest.approx((1.0, 2.0))  # the ignored second record left no trace
+    assert not tr.observe(9, TRUTH)
+    assert tr.measurements == 1
+    assert tr.record(6, HAT_1, SELF_2) and tr.pending_step == 6
+
+
+def test_tracker_stores_copies():
+    tr = SubstitutionTracker(beta=0.8)
+    # the second round reuses the buffers of the first; both must copy, never alias
+    for step, (hat, own) in enumerate([(HAT_1, SELF_2), (SELF_2, HAT_1)]):
+        x_hat, x_self, truth = hat.clone(), own.clone(), TRUTH.clone()
+        tr.record(step, x_hat, x_self)
+        x_hat.fill_(100.0)
+        x_self.fill_(100.0)
+        tr.observe(step, truth)
+        assert torch.equal(truth, TRUTH)
+        assert torch.equal(x_hat, torch.full_like(x_hat, 100.0))
+    assert (tr.e_p, tr.e_c) == pytest.approx((0.8 + 0.4, 1.6 + 0.2))
+
+
+def test_tracker_state_dict_round_trip():
+    tr = SubstitutionTracker(beta=0.6, eps=1e-9)
+    tr.record(1, HAT_1, SELF_2)
+    tr.observe(2, TRUTH)
+    tr.record(7, t64(0.0, 0.0, 3.0, 0.0), t64(0.0, 1.0, 0.0, 0.0))
+    buf = io.BytesIO()
+    torch.save(tr.state_dict(), buf)
+    buf.seek(0)
+    clone = SubstitutionTracker()
+    clone.load_state_dict(torch.load(buf))
+    assert (clone.beta, clone.eps, clone.pending_step, clone.measurements) == (0.6, 1e-9, 7, 1)
+    assert clone.theta == tr.theta
+    assert tr.observe(7, TRUTH) and clone.observe(7, TRUTH)
+    assert (clone.e_p, clone.e_c, clone.theta) == (tr.e_p, tr.e_c, tr.theta)
+    assert clone.e_p == pytest.approx(0.6 * 1.0 + 0.4 * 3.0)
+
+
+def test_tracker_rejects_bad_beta():
+    with pytest.raises(ValueError):
+        SubstitutionTracker(beta=1.0)
