@@ -260,27 +260,29 @@ class DistributedOptimizer:
             info.choice = "predict" if keep_p else "clip"
             self.pv_wins[info.choice] += 1
             return x_p if keep_p else x_c
+        on_predict = None
         if self.algorithm is Algorithm.PC_ASGD_AV:
-            thetas = self._av_thetas(nbs, stale, x_k, kw)
+            thetas, on_predict = self._av_thetas(nbs, stale, x_k)
             info.thetas = {n: t for n, t, s in zip(self.neighbours, thetas, stale) if s}
         else:
             theta = {Algorithm.CLIP: 0.0, Algorithm.PREDICT: 1.0}.get(self.algorithm, self.theta)
             thetas = [theta] * len(nbs)
-        return rule.mix(x_k, delta, w_self, nbs, thetas, **kw)
+        return rule.mix(x_k, delta, w_self, nbs, thetas, on_predict=on_predict, **kw)
 
-    def _av_thetas(self, nbs, stale, x_k, kw) -> list[float]:
+    def _av_thetas(self, nbs, stale, x_k):
+        """θ_l from each tracker; measure the substitutes of earlier steps against what arrived."""
         k = self.step_count
-        thetas = []
-        for n, nb, is_stale in zip(self.neighbours, nbs, stale):
-            tracker = self.trackers[n]
+        trackers = [self.trackers[n] for n in self.neighbours]
+        for tracker, nb in zip(trackers, nbs):
             if nb.x is not None:
                 tracker.observe(k - nb.staleness, nb.x)
-            if is_stale and tracker.pending_step is None:
-                x_hat = rule.predict_weights(nb.x, nb.grad, nb.staleness, kw["lr"], kw["lam"],
-                                             lam_mode=kw["lam_mode"], segments=kw["segments"])
-                tracker.record(k, x_hat, x_k)
-            thetas.append(tracker.theta)
-        return thetas
+        thetas = [t.theta for t in trackers]
+
+        def record(i: int, x_hat: torch.Tensor) -> None:
+            # Keeps the substitutes of step k; a tracker with a pending record ignores it.
+            trackers[i].record(k, x_hat, x_k)
+
+        return thetas, record
 
     @torch.no_grad()
     def _loss_at(self, vec: torch.Tensor, closure) -> float:

@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# A throw-away single-node Slurm (munged + slurmctld + slurmd) for tests and CI.
+#
+#   tests/slurm/harness.sh start   install what is missing, configure, start, wait for an idle node
+#   tests/slurm/harness.sh stop    cancel jobs, stop the daemons this harness started
+#   tests/slurm/harness.sh status  exit 0 when the node answers jobs
+#   tests/slurm/harness.sh env     print `export SLURM_CONF=...` for sbatch/srun/sinfo
+#
+# Knobs (environment):
+#   PCASGD_SLURM_DIR   state, logs and slurm.conf           (default /tmp/pcasgd-slurm)
+#   PCASGD_SLURM_CPUS  CPUs the node advertises             (default 8; may exceed the real cores)
+#   PCASGD_SLURM_PORT  slurmctld port; slurmd uses PORT+1   (default 16817)
+#   PCASGD_SLURM_WAIT  seconds to wait for an idle node     (default 90)
+#
+# Exit codes: 0 ok, 1 failure, 3 Slurm could not be installed (no apt-get, or apt-get failed).
+# Starting twice is harmless: running daemons are kept unless slurm.conf changed.
+# Needs root (apt-get, and daemons that run jobs as any user).
+set -euo pipefail
+
+DIR=${PCASGD_SLURM_DIR:-/tmp/pcasgd-slurm}
+CPUS=${PCASGD_SLURM_CPUS:-8}
+PORT=${PCASGD_SLURM_PORT:-16817}
+WAIT=${PCASGD_SLURM_WAIT:-90}
+CONF=$DIR/slurm.conf
+SOCK=$DIR/run/munge.sock
+HOST=$(hostname -s)
+export SLURM_CONF=$CONF
+
+log() { echo "[slurm-harness] $*" >&2; }
+
+# The pid in a pid file, if that process is alive and is ours (its command line names our files),
+# so a stale pid file never makes us signal an unrelated process.
+ourpid() {
+    local pid
+    pid=$(cat "$DIR/run/$1.pid" 2>/dev/null) || return 1
+    [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/cmdline ]] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$DIR/" && echo "$pid"
+}
+
+install_packages() {
+    local pkgs=(slurmctld slurmd slurm-client munge libpmix2) missing=() p
+    for p in "${pkgs[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+    done
+    ((${#missing[@]})) || return 0
+    command -v apt-get >/dev/null || { log "apt-get not found: cannot install ${missing[*]}"; exit 3; }
+    log "installing ${missing[*]}"
+    # Without systemd, the packages' postinst would start a munged/slurmd of their own from /etc.
+    local guard=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && guard=1
+    fi
+    local rc=0
+    {
+        DEBIAN_FRONTEND=noninteractive timeout 300 apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    } >"$DIR/log/apt.log" 2>&1 || rc=$?
+    ((guard)) && rm -f /usr/sbin/policy-rc.d
+    if ((rc)); then
+        log "apt-get failed (exit $rc):"; tail -20 "$DIR/log/apt.log" >&2; exit 3
+    fi
+}
+
+# Slurm's mpi/pmix plugin dlopen()s .../pmix2/lib/libpmix.so, a name only libpmix-dev provides
+# (with a pile of -dev dependencies); the versioned library next to it is the same file.
+link_libpmix() {
+    local so
+    so=$(dpkg -L libpmix2 2>/dev/null | grep -m1 '/pmix2/lib/libpmix\.so\.2$') || return 0
+    [[ -e ${so%.2} ]] || ln -s libpmix.so.2 "${so%.2}"
+}
+
+write_config() {
+    local mem new=$CONF.new
+    mem=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
+    # auth/munge talks to our munged through its socket, so a system munged (if any) is not used.
+    # config_overrides lets slurmd accept CPUS > real cores: an MPI test wants more ranks than cores.
+    # Without cgroups in a container: linuxproc tracking, no task binding (binding 4 ranks to
+    # 2 cores would pin pairs together anyway).
+    # MinJobAge stays at its default (300 s): sbatch --wait polls up to 10 s apart and reports
+    # failure if the finished job has already been purged.
+    cat >"$new" <<EOF
+ClusterName=pcasgd
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort=$PORT
+SlurmdPort=$((PORT + 1))
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$SOCK
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/run/slurmctld.pid
+SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+SlurmdParameters=config_overrides
+MailProg=/bin/true
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+EOF
+    if cmp -s "$new" "$CONF"; then rm -f "$new"; return 1; fi
+    mv "$new" "$CONF"
+}
+
+# stop_daemon NAME: TERM, then KILL after 10 s.
+stop_daemon() {
+    local pid
+    pid=$(ourpid "$1") || { rm -f "$DIR/run/$1.pid"; return 0; }
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do [[ -d /proc/$pid ]] || break; sleep 0.2; done
+    if [[ -d /proc/$pid ]]; then log "$1 ($pid) ignored SIGTERM"; kill -KILL "$pid" 2>/dev/null || true; fi
+    rm -f "$DIR/run/$1.pid"
+    log "$1 ($pid) stopped"
+}
+
+# launch NAME CMD...: run a daemon in the foreground of its own session (it outlives this
+# script and no terminal signal reaches it), then wait for it to write its pid file.
+launch() {
+    local name=$1; shift
+    if ourpid "$name" >/dev/null; then return 0; fi
+    rm -f "$DIR/run/$name.pid"
+    setsid "$@" </dev/null >>"$DIR/log/$name.out" 2>&1 &
+    for _ in $(seq 100); do
+        ourpid "$name" >/dev/null && { log "$name started (pid $(ourpid "$name"))"; return 0; }
+        sleep 0.1
+    done
+    log "$name did not start:"; tail -20 "$DIR/log/$name.out" >&2; exit 1
+}
+
+node_works() {
+    # sinfo reports the state saved from a previous run before slurmd has registered again,
+    # so only a job that really ran proves the node works.
+    timeout 30 srun --quiet -N1 -n1 -t 1 -J harness-probe true 2>/dev/null
+}
+
+start() {
+    mkdir -p "$DIR"/{state,spool,log,run,munge}
+    install_packages
+    link_libpmix
+    chmod 700 "$DIR/munge"
+    [[ -s $DIR/munge/munge.key ]] || dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
+    chmod 400 "$DIR/munge/munge.key"
+    if write_config; then
+        log "config written: $CONF"
+        stop_daemon slurmd; stop_daemon slurmctld
+    fi
+
+    launch munged munged -F --socket="$SOCK" --key-file="$DIR/munge/munge.key" \
+        --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/seed"
+    for _ in $(seq 50); do [[ -S $SOCK ]] && break; sleep 0.1; done
+    launch slurmctld slurmctld -D -f "$CONF"
+    launch slurmd slurmd -D -N "$HOST" -f "$CONF"
+
+    local deadline=$((SECONDS + WAIT)) state=
+    while ((SECONDS < deadline)); do
+        state=$(timeout 10 sinfo -h -N -n "$HOST" -o %T 2>/dev/null || true)
+        case $state in
+            idle|mixed|allocated) node_works && { log "node $HOST is up ($state)"; return 0; } ;;
+            down*|drain*|fail*) timeout 10 scontrol update NodeName="$HOST" State=RESUME 2>/dev/null || true ;;
+        esac
+        sleep 0.5
+    done
+    log "node $HOST not usable after ${WAIT} s (state: ${state:-none})"
+    timeout 10 sinfo -R >&2 || true
+    tail -n 15 "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 || true
+    exit 1
+}
+
+stop() {
+    # Cancel jobs first: their slurmstepd processes outlive slurmd by design.
+    if ourpid slurmctld >/dev/null; then
+        local jobs
+        jobs=$(timeout 10 squeue -h -o %i 2>/dev/null || true)
+        if [[ -n $jobs ]]; then
+            # shellcheck disable=SC2086
+            timeout 10 scancel --full $jobs 2>/dev/null || true
+            for _ in $(seq 50); do [[ -z $(timeout 10 squeue -h -o %i 2>/dev/null) ]] && break; sleep 0.2; done
+        fi
+    fi
+    stop_daemon slurmd
+    stop_daemon slurmctld
+    stop_daemon munged
+}
+
+case ${1:-} in
+    start) start ;;
+    stop) stop ;;
+    status) ourpid slurmctld >/dev/null && ourpid slurmd >/dev/null && node_works ;;
+    env) echo "export SLURM_CONF=$CONF" ;;
+    *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+esac
