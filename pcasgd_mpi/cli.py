@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one model per MPI rank (launch with mpirun -n N)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="options from a YAML file (keys as the long options); flags given here win")
     g = t.add_argument_group("graph")
     g.add_argument("--topology", default="ring",
                    help="ring, torus, exponential, complete, star, random-regular:D, small-world:K:P, or a file")
@@ -97,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0)
     out = t.add_argument_group("output")
     out.add_argument("--out", default=None, help="run directory (default runs/<time>-<algorithm>)")
+    c = t.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint-every", type=_nonneg_int, default=0, metavar="N",
+                   help="write every rank's state every N steps (0: only when stopped by SIGTERM/SIGUSR1)")
+    c.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default OUT/checkpoints)")
+    c.add_argument("--keep-checkpoints", type=_nonneg_int, default=3, metavar="K", help="keep the last K per rank")
+    c.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint (lockstep: the newest step all ranks have)")
+    out.add_argument("--overwrite", action="store_true", help="allow --out to name a directory with a finished run")
     out.add_argument("--eval-every", type=_nonneg_int, default=0, help="evaluate every N steps (0: only at the end)")
     out.add_argument("--log-every", type=_nonneg_int, default=1, help="write a metrics line every N steps")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -111,6 +121,59 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--seed", type=int, default=0)
     show.add_argument("--png", default=None, help="also draw the graph to this PNG file")
     return p
+
+
+def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse argv; values from --config become the defaults, so flags on the command line win."""
+    args = parser.parse_args(argv)
+    if getattr(args, "command", None) != "train" or not args.config:
+        return args
+    import yaml
+
+    train = _train_parser(parser)
+    try:
+        with open(args.config) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        train.error(f"--config {args.config}: cannot read it ({str(exc).splitlines()[0]})")
+    if not isinstance(values, dict):
+        train.error(f"--config {args.config}: expected a mapping of option: value")
+    actions = {a.dest: a for a in train._actions if a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            train.error(f"--config {args.config}: unknown option '{key}'")
+        defaults[dest] = _convert(train, args.config, action, value)
+    train.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def _convert(parser, path: str, action: argparse.Action, value):
+    """Check a value from the config file exactly as the command line would."""
+    if value is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return value
+    if isinstance(action, argparse._AppendAction):
+        items = value if isinstance(value, list) else [value]
+        return [_convert_one(parser, path, action, v) for v in items]
+    return _convert_one(parser, path, action, value)
+
+
+def _convert_one(parser, path, action, value):
+    try:
+        converted = action.type(str(value)) if action.type else value
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        parser.error(f"--config {path}: {action.dest.replace('_', '-')}: {exc}")
+    if action.choices is not None and converted not in action.choices:
+        parser.error(f"--config {path}: {action.dest.replace('_', '-')}: '{value}' is not one of "
+                     f"{', '.join(map(str, action.choices))}")
+    return converted
 
 
 def _topology_show(args) -> int:
@@ -138,6 +201,8 @@ def _train(args) -> int:
         if _env_rank() == 0:
             print(f"pcasgd-mpi: error: {exc}", file=sys.stderr)
         return 2
+    if summary is not None and "stopped_at" in summary:
+        return 0
     if summary is not None:
         print(f"final test accuracy of the average model: {summary['final_accuracy']:.4f} "
               f"(agents: {', '.join(f'{a:.3f}' for a in summary['agent_accuracies'])}; "
@@ -148,7 +213,10 @@ def _train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from . import stopping
+
+    stopping.install()
+    args = apply_config_file(build_parser(), argv)
     try:
         if args.command == "topology":
             return _topology_show(args)

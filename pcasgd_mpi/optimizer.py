@@ -114,6 +114,18 @@ class _History:
         if self.g is not None:
             self.g[msg.source][slot].copy_(msg.grad)
 
+    def state_dict(self) -> dict:
+        return {"steps": {str(n): list(v) for n, v in self.steps.items()},
+                "x": {str(n): v.clone() for n, v in self.x.items()},
+                "g": {str(n): v.clone() for n, v in self.g.items()} if self.g is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n in self.steps:
+            self.steps[n] = list(state["steps"][str(n)])
+            self.x[n].copy_(state["x"][str(n)])
+            if self.g is not None:
+                self.g[n].copy_(state["g"][str(n)])
+
     def get(self, source: int, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         slot = step % self.depth
         if self.steps[source][slot] != step:
@@ -294,6 +306,37 @@ class DistributedOptimizer:
             b.copy_(saved)
         return loss
 
+    # ------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly where this agent stopped (tensors and plain types)."""
+        return {
+            "step": self.step_count,
+            "x": self.flat.data.detach().clone(),
+            "buffers": {n: b.detach().clone() for n, b in self.model.named_buffers()},
+            "inner": self.inner.state_dict(),
+            "history": self._history.state_dict() if self._history is not None else None,
+            "trackers": {str(n): t.state_dict() for n, t in self.trackers.items()},
+            "staleness_histogram": {str(n): {str(t): c for t, c in h.items()}
+                                    for n, h in self.staleness_histogram.items()},
+            "pv_wins": dict(self.pv_wins),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        with torch.no_grad():
+            self.flat.data.copy_(state["x"])
+            for n, b in self.model.named_buffers():
+                b.copy_(state["buffers"][n])
+        self.inner.load_state_dict(state["inner"])
+        if self._history is not None:
+            self._history.load_state_dict(state["history"])
+        for n, t in self.trackers.items():
+            t.load_state_dict(state["trackers"][str(n)])
+        for n in self.neighbours:
+            hist = state["staleness_histogram"].get(str(n), {})
+            self.staleness_histogram[n] = Counter({(t if t == NEVER else int(t)): c for t, c in hist.items()})
+        self.pv_wins = dict(state["pv_wins"])
+
     # ------------------------------------------------------------------- the end
     def finalize(self) -> None:
         """Collective: complete and drain every message so that no rank is left waiting."""
@@ -316,12 +359,16 @@ _FOREVER = 2**62
 
 
 def _allreduce_mean(comm: MPI.Comm, t: torch.Tensor) -> None:
-    # Reduce in float32 or wider: bfloat16 reductions are silently wrong in this MPI.
-    work = t if t.dtype in (torch.float32, torch.float64) else t.float()
-    buf = work.numpy() if work.device.type == "cpu" else work.cpu().numpy()
-    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-    out = torch.from_numpy(buf).to(t.device) / comm.Get_size()
-    t.copy_(out)
+    """In-place mean over ranks, summed in rank order so that the result is the same to the bit
+    every run (MPI_Allreduce may add in any order); reduced in float32 or wider, because bfloat16
+    reductions are silently wrong in this MPI."""
+    work = t.detach().to("cpu", torch.float64 if t.dtype == torch.float64 else torch.float32)
+    gathered = np.empty((comm.Get_size(), work.numel()), dtype=work.numpy().dtype)
+    comm.Allgather(work.contiguous().numpy(), gathered)
+    total = gathered[0].copy()
+    for row in gathered[1:]:
+        total += row
+    t.copy_(torch.from_numpy(total / comm.Get_size()).to(t.dtype))
 
 
 def _check_settings(opt: DistributedOptimizer) -> None:

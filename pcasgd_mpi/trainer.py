@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from . import data, models
+from . import checkpoint, data, models, stopping
 from .delay import DelayModel, Straggler
 from .optimizer import NEVER, Algorithm, DistributedOptimizer, Mode
 from .world import World, init
@@ -56,10 +56,25 @@ class TrainConfig:
     timeout: float = 120.0
     threads: int | None = None
     progress: bool = True
+    overwrite: bool = False
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 3
+    resume: bool = False
 
     def config_hash(self) -> str:
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress",)}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """Every rank must run with the same options (progress and threads are per-rank matters)."""
+        return _hash({k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress", "threads")})
+
+    def training_hash(self) -> str:
+        """What a checkpoint must agree on to be continued: the options that change the trajectory."""
+        skip = {"progress", "threads", "out", "overwrite", "steps", "epochs", "eval_every", "log_every",
+                "timeout", "straggler", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "resume"}
+        return _hash({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
+
+
+def _hash(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 DEFAULT_STEPS = 500
@@ -165,65 +180,150 @@ def run(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
         setup = _Setup(cfg, world)
     except (ValueError, SetupError, OSError) as exc:
         error = str(exc)
+    if (error is None and cfg.out is not None and (Path(cfg.out) / "summary.json").exists()
+            and not (cfg.overwrite or cfg.resume)):
+        error = f"{cfg.out} already holds a finished run; choose another --out or pass --overwrite"
     _agree(comm, error, cfg.config_hash())
     out = _output_dir(cfg, comm)
     if rank == 0:
-        cfg_dict = dataclasses.asdict(cfg) | {"out": str(out)}
-        (out / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
-    return _Loop(cfg, setup, out).run()
+        import yaml
+
+        # Repeat the run exactly (into a new directory) with: pcasgd-mpi train --config OUT/config.yaml
+        cfg_dict = {k.replace("_", "-"): v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "overwrite")}
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out / "checkpoints"
+    resumed_from = _resume(cfg, setup, ckpt_dir, comm) if cfg.resume else None
+    return _Loop(cfg, setup, out, ckpt_dir, resumed_from).run()
+
+
+def _checkpoint_state(cfg: TrainConfig, setup: _Setup) -> dict:
+    return {"world_size": setup.world.size, "signature": setup.opt.flat.signature,
+            "training_hash": cfg.training_hash(), "optimizer": setup.opt.state_dict(),
+            "sampler": setup.sampler.state_dict(), "torch_rng": torch.get_rng_state()}
+
+
+def _resume(cfg: TrainConfig, setup: _Setup, ckpt_dir: Path, comm: MPI.Comm) -> int | None:
+    """Load the newest checkpoint step all ranks have (lockstep) or each rank's newest (async)."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    available = comm.allgather(checkpoint.steps_available(ckpt_dir, rank))
+    if not all(available):
+        missing = [r for r, steps in enumerate(available) if not steps]
+        if rank == 0:
+            print(f"pcasgd-mpi: --resume: no checkpoint for ranks {missing} in {ckpt_dir}; starting from step 0",
+                  file=sys.stderr, flush=True)
+        return None
+    if Mode(cfg.mode) is Mode.LOCKSTEP:
+        common = set.intersection(*map(set, available))
+        if not common:
+            raise SetupError(f"--resume: the ranks in {ckpt_dir} share no checkpoint step; delete the "
+                             f"folder to start afresh")
+        step = max(common)
+    else:
+        step = available[rank][-1]
+    error = None
+    try:
+        state = checkpoint.load(ckpt_dir, rank, step, {
+            "rank": rank, "world_size": size, "signature": setup.opt.flat.signature,
+            "training_hash": cfg.training_hash()})
+        setup.opt.load_state_dict(state["optimizer"])
+        setup.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        error = str(exc) if not isinstance(exc, KeyError) else f"checkpoint of step {step} lacks {exc}"
+    _agree(comm, error, cfg.config_hash())
+    return step
 
 
 class _Loop:
-    def __init__(self, cfg: TrainConfig, setup: _Setup, out: Path):
-        self.cfg, self.s, self.out = cfg, setup, out
+    def __init__(self, cfg: TrainConfig, setup: _Setup, out: Path, ckpt_dir: Path, resumed_from: int | None):
+        self.cfg, self.s, self.out, self.ckpt_dir = cfg, setup, out, ckpt_dir
         self.world, self.opt, self.model = setup.world, setup.opt, setup.model
         self.rank = self.world.rank
-        self.metrics = open(out / "metrics" / f"rank-{self.rank}.jsonl", "w")
+        path = out / "metrics" / f"rank-{self.rank}.jsonl"
+        kept = _metrics_before(path, resumed_from) if resumed_from is not None else ""
+        self.metrics = open(path, "w")
+        self.metrics.write(kept)
+
+    def _checkpoint(self) -> Path:
+        # Metrics up to the checkpoint must survive a kill, or a resumed run would have a gap.
+        self.metrics.flush()
+        os.fsync(self.metrics.fileno())
+        return checkpoint.save(self.ckpt_dir, self.rank, self.opt.step_count,
+                               _checkpoint_state(self.cfg, self.s), self.cfg.keep_checkpoints)
 
     def _log(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")
 
     def run(self) -> dict | None:
-        cfg, s, opt, model, ds = self.cfg, self.s, self.opt, self.model, self.s.dataset
-        comm = self.world.comm
-        slow = s.stragglers.get(self.rank, 1.0)
+        cfg, s, opt = self.cfg, self.s, self.opt
+        self.slow = s.stragglers.get(self.rank, 1.0)
+        self.stale_sum = self.stale_n = 0
+        self.stopped: int | None = None
         bar = _progress(cfg, s.steps, self.rank)
-        comm.Barrier()
+        self.world.comm.Barrier()
         t0 = time.perf_counter()
-        stale_sum = stale_n = 0
-        for k in range(s.steps):
-            t_step = time.perf_counter()
-            idx = torch.from_numpy(s.sampler.next_batch())
-            xb, yb = ds.x_train[idx], ds.y_train[idx]
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            info = opt.step(closure=lambda: F.cross_entropy(model(xb), yb))
-            if slow > 1.0:
-                # Sleep rather than compute, so a straggler does not steal the other ranks' cores.
-                time.sleep((slow - 1.0) * (time.perf_counter() - t_step))
-            known = [t for t in info.staleness.values() if t is not None]
-            stale_sum, stale_n = stale_sum + sum(known), stale_n + len(known)
-            if cfg.log_every and k % cfg.log_every == 0:
-                rec = {"rank": self.rank, "step": k, "t": round(time.perf_counter() - t0, 6),
-                       "loss": round(loss.item(), 6),
-                       "staleness": {str(n): t for n, t in info.staleness.items()}}
-                if info.choice is not None:
-                    rec["choice"] = info.choice
-                if info.thetas:
-                    rec["theta"] = {str(n): round(t, 4) for n, t in info.thetas.items()}
-                self._log(rec)
-            if cfg.eval_every and (k + 1) % cfg.eval_every == 0:
-                self._eval(k + 1)
-            if bar is not None:
-                bar.update(1)
-                if k % 10 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", stale=f"{stale_sum / max(stale_n, 1):.2f}")
+        first = opt.step_count
+        if bar is not None:
+            bar.update(first)
+        stopping.install()
+        for k in range(first, s.steps):
+            self._step(k, bar, t0)
+            if self.stopped is not None:
+                break
         wall = time.perf_counter() - t0
         if bar is not None:
             bar.close()
         opt.finalize()
-        return self._finish(wall, s.steps)
+        if self.stopped is not None:
+            self.metrics.close()
+            return {"stopped_at": self.stopped, "checkpoint_dir": str(self.ckpt_dir)}
+        return self._finish(wall, s.steps, s.steps - first)
+
+    def _step(self, k: int, bar, t0: float) -> None:
+        cfg, s, opt, model, ds = self.cfg, self.s, self.opt, self.model, self.s.dataset
+        t_step = time.perf_counter()
+        idx = torch.from_numpy(s.sampler.next_batch())
+        xb, yb = ds.x_train[idx], ds.y_train[idx]
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        info = opt.step(closure=lambda: F.cross_entropy(model(xb), yb))
+        if self.slow > 1.0:
+            # Sleep rather than compute, so a straggler does not steal the other ranks' cores.
+            time.sleep((self.slow - 1.0) * (time.perf_counter() - t_step))
+        known = [t for t in info.staleness.values() if t is not None]
+        self.stale_sum += sum(known)
+        self.stale_n += len(known)
+        if cfg.log_every and k % cfg.log_every == 0:
+            rec = {"rank": self.rank, "step": k, "t": round(time.perf_counter() - t0, 6),
+                   "loss": round(loss.item(), 6), "staleness": {str(n): t for n, t in info.staleness.items()}}
+            if info.choice is not None:
+                rec["choice"] = info.choice
+            if info.thetas:
+                rec["theta"] = {str(n): round(t, 4) for n, t in info.thetas.items()}
+            self._log(rec)
+        if cfg.eval_every and (k + 1) % cfg.eval_every == 0:
+            self._eval(k + 1)
+        if bar is not None:
+            bar.update(1)
+            if k % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", stale=f"{self.stale_sum / max(self.stale_n, 1):.2f}",
+                                refresh=False)
+        stop = self._stop_requested()
+        if (cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0) or stop:
+            self._checkpoint()
+        if stop:
+            self.stopped = k + 1
+            if self.rank == 0:
+                print(f"pcasgd-mpi: stopped by signal after step {k + 1}; checkpoint in {self.ckpt_dir}; "
+                      f"continue with --resume", file=sys.stderr, flush=True)
+
+    def _stop_requested(self) -> bool:
+        signalled = stopping.received() is not None
+        if Mode(self.cfg.mode) is Mode.LOCKSTEP or self.opt.algorithm is Algorithm.ALLREDUCE:
+            # Every rank must stop after the same step, or the checkpoints would not fit together.
+            return bool(self.world.comm.allreduce(signalled, op=MPI.LOR))
+        return signalled
 
     def _eval(self, step: int) -> None:
         ds = self.s.dataset
@@ -247,13 +347,13 @@ class _Loop:
         self.opt.flat.data.copy_(saved)
         return acc, loss, digest
 
-    def _finish(self, wall: float, steps: int) -> dict | None:
+    def _finish(self, wall: float, steps: int, done: int) -> dict | None:
         comm, ds, opt = self.world.comm, self.s.dataset, self.opt
         agent_acc, _ = evaluate(self.model, ds.x_test, ds.y_test)
         acc, loss, digest = self._average_model_eval()
         self.metrics.close()
         per_rank = comm.gather({
-            "steps": steps, "wall_time_s": wall, "agent_accuracy": agent_acc,
+            "steps": steps, "done": done, "wall_time_s": wall, "agent_accuracy": agent_acc,
             "staleness": {str(n): {str(t): c for t, c in sorted(h.items(), key=lambda kv: (kv[0] == NEVER, str(kv[0])))}
                           for n, h in opt.staleness_histogram.items()},
             "pv_wins": opt.pv_wins,
@@ -269,7 +369,7 @@ class _Loop:
             "delay": str(opt.delay), "dataset": self.cfg.dataset, "model": self.cfg.model,
             "steps": [p["steps"] for p in per_rank],
             "wall_time_s": max(p["wall_time_s"] for p in per_rank),
-            "steps_per_second": [p["steps"] / p["wall_time_s"] for p in per_rank],
+            "steps_per_second": [p["done"] / p["wall_time_s"] for p in per_rank],
             "final_accuracy": acc, "final_test_loss": loss,
             "agent_accuracies": [p["agent_accuracy"] for p in per_rank],
             "consensus_distance": self._last_consensus,
@@ -293,6 +393,20 @@ def _set_threads(threads: int | None, comm: MPI.Comm) -> None:
         threads = max(1, (os.cpu_count() or 1) // local.Get_size())
         local.Free()
     torch.set_num_threads(threads)
+
+
+def _metrics_before(path: Path, step: int) -> str:
+    """The metric lines of steps before `step`: a resumed run redoes the later ones."""
+    if not path.exists():
+        return ""
+    keep = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and _before(json.loads(line), step)]
+    return "".join(keep)
+
+
+def _before(record: dict, step: int) -> bool:
+    # An eval line of step e was written after step e - 1 finished.
+    return record.get("step", 0) <= step if "eval" in record else record.get("step", 0) < step
 
 
 def _merge_metrics(out: Path, size: int) -> None:

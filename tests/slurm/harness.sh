@@ -52,8 +52,8 @@ install_packages() {
     fi
     local rc=0
     {
-        DEBIAN_FRONTEND=noninteractive timeout 300 apt-get update -qq &&
-        DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends "${missing[@]}"
+        DEBIAN_FRONTEND=noninteractive timeout 120 apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq --no-install-recommends "${missing[@]}"
     } >"$DIR/log/apt.log" 2>&1 || rc=$?
     ((guard)) && rm -f /usr/sbin/policy-rc.d
     if ((rc)); then
@@ -66,7 +66,7 @@ install_packages() {
 link_libpmix() {
     local so
     so=$(dpkg -L libpmix2 2>/dev/null | grep -m1 '/pmix2/lib/libpmix\.so\.2$') || return 0
-    [[ -e ${so%.2} ]] || ln -s libpmix.so.2 "${so%.2}"
+    [[ -e ${so%.2} ]] || ln -sfn libpmix.so.2 "${so%.2}"
 }
 
 write_config() {
@@ -76,8 +76,10 @@ write_config() {
     # config_overrides lets slurmd accept CPUS > real cores: an MPI test wants more ranks than cores.
     # Without cgroups in a container: linuxproc tracking, no task binding (binding 4 ranks to
     # 2 cores would pin pairs together anyway).
-    # MinJobAge stays at its default (300 s): sbatch --wait polls up to 10 s apart and reports
-    # failure if the finished job has already been purged.
+    # MinJobAge: sbatch --wait sleeps 2 s, then 8 s, and quadruples the sleep while it is below
+    # MinJobAge/2 (up to 32 s), so the default 300 s adds up to half a minute of latency. At 16 it
+    # polls every 8 s while finished jobs stay known for >= 16 s, long enough to be seen
+    # (a job purged before sbatch looks makes --wait fail).
     cat >"$new" <<EOF
 ClusterName=pcasgd
 SlurmctldHost=$HOST(127.0.0.1)
@@ -104,6 +106,7 @@ MpiDefault=none
 ReturnToService=2
 SlurmdParameters=config_overrides
 MailProg=/bin/true
+MinJobAge=16
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -111,15 +114,29 @@ EOF
     mv "$new" "$CONF"
 }
 
-# stop_daemon NAME: TERM, then KILL after 10 s.
-stop_daemon() {
+any_alive() {
     local pid
-    pid=$(ourpid "$1") || { rm -f "$DIR/run/$1.pid"; return 0; }
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do [[ -d /proc/$pid ]] || break; sleep 0.2; done
-    if [[ -d /proc/$pid ]]; then log "$1 ($pid) ignored SIGTERM"; kill -KILL "$pid" 2>/dev/null || true; fi
-    rm -f "$DIR/run/$1.pid"
-    log "$1 ($pid) stopped"
+    for pid; do [[ -d /proc/$pid ]] && return 0; done
+    return 1
+}
+
+# stop_daemons NAME...: TERM them all, then KILL whatever is left after 10 s.
+stop_daemons() {
+    local name pid pids=() names=()
+    for name; do
+        if pid=$(ourpid "$name"); then
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$pid"); names+=("$name")
+        fi
+        rm -f "$DIR/run/$name.pid"
+    done
+    for _ in $(seq 50); do any_alive "${pids[@]}" || break; sleep 0.2; done
+    for i in "${!pids[@]}"; do
+        if [[ -d /proc/${pids[i]} ]]; then
+            log "${names[i]} (${pids[i]}) ignored SIGTERM"; kill -KILL "${pids[i]}" 2>/dev/null || true
+        fi
+        log "${names[i]} (${pids[i]}) stopped"
+    done
 }
 
 # launch NAME CMD...: run a daemon in the foreground of its own session (it outlives this
@@ -128,7 +145,7 @@ launch() {
     local name=$1; shift
     if ourpid "$name" >/dev/null; then return 0; fi
     rm -f "$DIR/run/$name.pid"
-    setsid "$@" </dev/null >>"$DIR/log/$name.out" 2>&1 &
+    setsid "$@" </dev/null >>"$DIR/log/$name.out" 2>&1 9>&- &
     for _ in $(seq 100); do
         ourpid "$name" >/dev/null && { log "$name started (pid $(ourpid "$name"))"; return 0; }
         sleep 0.1
@@ -136,14 +153,22 @@ launch() {
     log "$name did not start:"; tail -20 "$DIR/log/$name.out" >&2; exit 1
 }
 
+# One start or stop at a time: two at once would both launch (or kill) the same daemons.
+# The daemons must not inherit the lock's descriptor (see launch), or it would never be released.
+lock() {
+    exec 9>>"$DIR/run/harness.lock"
+    flock -w 600 9 || { log "timed out waiting for another harness.sh ($DIR/run/harness.lock)"; exit 1; }
+}
+
 node_works() {
     # sinfo reports the state saved from a previous run before slurmd has registered again,
-    # so only a job that really ran proves the node works.
-    timeout 30 srun --quiet -N1 -n1 -t 1 -J harness-probe true 2>/dev/null
+    # so only a job that really ran proves the node works; --mpi=pmix also proves the plugin loads.
+    timeout 30 srun --quiet --mpi=pmix -N1 -n1 -t 1 -J harness-probe true 2>>"$DIR/log/probe.err"
 }
 
 start() {
     mkdir -p "$DIR"/{state,spool,log,run,munge}
+    lock
     install_packages
     link_libpmix
     chmod 700 "$DIR/munge"
@@ -151,7 +176,7 @@ start() {
     chmod 400 "$DIR/munge/munge.key"
     if write_config; then
         log "config written: $CONF"
-        stop_daemon slurmd; stop_daemon slurmctld
+        stop_daemons slurmd slurmctld
     fi
 
     launch munged munged -F --socket="$SOCK" --key-file="$DIR/munge/munge.key" \
@@ -171,11 +196,13 @@ start() {
     done
     log "node $HOST not usable after ${WAIT} s (state: ${state:-none})"
     timeout 10 sinfo -R >&2 || true
-    tail -n 15 "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 || true
+    tail -n 15 "$DIR/log/probe.err" "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 || true
     exit 1
 }
 
 stop() {
+    [[ -d $DIR/run ]] || return 0
+    lock
     # Cancel jobs first: their slurmstepd processes outlive slurmd by design.
     if ourpid slurmctld >/dev/null; then
         local jobs
@@ -186,9 +213,9 @@ stop() {
             for _ in $(seq 50); do [[ -z $(timeout 10 squeue -h -o %i 2>/dev/null) ]] && break; sleep 0.2; done
         fi
     fi
-    stop_daemon slurmd
-    stop_daemon slurmctld
-    stop_daemon munged
+    # munged last: the Slurm daemons may still talk to each other while shutting down.
+    stop_daemons slurmd slurmctld
+    stop_daemons munged
 }
 
 case ${1:-} in

@@ -1,0 +1,160 @@
+"""P1, exchange efficiency: a 16 MiB model through `Exchange` against bare mpi4py, 2 ranks.
+
+Ping-pong: rank 0 sends, rank 1 polls until the message is there and sends it back, and so on;
+bandwidth = payload bytes moved / time. Both sides use the same pattern: a receive pre-posted
+at all times, `Test` spun until it completes, the next send started once the previous one has
+completed. The variants run interleaved in rounds (the machine is shared and noisy) and the
+ratio is the median of the per-round ratios.
+
+- bare: numpy buffers, `Isend`/`Irecv` of the payload bytes only.
+- exchange: `Exchange` with its defaults (every message validated: header, size, signature and
+  finite values), sending through `send_buffer`/`send_prepared`, which writes nothing but the
+  header: the caller computes its new weights straight into the pool buffer.
+- exchange-copy: `Exchange.send(step, weights)`, which copies the weights into the pool buffer.
+- exchange-nocheck: as exchange, with `check_finite=False`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import _bench
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from pcasgd_mpi.exchange import Exchange
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+peer = 1 - rank
+NUMEL = 4 * 1024 * 1024  # float32: 16 MiB
+NBYTES = NUMEL * 4
+TAG = 11
+DEADLINE = 60.0
+
+
+def bare(trips: int) -> float:
+    state = bare.state
+    if state is None:
+        send_buf, recv_buf = np.ones(NBYTES, np.uint8), np.empty(NBYTES, np.uint8)
+        state = bare.state = {"send": send_buf, "recv_buf": recv_buf,
+                              "recv": comm.Irecv(recv_buf, source=peer, tag=TAG), "sent": None}
+
+    def send() -> None:
+        if state["sent"] is not None:
+            while not state["sent"].Test():
+                pass
+        state["sent"] = comm.Isend(state["send"], dest=peer, tag=TAG)
+
+    def receive() -> None:
+        while not state["recv"].Test():
+            pass
+        state["recv"] = comm.Irecv(state["recv_buf"], source=peer, tag=TAG)
+
+    comm.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(trips):
+        if rank == 0:
+            send()
+            receive()
+        else:
+            receive()
+            send()
+    return time.perf_counter() - t0
+
+
+bare.state = None
+
+
+class ExchangeLeg:
+    def __init__(self, *, zero_copy: bool, check_finite: bool):
+        self.ex = Exchange(comm, [peer], NUMEL, torch.float32, with_grad=False, check_finite=check_finite)
+        self.zero_copy = zero_copy
+        self.step = rank  # rank 0 sends even steps, rank 1 odd ones
+        self.filled: set[int] = set()
+        self.model = torch.from_numpy(np.ones(NUMEL, dtype=np.float32))
+
+    def send(self) -> None:
+        deadline = time.monotonic() + DEADLINE
+        if self.zero_copy:
+            weights, _ = self.ex.send_buffer()
+            if weights.data_ptr() not in self.filled:  # once per pool buffer: np.empty may hold NaNs
+                weights.fill_(1.0)
+                self.filled.add(weights.data_ptr())
+            self.ex.send_prepared(self.step, block=True, deadline=deadline)
+        else:
+            self.ex.send(self.step, self.model, block=True, deadline=deadline)
+        self.step += 2
+
+    def receive(self) -> None:
+        want = self.step - 1  # the peer's step just before (rank 1) or after (rank 0) our last one
+        deadline = time.monotonic() + DEADLINE
+        while self.ex.latest_step(peer) < want:
+            self.ex.poll()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {rank}: no message of step {want} (rejected: {self.ex.stats.rejected})")
+
+    def __call__(self, trips: int) -> float:
+        comm.Barrier()
+        t0 = time.perf_counter()
+        for _ in range(trips):
+            if rank == 0:
+                self.send()
+                self.receive()
+            else:
+                self.receive()
+                self.send()
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    args = _bench.parse_args(__doc__.splitlines()[0])
+    if size != 2:
+        raise SystemExit("p1_exchange.py runs on exactly 2 ranks")
+    torch.set_num_threads(1)
+    rounds, trips = (3, 8) if args.quick else (7, 25)
+    variants = {
+        "bare": bare,
+        "exchange": ExchangeLeg(zero_copy=True, check_finite=True),
+        "exchange-copy": ExchangeLeg(zero_copy=False, check_finite=True),
+        "exchange-nocheck": ExchangeLeg(zero_copy=True, check_finite=False),
+    }
+    for run in variants.values():  # first touch of every buffer and connection set-up
+        run(3)
+    gbps: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, run in variants.items():
+            seconds = run(trips)
+            gbps[name].append(2 * trips * NBYTES / seconds / 1e9)
+    for name, run in variants.items():
+        if isinstance(run, ExchangeLeg):
+            assert not run.ex.stats.rejected, run.ex.stats.rejected
+            run.ex.close(time.monotonic() + DEADLINE)
+    if bare.state["sent"] is not None:
+        bare.state["sent"].Wait()
+    bare.state["recv"].Cancel()
+    bare.state["recv"].Wait()
+    comm.Barrier()
+    if rank != 0:
+        return
+
+    def ratio(name: str) -> float:
+        return _bench.median([e / b for e, b in zip(gbps[name], gbps["bare"])])
+
+    _bench.emit({
+        "part": "P1",
+        "ratio": ratio("exchange"),
+        "detail": {
+            "payload_bytes": NBYTES, "rounds": rounds, "round_trips_per_round": trips,
+            "pattern": "ping-pong, 2 ranks, receive pre-posted, Test spun until complete",
+            "median_GBps": {name: round(_bench.median(v), 3) for name, v in gbps.items()},
+            "ratio_exchange_copy": ratio("exchange-copy"),
+            "ratio_exchange_nocheck": ratio("exchange-nocheck"),
+        },
+    })
+
+
+if __name__ == "__main__":
+    main()

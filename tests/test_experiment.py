@@ -1,0 +1,245 @@
+"""Experiment grids: expansion, names, validation, aggregation, the report, and one small MPI job."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from launch import ROOT, mpirun_prefix, run
+from pcasgd_mpi import cli, experiment as ex
+from test_plot import PNG_MAGIC, make_run
+
+GRIDS = ROOT / "benchmarks" / "grids"
+
+
+def grid_of(**raw):
+    doc = {"ranks": 4, "steps": 10, "algorithms": ["dsgd"], "delays": ["none"], "seeds": [0]} | raw
+    return ex.parse_grid(doc, "g.yaml")
+
+
+# ----------------------------------------------------------------------------- expansion and names
+def test_grid_expands_every_combination_with_unique_stable_names():
+    g = grid_of(algorithms=["dsgd", "pc-asgd:0.25", "pc-asgd"], delays=["none", "random:0.5:4", "ranks:0,2:8"],
+                seeds=[0, 1], partitions=["iid", "dirichlet:0.3"], lrs=[0.1, 0.5])
+    runs = g.runs()
+    assert len(runs) == 3 * 3 * 2 * 2 * 2
+    names = [r.name for r in runs]
+    assert len(set(names)) == len(names)
+    assert "pc-asgd-t0.25__ranks-0_2-8__dirichlet-0.3__lr0.5__s1" in names
+    assert "dsgd__random-0.5-4__iid__lr0.1__s0" in names
+    assert [a.label for a in g.algorithms] == ["dsgd", "pc-asgd:0.25", "pc-asgd:0.5"]
+    # A setting's runs are contiguous so that a partly finished grid already fills whole cells.
+    first = runs[:3 * 3 * 2]
+    assert {(r.partition, r.lr) for r in first} == {("iid", 0.1)}
+
+
+def test_run_fields_set_algorithm_theta_delay_and_keep_the_base():
+    g = grid_of(algorithms=["pc-asgd:0.75", "clip"], delays=["fixed:2"], lr=0.3, eval_every=5)
+    pc, clip = g.runs()
+    f = pc.train_fields(g.base, ROOT / "x")
+    assert f["algorithm"] == "pc-asgd" and f["theta"] == 0.75 and f["delay"] == "fixed:2"
+    assert f["lr"] == 0.3 and f["eval_every"] == 5 and f["mode"] == "lockstep" and f["progress"] is False
+    assert "theta" not in clip.train_fields(g.base, ROOT / "x")
+
+
+def test_exclude_removes_matching_runs_and_delays_are_canonical():
+    g = grid_of(algorithms=["dsgd", "clip", "allreduce"], delays=["none", "fixed:02"], seeds=[0, 1],
+                exclude=[{"algorithm": "allreduce", "delay": "fixed:2"}, {"algorithm": ["clip"], "delay": "none"}])
+    combos = {(r.algorithm.label, r.delay) for r in g.runs()}
+    assert combos == {("dsgd", "none"), ("dsgd", "fixed:2"), ("clip", "fixed:2"), ("allreduce", "none")}
+
+
+def test_algorithm_names_match_the_cli():
+    assert set(ex.ALGORITHMS) == set(cli.ALGORITHMS)
+
+
+def test_shipped_grids_parse_and_have_the_planned_size():
+    grids = {p.stem: ex.load_grid(p) for p in GRIDS.glob("*.yaml")}
+    assert {"digits", "digits-noniid", "tiny", "resnet20-synthetic"} <= set(grids)
+    digits = grids["digits"]
+    assert [a.label for a in digits.algorithms] == ["dsgd", "clip", "predict", "pc-asgd:0.25", "pc-asgd:0.5",
+                                                     "pc-asgd:0.75", "pc-asgd-pv", "pc-asgd-av", "allreduce"]
+    assert digits.delays == ["none", "fixed:2", "random:0.5:4", "ranks:0,2:8"] and digits.seeds == [0, 1, 2]
+    noniid = grids["digits-noniid"]
+    assert {"dsgd", "clip", "predict", "pc-asgd:0.5", "pc-asgd-pv", "pc-asgd-av"} <= {a.label for a in noniid.algorithms}
+    assert "dirichlet:0.3" in noniid.partitions and 0.5 in noniid.lrs
+    tiny = grids["tiny"]
+    assert tiny.ranks == 2 and len(tiny.runs()) == 2
+
+
+def test_importing_the_experiment_does_not_start_mpi():
+    code = "import sys, pcasgd_mpi.experiment; print('mpi4py' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
+# ----------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("change, message", [
+    ({"algorithms": ["dsgd", "sgd"]}, r"algorithms\[1\]: unknown algorithm 'sgd'"),
+    ({"algorithms": ["pc-asgd:1.5"]}, r"algorithms\[0\]: 'pc-asgd:1.5': THETA must be a number in \[0, 1\]"),
+    ({"algorithms": ["clip:0.3"]}, r"only pc-asgd takes a value"),
+    ({"delays": ["none", "fixed:x"]}, r"delays\[1\]: delay 'fixed:x': TAU must be a whole number"),
+    ({"delays": ["sometimes"]}, r"delays\[0\]: delay 'sometimes' is not one of"),
+    ({"delays": ["ranks:0,5:2"]}, r"delays\[0\]: .*ranks \[5\] but the job has only 4 ranks"),
+    ({"partitions": ["dirichlet:-1"]}, r"partitions\[0\]: bad partition scheme"),
+    ({"lrs": [0.1, 0]}, r"lrs\[1\]: a learning rate must be a number > 0"),
+    ({"seeds": [0, "a"]}, r"seeds\[1\]: a seed must be a whole number"),
+    ({"seeds": []}, r"'seeds' is empty"),
+    ({"seeds": [1, 1]}, r"'seeds' lists 1 more than once"),
+    ({"stepz": 5}, r"unknown key\(s\) 'stepz'"),
+    ({"algorithm": "dsgd"}, r"'algorithm' is set by each run; list it under 'algorithms'"),
+    ({"steps": "many"}, r"'steps' must be int or None, got 'many'"),
+    ({"lr": 0.1, "lrs": [0.1]}, r"both 'lr' and 'lrs' are given"),
+    ({"exclude": [{"algorithm": "dsgd"}]}, r"'exclude' leaves no run"),
+    ({"exclude": [{"colour": "red"}]}, r"exclude\[0\]: unknown key 'colour'"),
+    ({"mode": "async", "delays": ["fixed:2"]}, r"injected delays need mode lockstep"),
+    ({"ranks": 0}, r"ranks must be a whole number >= 1"),
+])
+def test_bad_grid_is_one_clear_value_error_line(change, message):
+    with pytest.raises(ValueError, match=message) as info:
+        grid_of(**change)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith("g.yaml: ")
+
+
+def test_missing_axis_and_bad_yaml(tmp_path):
+    with pytest.raises(ValueError, match="missing 'delays'"):
+        ex.parse_grid({"algorithms": ["dsgd"], "seeds": [0]}, "g.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algorithms: [dsgd\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: not valid YAML at line \d+") as info:
+        ex.load_grid(bad)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="no such grid file"):
+        ex.load_grid(tmp_path / "nope.yaml")
+
+
+def test_command_line_reports_a_bad_grid_in_one_line_without_mpi(tmp_path):
+    bad = tmp_path / "g.yaml"
+    bad.write_text(yaml.safe_dump({"algorithms": ["dsgd", "fast-sgd"], "delays": ["none"], "seeds": [0]}))
+    proc = subprocess.run([sys.executable, "-m", "pcasgd_mpi.experiment", str(bad)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "unknown algorithm 'fast-sgd'" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- aggregation
+ACC = {  # (algorithm, delay) -> accuracy per seed
+    ("dsgd", "none"): [0.90, 0.92, 0.94],
+    ("clip", "none"): [0.90, 0.92, 0.94],
+    ("pc-asgd-pv", "none"): [0.91, 0.92, 0.93],
+    ("pc-asgd-av", "none"): [0.90, 0.92, 0.94],
+    ("dsgd", "fixed:2"): [0.80, 0.82, 0.84],
+    ("clip", "fixed:2"): [0.85, 0.86, 0.87],
+    ("pc-asgd-pv", "fixed:2"): [0.84, 0.85, 0.86],
+    ("pc-asgd-av", "fixed:2"): [0.88, 0.89, 0.90],
+}
+
+
+def fabricated():
+    g = grid_of(algorithms=["dsgd", "clip", "pc-asgd-pv", "pc-asgd-av"], delays=["none", "fixed:2"], seeds=[0, 1, 2])
+    summaries = {}
+    for spec in g.runs():
+        acc = ACC[(spec.algorithm.label, spec.delay)][spec.seed]
+        summaries[spec.name] = {"final_accuracy": acc, "consensus_distance": 0.01 * (1 + spec.seed),
+                                "pv_wins": {"predict": spec.seed, "clip": 2} if spec.delay != "none" else
+                                {"predict": 0, "clip": 0}}
+    return g, summaries
+
+
+def test_aggregate_mean_std_and_worst_case_gap():
+    g, summaries = fabricated()
+    agg = ex.aggregate(g, summaries)
+    key = "delay fixed:2 · iid · lr 0.1"
+    cell = agg["table"]["clip"][key]["accuracy"]
+    assert cell["mean"] == pytest.approx(0.86) and cell["std"] == pytest.approx(0.01) and cell["n"] == 3
+    assert agg["reference"]["accuracy"][key] == pytest.approx(0.92)
+    assert agg["gaps"]["dsgd"][key] == pytest.approx(0.10)
+    assert agg["worst_gap"]["pc-asgd-av"] == {"gap": pytest.approx(0.03), "setting": key}
+    assert agg["worst_gap"]["dsgd"]["gap"] == pytest.approx(0.10)
+    share = agg["table"]["pc-asgd-pv"][key]["pv_predict_share"]
+    assert share["mean"] == pytest.approx((0 + 1 / 3 + 2 / 4) / 3)
+    assert agg["table"]["pc-asgd-pv"]["delay none · iid · lr 0.1"]["pv_predict_share"] is None
+    cons = agg["table"]["dsgd"][key]["consensus_distance"]
+    assert cons["mean"] == pytest.approx(0.02)
+
+
+def test_checks_are_computed_from_the_numbers():
+    g, summaries = fabricated()
+    ch = ex.aggregate(g, summaries)["checks"]
+    # PV 0.85 vs best baseline clip 0.86 ± 0.01: exactly on the line, so it holds.
+    assert ch["pv_vs_baselines"]["holds"] is True
+    assert ch["pv_vs_baselines"]["rows"][0]["best"] == "clip"
+    assert ch["pv_no_delay"]["holds"] is True
+    assert ch["av_worst_case"]["within"] is True and ch["av_worst_case"]["best_of_variants"] is True
+    # Move PV below the line and let clip beat AV's worst case: both answers must flip.
+    for spec in g.runs():
+        if spec.delay == "fixed:2" and spec.algorithm.label == "pc-asgd-pv":
+            summaries[spec.name]["final_accuracy"] -= 0.05
+        if spec.delay == "fixed:2" and spec.algorithm.label == "clip":
+            summaries[spec.name]["final_accuracy"] += 0.05
+    ch = ex.aggregate(g, summaries)["checks"]
+    assert ch["pv_vs_baselines"]["holds"] is False
+    assert ch["av_worst_case"]["best_of_variants"] is False and ch["av_worst_case"]["better_variants"] == ["clip"]
+
+
+def test_missing_runs_are_left_out_and_reported():
+    g, summaries = fabricated()
+    gone = next(n for n in summaries if n.startswith("clip__fixed-2") and n.endswith("s2"))
+    del summaries[gone]
+    agg = ex.aggregate(g, summaries)
+    cell = agg["table"]["clip"]["delay fixed:2 · iid · lr 0.1"]
+    assert cell["finished"] == 2 and cell["accuracy"]["mean"] == pytest.approx(0.855)
+    text = ex.render_markdown(agg)
+    assert "1 run(s) have no summary yet" in text
+
+
+def test_markdown_has_the_tables_and_the_gap_row():
+    g, summaries = fabricated()
+    text = ex.render_markdown(ex.aggregate(g, summaries))
+    assert "| delay | partition | lr | dsgd | clip | pc-asgd-pv | pc-asgd-av |" in text
+    assert "| fixed:2 | iid | 0.1 | 82.0 ± 2.0 | 86.0 ± 1.0 | 85.0 ± 1.0 | 89.0 ± 1.0 |" in text
+    assert "| **worst-case gap to dsgd, no delay (pp)** | | | +10.0 | +6.0 | +7.0 | +3.0 |" in text
+    assert "Consensus distance" in text and "predict share" in text
+
+
+def test_write_report_from_run_directories(tmp_path):
+    g = grid_of(algorithms=["dsgd", "pc-asgd-pv"], delays=["none", "fixed:2"], seeds=[0, 1], ranks=2)
+    for i, spec in enumerate(g.runs()):
+        make_run(tmp_path / "runs" / spec.name, algorithm=spec.algorithm.name, delay=spec.delay,
+                 accuracy=0.9 - 0.01 * i, seed=spec.seed)
+    agg = ex.write_report(g, tmp_path)
+    assert agg["table"]["dsgd"]["delay none · iid · lr 0.1"]["accuracy"]["mean"] == pytest.approx(0.895)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["worst_gap"].keys() == {"dsgd", "pc-asgd-pv"}
+    assert (tmp_path / "results.md").read_text().startswith("# Results: g")
+    for fig in agg["figures"]:
+        assert (tmp_path / fig).read_bytes()[:8] == PNG_MAGIC
+    assert {p.split("/")[-1] for p in agg["figures"]} == {
+        "curves__none__iid__lr0.1.png", "curves__fixed-2__iid__lr0.1.png", "consensus.png", "staleness.png"}
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_tiny_grid_under_mpirun_then_resumed_through_the_relaunch(tmp_path):
+    grid, out = GRIDS / "tiny.yaml", tmp_path / "exp"
+    cmd = [sys.executable, "-m", "pcasgd_mpi.experiment", str(grid), "--out", str(out)]
+    proc = run(mpirun_prefix(2) + cmd, timeout=150)
+    log = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, log
+    assert "[1/2] dsgd__fixed-2__iid__lr0.1__s0: accuracy" in proc.stdout, log
+    assert "[2/2] pc-asgd-pv__fixed-2__iid__lr0.1__s0: accuracy" in proc.stdout, log
+    results = json.loads((out / "results.json").read_text())
+    assert all(r["finished"] for r in results["runs"]) and len(results["runs"]) == 2
+    assert 0.0 < results["table"]["pc-asgd-pv"]["delay fixed:2 · iid · lr 0.1"]["accuracy"]["mean"] <= 1.0
+    assert results["table"]["pc-asgd-pv"]["delay fixed:2 · iid · lr 0.1"]["pv_choices"] > 0
+    for fig in results["figures"]:
+        assert (out / fig).read_bytes()[:8] == PNG_MAGIC
+    assert "| fixed:2 | iid | 0.1 |" in (out / "results.md").read_text()
+
+    # Without mpirun the module starts its own job; every run is finished, so nothing trains again.
+    proc = run(cmd, timeout=150)
+    log = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, log
+    assert "launching:" in proc.stdout and proc.stdout.count("finished earlier, skipped") == 2, log

@@ -1,0 +1,125 @@
+"""Checkpoints, resume, preemption signals, rejected checkpoints, and no hang when a rank fails."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from launch import ROOT, mpi_env, mpirun_prefix, run, train
+from pcasgd_mpi import checkpoint
+
+LOCKSTEP = ["--mode", "lockstep", "--algorithm", "pc-asgd-pv", "--delay", "random:0.5:3", "--steps", "60"]
+
+
+def _summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+# ------------------------------------------------------------------ checkpoint files (one process)
+
+def test_save_is_atomic_keeps_last_k_and_load_checks_identity(tmp_path):
+    for step in (10, 20, 30, 40):
+        checkpoint.save(tmp_path, 1, step, {"world_size": 4, "x": torch.arange(3.0) + step}, keep=2)
+    assert checkpoint.steps_available(tmp_path, 1) == [30, 40]
+    assert not [p for p in (tmp_path / "rank-1").iterdir() if p.name.startswith(".")], "no temp files left"
+    state = checkpoint.load(tmp_path, 1, 40, {"world_size": 4, "rank": 1})
+    assert torch.equal(state["x"], torch.arange(3.0) + 40)
+    with pytest.raises(checkpoint.CheckpointError, match="different world size"):
+        checkpoint.load(tmp_path, 1, 40, {"world_size": 8})
+    path = checkpoint.path_for(tmp_path, 1, 40)
+    path.write_bytes(path.read_bytes()[:50])  # truncated, as a crash mid-copy would leave it
+    with pytest.raises(checkpoint.CheckpointError, match=str(path)):
+        checkpoint.load(tmp_path, 1, 40, {})
+
+
+def test_a_checkpoint_holding_arbitrary_objects_is_refused(tmp_path):
+    path = checkpoint.path_for(tmp_path, 0, 5)
+    path.parent.mkdir(parents=True)
+    torch.save({"format": checkpoint.FORMAT, "evil": subprocess.Popen}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
+        checkpoint.load(tmp_path, 0, 5, {})
+
+
+# ------------------------------------------------------------------------- under mpirun
+
+def test_killed_run_resumes_to_the_identical_model(tmp_path):
+    whole = tmp_path / "whole"
+    assert train(4, [*LOCKSTEP, "--out", str(whole)]).returncode == 0
+    out = tmp_path / "killed"
+    # The straggler only sleeps, so it slows the run down enough to kill it midway without changing it.
+    cmd = mpirun_prefix(4) + [sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress", *LOCKSTEP,
+                              "--out", str(out), "--checkpoint-every", "10", "--straggler", "0:30"]
+    proc = subprocess.Popen(cmd, env=mpi_env(), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while not all(20 in checkpoint.steps_available(out / "checkpoints", r) for r in range(4)):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint of step 20 appeared"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "summary.json").exists()
+    resumed = train(4, [*LOCKSTEP, "--out", str(out), "--checkpoint-every", "10", "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _summary(out)["model_sha256"] == _summary(whole)["model_sha256"]
+    steps = [json.loads(l)["step"] for l in (out / "metrics" / "rank-0.jsonl").read_text().splitlines()]
+    assert steps == list(range(60)), "metrics of a resumed run hold every step exactly once"
+
+
+def test_sigusr1_checkpoints_every_rank_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    args = ["--mode", "lockstep", "--steps", "100000", "--out", str(out), "--straggler", "1:5"]
+    cmd = mpirun_prefix(4) + [sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress", *args]
+    proc = subprocess.Popen(cmd, env=mpi_env(), cwd=ROOT, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "metrics" / "rank-0.jsonl").exists() or \
+                (out / "metrics" / "rank-0.jsonl").stat().st_size < 2000:
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)  # mpirun forwards it to every rank
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert "continue with --resume" in err
+    steps = [checkpoint.steps_available(out / "checkpoints", r) for r in range(4)]
+    assert all(s and s[-1] == steps[0][-1] for s in steps), steps
+    assert not (out / "summary.json").exists()
+
+
+def test_resume_rejects_a_checkpoint_of_another_model_and_a_corrupt_one(tmp_path):
+    out = tmp_path / "run"
+    base = ["--mode", "lockstep", "--steps", "20", "--out", str(out), "--checkpoint-every", "10"]
+    assert train(2, base).returncode == 0
+    other = train(2, [*base, "--model", "cnn", "--resume", "--steps", "30"])
+    assert other.returncode != 0
+    assert "different signature" in other.stderr and "rank-0" in other.stderr
+    newest = checkpoint.path_for(out / "checkpoints", 1, 20)
+    newest.write_bytes(b"not a checkpoint")
+    corrupt = train(2, [*base, "--resume", "--steps", "30"])
+    assert corrupt.returncode != 0
+    assert f"{newest} cannot be read" in corrupt.stderr
+    assert "Traceback" not in corrupt.stderr
+
+
+def test_an_exception_on_one_rank_ends_the_whole_job_within_seconds(tmp_path):
+    cmd = mpirun_prefix(4) + [sys.executable, str(ROOT / "tests" / "scripts" / "fail_on_rank.py"), "train",
+                              "--no-progress", "--mode", "lockstep", "--steps", "100000", "--timeout", "300",
+                              "--out", str(tmp_path / "run")]
+    t0 = time.monotonic()
+    proc = run(cmd, timeout=120, env={"FAIL_RANK": "2", "FAIL_STEP": "30"})
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert "pcasgd-mpi [rank 2]: error: RuntimeError: injected failure at step 30" in proc.stderr
+    # Start-up takes ~10 s here; the others wait on rank 2 with a 300 s deadline, so only the abort ends them.
+    assert elapsed < 90, elapsed
