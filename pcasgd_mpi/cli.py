@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--delay", default="none", help="lockstep delay: none, fixed:TAU, random:P:TAU, ranks:R1,R2:TAU")
     r.add_argument("--straggler", action="append", default=[], metavar="RANK:FACTOR",
                    help="make RANK's steps FACTOR times slower (repeatable)")
+    r.add_argument("--fault-tolerant", action="store_true",
+                   help="async: survive dead ranks (launch with mpirun --with-ft ulfm, see README)")
     r.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: cores of the node / ranks on it)")
     r.add_argument("--timeout", type=_positive_float, default=120.0,

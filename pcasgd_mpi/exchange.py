@@ -67,8 +67,16 @@ class _Buffer:
 
     def busy(self) -> bool:
         if self.requests:
-            self.requests = [r for r in self.requests if not r.Test()]
+            self.requests = [r for r in self.requests if not _done_or_failed(r)]
         return bool(self.requests)
+
+
+def _done_or_failed(req: MPI.Request) -> bool:
+    # A send to a failed peer never completes; the exchange has recorded the failure already.
+    try:
+        return req.Test()
+    except MPI.Exception:
+        return True
 
 
 @dataclass
@@ -226,12 +234,18 @@ class Exchange:
         h = buf.header
         h[_MAGIC], h[_SENDER], h[_STEP], h[_NUMEL] = MAGIC, self.rank, step, self.numel
         h[_SIGNATURE], h[_FLAGS] = self.signature, FLAG_GRAD if self.with_grad else 0
+        started = 0
         for dest in targets:
-            req = self.comm.Isend([buf.raw, MPI.BYTE], dest=dest, tag=TAG)
+            try:
+                req = self.comm.Isend([buf.raw, MPI.BYTE], dest=dest, tag=TAG)
+            except MPI.Exception as exc:
+                self._peer_error(dest, exc)
+                continue
             buf.requests.append(req)
             self._in_flight[dest] = req
-        self.stats.sent += len(targets)
-        return len(targets)
+            started += 1
+        self.stats.sent += started
+        return started
 
     # -------------------------------------------------------------- receiving
     def _reject(self, source: int, reason: str) -> None:
@@ -319,18 +333,21 @@ class Exchange:
             step, [n for n in self.neighbours if self._latest_step[n] < step and n not in self.failed]))
 
     # --------------------------------------------------------------- shutdown
-    def close(self, deadline: float) -> None:
+    def close(self, deadline: float, *, shrink: bool = False) -> MPI.Comm:
         """Collective: complete every send, drain every receive, cancel the pre-posted ones.
 
         Two nonblocking barriers order it: after the first, nobody starts a send; after the
-        second, every send has been matched, so cancelling the receives loses nothing.
+        second, every send has been matched, so cancelling the receives loses nothing. With
+        `shrink` (ULFM), the barriers run among the surviving ranks only; returns the
+        communicator of the ranks that took part (the survivors, or the parent's duplicate).
         """
         if self._closed:
-            return
+            return self._survivors
         self._closed = True
+        self._survivors = self.comm.Shrink() if shrink else self.comm
 
         def barrier(what: str) -> None:
-            req = self.comm.Ibarrier()
+            req = self._survivors.Ibarrier()
             _wait(lambda: (self.poll(), self._progress_sends(), req.Test())[-1], deadline, lambda: what)
 
         barrier("not every rank reached the end of training")
@@ -338,8 +355,17 @@ class Exchange:
               lambda: f"sends to ranks {sorted(self._in_flight)} were never received")
         barrier("not every rank finished its sends")
         self.poll()
-        for req in self._recv.values():
-            req.Cancel()
-        _wait(lambda: all(r.Test() for r in self._recv.values()), deadline,
+        for source, req in self._recv.items():
+            try:
+                req.Cancel()
+            except MPI.Exception as exc:
+                self._peer_error(source, exc)
+        _wait(lambda: all(_done_or_failed(r) for r in self._recv.values()), deadline,
               lambda: "receives could not be cancelled")
-        self.comm.Free()
+        return self._survivors
+
+    def failed_world_ranks(self, survivors: MPI.Comm) -> list[int]:
+        """Ranks of the exchange's communicator that are not among `survivors`."""
+        alive = set(MPI.Group.Translate_ranks(survivors.Get_group(), list(range(survivors.Get_size())),
+                                              self.comm.Get_group()))
+        return sorted(set(range(self.comm.Get_size())) - alive)

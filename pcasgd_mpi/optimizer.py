@@ -158,6 +158,7 @@ class DistributedOptimizer:
         timeout: float = 120.0,
         check_finite: bool = True,
         av_beta: float = 0.8,
+        fault_tolerant: bool = False,
         warn: Callable[[str], None] | None = None,
     ):
         self.inner, self.model, self.world = optimizer, model, world
@@ -167,11 +168,15 @@ class DistributedOptimizer:
         self.horizon = int(horizon)
         self.delay = DelayModel.parse(delay) if isinstance(delay, str) else (delay or DelayModel())
         self.timeout = float(timeout)
+        self.fault_tolerant = fault_tolerant
         _check_settings(self)
         self.delay.check_ranks(world.size)
         self.flat = FlatParameters(model)
         self.neighbours = world.neighbours
         self.step_count = 0
+        # Collectives after training run among these ranks: all of them, or the survivors (ULFM).
+        self.collective_comm: MPI.Comm = world.comm
+        self.failed_ranks: list[int] = []
         self.staleness_histogram = {n: Counter() for n in self.neighbours}
         self.pv_wins = {"predict": 0, "clip": 0}
         self._x_k = torch.empty_like(self.flat.data)
@@ -339,20 +344,28 @@ class DistributedOptimizer:
 
     # ------------------------------------------------------------------- the end
     def finalize(self) -> None:
-        """Collective: complete and drain every message so that no rank is left waiting."""
+        """Collective: complete and drain every message so that no rank is left waiting.
+
+        With `fault_tolerant`, only the surviving ranks take part, and afterwards `average()`
+        and `consensus_distance()` run among them (`failed_ranks` names the others).
+        """
         if self.exchange is not None:
-            self.exchange.close(self._deadline())
+            survivors = self.exchange.close(self._deadline(), shrink=self.fault_tolerant)
+            if self.fault_tolerant:
+                self.collective_comm = survivors
+                self.failed_ranks = self.exchange.failed_world_ranks(survivors)
 
     def average(self) -> torch.Tensor:
         """Collective: the average of all agents' flat parameters."""
         avg = self.flat.data.detach().clone()
-        _allreduce_mean(self.world.comm, avg)
+        _allreduce_mean(self.collective_comm, avg)
         return avg
 
     def consensus_distance(self, average: torch.Tensor) -> float:
         """Collective: (1/N) Σ_j ‖x^j − x̄‖²."""
         local = float(torch.sum((self.flat.data.double() - average.double()) ** 2))
-        return self.world.comm.allreduce(local, op=MPI.SUM) / self.world.size
+        comm = self.collective_comm
+        return comm.allreduce(local, op=MPI.SUM) / comm.Get_size()
 
 
 _FOREVER = 2**62
@@ -382,6 +395,8 @@ def _check_settings(opt: DistributedOptimizer) -> None:
         raise ValueError("tolerance and horizon must be >= 0")
     if opt.tolerance > opt.horizon:
         raise ValueError(f"tolerance ({opt.tolerance}) must not exceed horizon ({opt.horizon})")
+    if opt.fault_tolerant and (opt.mode is not Mode.ASYNC or opt.algorithm is Algorithm.ALLREDUCE):
+        raise ValueError("--fault-tolerant needs --mode async and a decentralized algorithm (not allreduce)")
     if opt.timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {opt.timeout}")
     for group in opt.inner.param_groups:

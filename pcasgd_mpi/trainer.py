@@ -61,6 +61,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     keep_checkpoints: int = 3
     resume: bool = False
+    fault_tolerant: bool = False
 
     def config_hash(self) -> str:
         """Every rank must run with the same options (progress and threads are per-rank matters)."""
@@ -69,7 +70,7 @@ class TrainConfig:
     def training_hash(self) -> str:
         """What a checkpoint must agree on to be continued: the options that change the trajectory."""
         skip = {"progress", "threads", "out", "overwrite", "steps", "epochs", "eval_every", "log_every",
-                "timeout", "straggler", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "resume"}
+                "timeout", "straggler", "fault_tolerant", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "resume"}
         return _hash({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
 
 
@@ -117,7 +118,7 @@ class _Setup:
         self.opt = DistributedOptimizer(
             inner, self.model, world=world, algorithm=cfg.algorithm, mode=cfg.mode, theta=cfg.theta,
             lam=cfg.lam, lam_mode=cfg.lam_mode, tolerance=cfg.tolerance, horizon=cfg.horizon, delay=delay,
-            timeout=cfg.timeout, warn=_warn(rank))
+            timeout=cfg.timeout, fault_tolerant=cfg.fault_tolerant, warn=_warn(rank))
 
 
 def _agree(comm: MPI.Comm, error: str | None, cfg_hash: str) -> None:
@@ -348,12 +349,13 @@ class _Loop:
         return acc, loss, digest
 
     def _finish(self, wall: float, steps: int, done: int) -> dict | None:
-        comm, ds, opt = self.world.comm, self.s.dataset, self.opt
+        ds, opt = self.s.dataset, self.opt
+        comm = opt.collective_comm  # every rank, or the survivors of a failure
         agent_acc, _ = evaluate(self.model, ds.x_test, ds.y_test)
         acc, loss, digest = self._average_model_eval()
         self.metrics.close()
         per_rank = comm.gather({
-            "steps": steps, "done": done, "wall_time_s": wall, "agent_accuracy": agent_acc,
+            "rank": self.rank, "steps": steps, "done": done, "wall_time_s": wall, "agent_accuracy": agent_acc,
             "staleness": {str(n): {str(t): c for t, c in sorted(h.items(), key=lambda kv: (kv[0] == NEVER, str(kv[0])))}
                           for n, h in opt.staleness_histogram.items()},
             "pv_wins": opt.pv_wins,
@@ -361,7 +363,7 @@ class _Loop:
             "av": {str(n): {"theta": t.theta, "e_p": t.e_p, "e_c": t.e_c, "measurements": t.measurements}
                    for n, t in opt.trackers.items()} or None,
         }, root=0)
-        if self.rank != 0:
+        if comm.Get_rank() != 0:
             return None
         summary = {
             "algorithm": opt.algorithm.value, "mode": opt.mode.value, "world_size": self.world.size,
@@ -373,16 +375,19 @@ class _Loop:
             "final_accuracy": acc, "final_test_loss": loss,
             "agent_accuracies": [p["agent_accuracy"] for p in per_rank],
             "consensus_distance": self._last_consensus,
-            "staleness_histogram": {str(r): p["staleness"] for r, p in enumerate(per_rank)},
+            "staleness_histogram": {str(p["rank"]): p["staleness"] for p in per_rank},
             "pv_wins": {side: sum(p["pv_wins"][side] for p in per_rank) for side in ("predict", "clip")},
             "exchange": [p["exchange"] for p in per_rank],
             "model_sha256": digest,
             "out": str(self.out),
         }
+        if opt.fault_tolerant:
+            summary["survivors"] = [p["rank"] for p in per_rank]
+            summary["failed_ranks"] = opt.failed_ranks
         if opt.algorithm is Algorithm.PC_ASGD_AV:
-            summary["av"] = {str(r): p["av"] for r, p in enumerate(per_rank)}
+            summary["av"] = {str(p["rank"]): p["av"] for p in per_rank}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _merge_metrics(self.out, self.world.size)
+        _merge_metrics(self.out, [p["rank"] for p in per_rank])
         return summary
 
 
@@ -409,9 +414,9 @@ def _before(record: dict, step: int) -> bool:
     return record.get("step", 0) <= step if "eval" in record else record.get("step", 0) < step
 
 
-def _merge_metrics(out: Path, size: int) -> None:
+def _merge_metrics(out: Path, ranks: list[int]) -> None:
     with open(out / "metrics.jsonl", "w") as merged:
-        for r in range(size):
+        for r in ranks:
             with open(out / "metrics" / f"rank-{r}.jsonl") as part:
                 merged.write(part.read())
 

@@ -123,3 +123,36 @@ def test_an_exception_on_one_rank_ends_the_whole_job_within_seconds(tmp_path):
     assert "pcasgd-mpi [rank 2]: error: RuntimeError: injected failure at step 30" in proc.stderr
     # Start-up takes ~10 s here; the others wait on rank 2 with a 300 s deadline, so only the abort ends them.
     assert elapsed < 90, elapsed
+
+
+ULFM = ["--with-ft", "ulfm"]
+
+
+def _die_on_rank_2(out, extra_mpirun=(), extra=()):
+    cmd = mpirun_prefix(4) + [*extra_mpirun, sys.executable, str(ROOT / "tests" / "scripts" / "die_on_rank.py"),
+                              "train", "--no-progress", "--steps", "800", "--out", str(out), *extra]
+    return run(cmd, timeout=240, env={"DIE_RANK": "2", "DIE_STEP": "100"})
+
+
+def test_with_ulfm_the_survivors_of_a_killed_rank_finish_and_report(tmp_path):
+    clean = tmp_path / "clean"
+    cmd = mpirun_prefix(4) + [*ULFM, sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress",
+                              "--fault-tolerant", "--steps", "800", "--out", str(clean)]
+    assert run(cmd, timeout=240).returncode == 0
+    out = tmp_path / "failed"
+    proc = _die_on_rank_2(out, ULFM, ["--fault-tolerant"])
+    assert (out / "summary.json").exists(), proc.stderr[-5000:]
+    summary, reference = _summary(out), _summary(clean)
+    assert summary["survivors"] == [0, 1, 3] and summary["failed_ranks"] == [2]
+    assert summary["steps"] == [800, 800, 800]
+    assert reference["failed_ranks"] == []
+    assert summary["final_accuracy"] >= reference["final_accuracy"] - 0.02, (summary, reference)
+
+
+def test_without_ulfm_a_killed_rank_stops_the_job_with_its_name(tmp_path):
+    t0 = time.monotonic()
+    proc = _die_on_rank_2(tmp_path / "run")
+    assert proc.returncode != 0
+    assert "rank 2" in proc.stderr and "signal 9" in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - t0 < 120
+    assert not (tmp_path / "run" / "summary.json").exists()
