@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--overwrite", action="store_true", help="allow --out to name a directory with a finished run")
     out.add_argument("--eval-every", type=_nonneg_int, default=0, help="evaluate every N steps (0: only at the end)")
     out.add_argument("--log-every", type=_nonneg_int, default=1, help="write a metrics line every N steps")
+    out.add_argument("--tensorboard", action="store_true",
+                     help="also write TensorBoard scalars to OUT/tensorboard (needs: pip install tensorboard)")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     out.add_argument("--debug", action="store_true", help="show Python tracebacks")
 

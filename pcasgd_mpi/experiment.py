@@ -10,7 +10,7 @@ the figures.
 The grid file (YAML)::
 
     ranks: 4                       # MPI ranks (agents) of the job
-    timeout: 1800                  # seconds the whole job may take when it is launched from here
+    job_timeout: 1800              # seconds the whole job may take when it is launched from here
     mode: lockstep                 # any other TrainConfig field: the base of every run
     dataset: digits
     steps: 300
@@ -58,7 +58,8 @@ AV_MAX_GAP = 0.03
 PV_NO_DELAY_TOLERANCE = 0.01
 
 AXES = {"algorithms": "algorithm", "delays": "delay", "seeds": "seed", "partitions": "partition", "lrs": "lr"}
-META = ("ranks", "timeout", "exclude", "name")
+# `job_timeout`, not `timeout`: TrainConfig.timeout is each run's limit on waiting for a neighbour.
+META = ("ranks", "job_timeout", "exclude", "name")
 # Fields every run sets itself; in the base they would be silently overridden.
 RUN_FIELDS = ("algorithm", "theta", "delay", "seed", "out", "progress")
 DEFAULT_JOB_TIMEOUT = 3600.0
@@ -260,9 +261,9 @@ def parse_grid(raw, path: str | Path = "<grid>") -> Grid:
     ranks = raw.get("ranks", 4)
     if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
         fail(f"ranks must be a whole number >= 1, got {ranks!r}")
-    timeout = raw.get("timeout", DEFAULT_JOB_TIMEOUT)
+    timeout = raw.get("job_timeout", DEFAULT_JOB_TIMEOUT)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-        fail(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        fail(f"job_timeout must be a number of seconds > 0, got {timeout!r}")
 
     algorithms = []
     for i, entry in enumerate(_checked_list(raw, "algorithms", fail)):
@@ -374,8 +375,8 @@ def load_grid(path: str | Path) -> Grid:
 
 # ----------------------------------------------------------------------------- running
 # Options that change neither the trajectory nor the results of a finished run.
-_BOOKKEEPING = ("out", "progress", "overwrite", "resume", "threads", "checkpoint_every", "checkpoint_dir",
-                "keep_checkpoints")
+_BOOKKEEPING = ("out", "progress", "overwrite", "resume", "threads", "timeout", "checkpoint_every",
+                "checkpoint_dir", "keep_checkpoints")
 
 
 def _existing_run(run_dir: Path, fields: dict) -> str | None:
@@ -850,7 +851,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="results directory (default: runs/<grid name>)")
     parser.add_argument("--job-timeout", type=float, default=None, metavar="SECONDS",
                         help="time limit of the MPI job when it is launched from here (default: the grid's "
-                             "'timeout', else 3600)")
+                             "'job_timeout', else 3600)")
     parser.add_argument("--list", action="store_true", help="print the runs of the grid and exit")
     parser.add_argument("--report-only", action="store_true",
                         help="write results.md, results.json and the figures from the finished runs; run nothing")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -62,6 +63,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: bool = False
     fault_tolerant: bool = False
+    tensorboard: bool = False
 
     def config_hash(self) -> str:
         """Every rank must run with the same options (progress and threads are per-rank matters)."""
@@ -70,7 +72,7 @@ class TrainConfig:
     def training_hash(self) -> str:
         """What a checkpoint must agree on to be continued: the options that change the trajectory."""
         skip = {"progress", "threads", "out", "overwrite", "steps", "epochs", "eval_every", "log_every",
-                "timeout", "straggler", "fault_tolerant", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "resume"}
+                "timeout", "straggler", "fault_tolerant", "tensorboard", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "resume"}
         return _hash({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
 
 
@@ -101,6 +103,8 @@ class _Setup:
         delay = DelayModel.parse(cfg.delay, seed=cfg.seed)
         if delay.max_delay > 0 and Mode(cfg.mode) is Mode.ASYNC:
             raise SetupError("--delay injects delays in --mode lockstep; in async mode use --straggler")
+        if cfg.tensorboard and world.rank == 0 and importlib.util.find_spec("tensorboard") is None:
+            raise SetupError("--tensorboard needs the tensorboard package: pip install tensorboard")
         self.dataset = data.load(cfg.dataset, root=cfg.data_dir, seed=cfg.seed)
         shards = data.partition(self.dataset.y_train, size, cfg.partition, seed=cfg.seed)
         self.sampler = data.ShardSampler(shards[rank], cfg.batch_size, cfg.seed, rank)
@@ -244,6 +248,12 @@ class _Loop:
         kept = _metrics_before(path, resumed_from) if resumed_from is not None else ""
         self.metrics = open(path, "w")
         self.metrics.write(kept)
+        self.board = None
+        if cfg.tensorboard and self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(log_dir=str(out / "tensorboard"))
+        self.last_accuracy: float | None = None
 
     def _checkpoint(self) -> Path:
         # Metrics up to the checkpoint must survive a kill, or a resumed run would have a gap.
@@ -305,11 +315,17 @@ class _Loop:
             self._log(rec)
         if cfg.eval_every and (k + 1) % cfg.eval_every == 0:
             self._eval(k + 1)
+        mean_stale = self.stale_sum / max(self.stale_n, 1)
+        if self.board is not None and cfg.log_every and k % cfg.log_every == 0:
+            self.board.add_scalar("train/loss", loss.item(), k)
+            self.board.add_scalar("train/mean_staleness", mean_stale, k)
         if bar is not None:
             bar.update(1)
             if k % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", stale=f"{self.stale_sum / max(self.stale_n, 1):.2f}",
-                                refresh=False)
+                post = {"loss": f"{loss.item():.3f}", "stale": f"{mean_stale:.2f}"}
+                if self.last_accuracy is not None:
+                    post["acc"] = f"{self.last_accuracy:.3f}"
+                bar.set_postfix(post, refresh=False)
         stop = self._stop_requested()
         if (cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0) or stop:
             self._checkpoint()
@@ -334,6 +350,10 @@ class _Loop:
             avg_acc, avg_loss, _ = self._average_model_eval()
             rec["eval"] |= {"accuracy": avg_acc, "test_loss": avg_loss,
                             "consensus_distance": self._last_consensus}
+        self.last_accuracy = rec["eval"].get("accuracy", acc)
+        if self.board is not None:
+            for key, value in rec["eval"].items():
+                self.board.add_scalar(f"eval/{key}", value, step)
         self._log(rec)
 
     def _average_model_eval(self):
@@ -354,6 +374,9 @@ class _Loop:
         agent_acc, _ = evaluate(self.model, ds.x_test, ds.y_test)
         acc, loss, digest = self._average_model_eval()
         self.metrics.close()
+        if self.board is not None:
+            self.board.add_scalar("final/accuracy", acc, steps)
+            self.board.close()
         per_rank = comm.gather({
             "rank": self.rank, "steps": steps, "done": done, "wall_time_s": wall, "agent_accuracy": agent_acc,
             "staleness": {str(n): {str(t): c for t, c in sorted(h.items(), key=lambda kv: (kv[0] == NEVER, str(kv[0])))}

@@ -8,7 +8,7 @@ import networkx as nx
 import numpy as np
 from mpi4py import MPI
 
-from . import topology
+from . import topology as topo
 
 
 @dataclass
@@ -23,7 +23,7 @@ class World:
 
     @property
     def neighbours(self) -> list[int]:
-        return topology.neighbours(self.graph, self.rank)
+        return topo.neighbours(self.graph, self.rank)
 
     @property
     def self_weight(self) -> float:
@@ -34,15 +34,15 @@ class World:
 
     @property
     def spectral_gap(self) -> float:
-        return topology.spectral_gap(self.W)
+        return topo.spectral_gap(self.W)
 
 
-def init(topology_spec: str = "ring", weights: str = "metropolis", *, comm: MPI.Comm | None = None,
+def init(topology: str = "ring", weights: str = "metropolis", *, comm: MPI.Comm | None = None,
          seed: int = 0) -> World:
     """Build the graph for this MPI world (same on every rank: it is a pure function of its inputs)."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     size = comm.Get_size()
-    graph = topology.build(topology_spec, size, seed=seed)
-    topology.validate(graph, size)
-    W = topology.mixing_matrix(graph, weights)
-    return World(comm, comm.Get_rank(), size, graph, W, topology_spec, str(weights))
+    graph = topo.build(topology, size, seed=seed)
+    topo.validate(graph, size)
+    W = topo.mixing_matrix(graph, weights)
+    return World(comm, comm.Get_rank(), size, graph, W, topology, str(weights))
