@@ -114,3 +114,22 @@ def test_a_setup_error_on_one_rank_reaches_every_rank(tmp_path):
     bad = "fixed:1" if rank == 1 else "none"  # ranks disagree on the configuration
     with pytest.raises(SetupError, match="different configurations"):
         run(TrainConfig(out=out, mode="lockstep", delay=bad, steps=5, progress=False))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_adaptive_variant_measures_substitutes_and_reports_theta(tmp_path):
+    out = _shared_dir(tmp_path)
+    summary = run(TrainConfig(out=out, mode="lockstep", algorithm="pc-asgd-av", delay="fixed:3", steps=40,
+                              progress=False))
+    if rank == 0:
+        for r, per_nb in summary["av"].items():
+            for n, av in per_nb.items():
+                # A record is made when a neighbour is stale and checked 3 steps later: ~40/4 measurements.
+                assert av["measurements"] >= 8, (r, n, av)
+                assert av["e_p"] > 0 and av["e_c"] > 0
+                assert av["theta"] == pytest.approx(av["e_c"] ** 2 / (av["e_p"] ** 2 + av["e_c"] ** 2), rel=1e-6)
+        lines = [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
+        thetas = [t for l in lines if "theta" in l for t in l["theta"].values()]
+        assert thetas and all(0.0 <= t <= 1.0 for t in thetas)
+        assert thetas[0] == 0.5, "before the first measurement θ is 0.5"
+        assert len(set(thetas)) > 1, "θ must move once errors are measured"
