@@ -46,6 +46,16 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+def _shape(text: str) -> list[int]:
+    try:
+        dims = [int(d) for d in str(text).strip("[]() ").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 3,32,32, got {text}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text}")
+    return dims
+
+
 def _theta(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -88,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = t.add_argument_group("data and model")
     d.add_argument("--dataset", default="digits", choices=DATASETS)
     d.add_argument("--data-dir", default=None, help="folder with the files of mnist, fashion-mnist or cifar10")
+    d.add_argument("--synthetic-shape", type=_shape, default=[1, 8, 8], metavar="C,H,W",
+                   help="input shape of --dataset synthetic")
     d.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (non-IID label skew)")
     d.add_argument("--model", default="mlp", choices=MODELS)
     o = t.add_argument_group("optimisation")
@@ -115,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write TensorBoard scalars to OUT/tensorboard (needs: pip install tensorboard)")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     out.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+    from . import experiment, plot
+
+    exp = sub.add_parser("experiment", help="run a grid of lockstep experiments from a YAML file")
+    experiment.add_arguments(exp)
+    fig = sub.add_parser("plot", help="draw the metrics of runs side by side")
+    plot.add_arguments(fig)
 
     top = sub.add_parser("topology", help="inspect a topology")
     top_sub = top.add_subparsers(dest="topology_command", required=True, parser_class=_Parser)
@@ -224,6 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "topology":
             return _topology_show(args)
+        if args.command == "experiment":
+            from . import experiment
+
+            return experiment.main(args)
+        if args.command == "plot":
+            from . import plot
+
+            return plot.main(args)
         return _train(args)
     except KeyboardInterrupt:
         return 130

@@ -149,6 +149,9 @@ class Exchange:
         self._inbox = {n: make() for n in self.neighbours}
         self._latest = {n: make() for n in self.neighbours}
         self._latest_step = {n: -1 for n in self.neighbours}
+        # Steps of messages that arrived whole but were refused for their values: lockstep must
+        # not wait for them again (a diverged neighbour would stall everyone until the deadline).
+        self._refused_step = {n: -1 for n in self.neighbours}
         self._recv = {n: self._post_recv(n) for n in self.neighbours}
         self._closed = False
 
@@ -299,6 +302,9 @@ class Exchange:
                         break
                 if reason is not None:
                     self._reject(source, reason)
+                    if reason == "non-finite values":
+                        self._refused_step[source] = max(self._refused_step[source],
+                                                         int(self._inbox[source].header[_STEP]))
                 else:
                     self.stats.received += 1
                     buf = self._inbox[source]
@@ -323,14 +329,18 @@ class Exchange:
         return self._latest_step[source]
 
     def wait_for_step(self, step: int, deadline: float, handler: Callable[[Message], None] | None = None) -> None:
-        """Poll until every live neighbour's newest message is at least `step` (lockstep mode)."""
+        """Poll until every live neighbour has sent a message of at least `step` (lockstep mode);
+        one refused for non-finite values counts as sent."""
+        def waiting() -> list[int]:
+            return [n for n in self.neighbours if n not in self.failed
+                    and max(self._latest_step[n], self._refused_step[n]) < step]
+
         def done() -> bool:
             self.poll(handler)
             self._progress_sends()
-            return all(self._latest_step[n] >= step for n in self.neighbours if n not in self.failed)
+            return not waiting()
 
-        _wait(done, deadline, lambda: "no message for step {} from ranks {}".format(
-            step, [n for n in self.neighbours if self._latest_step[n] < step and n not in self.failed]))
+        _wait(done, deadline, lambda: f"no message for step {step} from ranks {waiting()}")
 
     # --------------------------------------------------------------- shutdown
     def close(self, deadline: float, *, shrink: bool = False) -> MPI.Comm:

@@ -194,19 +194,10 @@ def _matches(rule: dict, spec: RunSpec) -> bool:
 
 
 def _train_config_fields() -> dict[str, str]:
-    """TrainConfig's field names and annotation texts, read from the trainer's source.
+    """TrainConfig's field names and annotation texts (config.py imports neither MPI nor torch)."""
+    from .config import TrainConfig
 
-    Importing the trainer starts MPI (mpi4py initialises on import), and the process that checks
-    the grid and then starts mpirun must not become an MPI singleton itself.
-    """
-    import ast
-
-    source = Path(__file__).with_name("trainer.py").read_text()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ClassDef) and node.name == "TrainConfig":
-            return {stmt.target.id: ast.unparse(stmt.annotation) for stmt in node.body
-                    if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)}
-    raise RuntimeError("TrainConfig not found in trainer.py")
+    return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
 
 
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
@@ -390,7 +381,7 @@ def _existing_run(run_dir: Path, fields: dict) -> str | None:
     saved = plotting.read_config(run_dir)
     if not saved:
         return None
-    from .trainer import TrainConfig
+    from .config import TrainConfig
 
     wanted = json.loads(json.dumps(dataclasses.asdict(TrainConfig(**fields)), default=str))
     differ = [k for k in wanted if k not in _BOOKKEEPING and k in saved and saved[k] != wanted[k]]
@@ -580,28 +571,32 @@ def checks(agg: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- the report
+# One seed has no spread to show: "± 0" would read as a measured zero.
 def _pct(st: dict | None) -> str:
     if st is None:
         return "—"
-    return f"{100 * st['mean']:.1f} ± {100 * st['std']:.1f}"
+    return f"{100 * st['mean']:.1f}" + (f" ± {100 * st['std']:.1f}" if st["n"] > 1 else "")
 
 
 def _sci(st: dict | None) -> str:
     if st is None:
         return "—"
-    return f"{st['mean']:.2g} ± {st['std']:.1g}"
+    return f"{st['mean']:.2g}" + (f" ± {st['std']:.1g}" if st["n"] > 1 else "")
 
 
 def _share(cell: dict) -> str:
     st = cell.get("pv_predict_share")
     if st is None:
         return "—"
-    return f"{100 * st['mean']:.0f}% ± {100 * st['std']:.0f} ({cell['pv_choices']} choices)"
+    spread = f" ± {100 * st['std']:.0f}" if st["n"] > 1 else ""
+    return f"{100 * st['mean']:.0f}%{spread} ({cell['pv_choices']} choices)"
 
 
 def _theta(cell: dict) -> str:
     st = cell.get("av_theta")
-    return "—" if st is None else f"{st['mean']:.2f} ± {st['std']:.2f}"
+    if st is None:
+        return "—"
+    return f"{st['mean']:.2f}" + (f" ± {st['std']:.2f}" if st["n"] > 1 else "")
 
 
 def _yes(flag: bool) -> str:
@@ -678,6 +673,8 @@ def _render_checks(ch: dict) -> list[str]:
             lines.append(f"  | {r['setting']} | {100 * r['pv']:.1f} ± {100 * r['pv_std']:.1f} | {r['best']} "
                          f"{100 * r['best_mean']:.1f} ± {100 * r['best_std']:.1f} | {100 * r['margin']:+.1f} | "
                          f"{_yes(r['holds'])} |")
+        if any(r["pv_std"] == 0 and r["best_std"] == 0 for r in pv["rows"]):
+            lines += ["", "  A spread of 0 here can mean a single seed: the check is then a plain comparison."]
         lines.append("")
     nd = ch.get("pv_no_delay")
     if nd:

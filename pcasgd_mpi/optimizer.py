@@ -126,10 +126,11 @@ class _History:
             if self.g is not None:
                 self.g[n].copy_(state["g"][str(n)])
 
-    def get(self, source: int, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def get(self, source: int, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The message of `step`, or (None, None) when it was refused (treated as never received)."""
         slot = step % self.depth
         if self.steps[source][slot] != step:
-            raise RuntimeError(f"lockstep history has no message of step {step} from rank {source}")
+            return None, None
         return self.x[source][slot], (self.g[source][slot] if self.g is not None else None)
 
 
@@ -244,7 +245,7 @@ class DistributedOptimizer:
                     out.append(rule.Neighbour(self.world.weight(n), None, None, 0))
                 else:
                     xs, gs = self._history.get(n, s)
-                    out.append(rule.Neighbour(self.world.weight(n), xs, gs, k - s))
+                    out.append(rule.Neighbour(self.world.weight(n), xs, gs, k - s if xs is not None else 0))
             return out
         self.exchange.poll()
         for n in self.neighbours:

@@ -95,7 +95,7 @@ def _metric_lines(run_dir: Path):
         raise PlotError(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
     for path in files:
         with open(path) as fh:
-            for n, line in enumerate(fh, 1):
+            for line in fh:
                 line = line.strip()
                 if not line:
                     continue

@@ -9,7 +9,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from . import checkpoint, data, models, stopping
+from .config import TrainConfig
 from .delay import DelayModel, Straggler
 from .optimizer import NEVER, Algorithm, DistributedOptimizer, Mode
 from .world import World, init
@@ -25,59 +25,6 @@ from .world import World, init
 
 class SetupError(RuntimeError):
     """A problem with the configuration or the inputs, found before training started."""
-
-
-@dataclass
-class TrainConfig:
-    topology: str = "ring"
-    weights: str = "metropolis"
-    algorithm: str = Algorithm.PC_ASGD_PV.value
-    theta: float = 0.5
-    lam: float = 0.04
-    lam_mode: str = "fixed"
-    tolerance: int | None = None
-    horizon: int = 16
-    mode: str = Mode.ASYNC.value
-    delay: str = "none"
-    straggler: list[str] = field(default_factory=list)
-    dataset: str = "digits"
-    data_dir: str | None = None
-    partition: str = "iid"
-    model: str = "mlp"
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 32
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    seed: int = 0
-    out: str | None = None
-    eval_every: int = 0
-    log_every: int = 1
-    timeout: float = 120.0
-    threads: int | None = None
-    progress: bool = True
-    overwrite: bool = False
-    checkpoint_every: int = 0
-    checkpoint_dir: str | None = None
-    keep_checkpoints: int = 3
-    resume: bool = False
-    fault_tolerant: bool = False
-    tensorboard: bool = False
-
-    def config_hash(self) -> str:
-        """Every rank must run with the same options (progress and threads are per-rank matters)."""
-        return _hash({k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress", "threads")})
-
-    def training_hash(self) -> str:
-        """What a checkpoint must agree on to be continued: the options that change the trajectory."""
-        skip = {"progress", "threads", "out", "overwrite", "steps", "epochs", "eval_every", "log_every",
-                "timeout", "straggler", "fault_tolerant", "tensorboard", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "resume"}
-        return _hash({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
-
-
-def _hash(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 DEFAULT_STEPS = 500
@@ -105,7 +52,8 @@ class _Setup:
             raise SetupError("--delay injects delays in --mode lockstep; in async mode use --straggler")
         if cfg.tensorboard and world.rank == 0 and importlib.util.find_spec("tensorboard") is None:
             raise SetupError("--tensorboard needs the tensorboard package: pip install tensorboard")
-        self.dataset = data.load(cfg.dataset, root=cfg.data_dir, seed=cfg.seed)
+        self.dataset = data.load(cfg.dataset, root=cfg.data_dir, seed=cfg.seed,
+                                 synthetic_shape=tuple(cfg.synthetic_shape))
         shards = data.partition(self.dataset.y_train, size, cfg.partition, seed=cfg.seed)
         self.sampler = data.ShardSampler(shards[rank], cfg.batch_size, cfg.seed, rank)
         if cfg.steps is not None:
@@ -359,13 +307,20 @@ class _Loop:
     def _average_model_eval(self):
         avg = self.opt.average()
         self._last_consensus = self.opt.consensus_distance(avg)
+        # Evaluation must leave training untouched: parameters, BatchNorm statistics and mode.
         saved = self.opt.flat.data.clone()
+        buffers = [b.clone() for b in self.model.buffers()]
+        was_training = self.model.training
         self.opt.flat.data.copy_(avg)
         # BatchNorm statistics are local; the average model gets its own from training data.
         models.recalibrate_bn(self.model, self.s.dataset.x_train[:BN_CALIBRATION_SAMPLES])
         acc, loss = evaluate(self.model, self.s.dataset.x_test, self.s.dataset.y_test)
         digest = model_sha256(self.model)
         self.opt.flat.data.copy_(saved)
+        with torch.no_grad():
+            for b, kept in zip(self.model.buffers(), buffers):
+                b.copy_(kept)
+        self.model.train(was_training)
         return acc, loss, digest
 
     def _finish(self, wall: float, steps: int, done: int) -> dict | None:

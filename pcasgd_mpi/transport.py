@@ -53,7 +53,7 @@ import torch
 
 
 class Slot:
-    """One message-sized buffer; see the module docstring for the three public fields."""
+    """One message-sized buffer (module docstring); fields with a leading underscore are the transport's."""
 
     __slots__ = ("raw", "header", "payload", "device_view", "nbytes", "_host_payload", "_host_header", "_event")
 
@@ -115,6 +115,8 @@ class HostStreams:
 
 
 class CudaStreams:
+    """The streams and events of one CUDA device; host buffers are pinned so copies can be asynchronous."""
+
     pinned = True
 
     def __init__(self, device: torch.device):
@@ -137,7 +139,7 @@ def streams_for(device: torch.device):
     return CudaStreams(device) if device.type == "cuda" else HostStreams()
 
 
-# ------------------------------------------------------------------------ helpers
+# ------------------------------------------------------------ buffers and copies
 def _numpy_bytes(nbytes: int) -> np.ndarray:
     # numpy-allocated host memory transfers at twice the speed of torch's here (huge pages).
     return np.empty(nbytes, dtype=np.uint8)

@@ -225,7 +225,7 @@ def test_write_report_from_run_directories(tmp_path):
 def test_tiny_grid_under_mpirun_then_resumed_through_the_relaunch(tmp_path):
     grid, out = GRIDS / "tiny.yaml", tmp_path / "exp"
     cmd = [sys.executable, "-m", "pcasgd_mpi.experiment", str(grid), "--out", str(out)]
-    proc = run(mpirun_prefix(2) + cmd, timeout=150)
+    proc = run(mpirun_prefix(2) + cmd, timeout=300)
     log = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-5000:]}"
     assert proc.returncode == 0, log
     assert "[1/2] dsgd__fixed-2__iid__lr0.1__s0: accuracy" in proc.stdout, log
@@ -239,7 +239,50 @@ def test_tiny_grid_under_mpirun_then_resumed_through_the_relaunch(tmp_path):
     assert "| fixed:2 | iid | 0.1 |" in (out / "results.md").read_text()
 
     # Without mpirun the module starts its own job; every run is finished, so nothing trains again.
-    proc = run(cmd, timeout=150)
+    proc = run(cmd, timeout=300)
     log = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-5000:]}"
     assert proc.returncode == 0, log
     assert "launching:" in proc.stdout and proc.stdout.count("finished earlier, skipped") == 2, log
+
+
+# ----------------------------------------------------------------------------- the convex check
+def _convex():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convex_bench", ROOT / "benchmarks" / "convex.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_convex_check_runs_tiny_and_answers_from_its_data(tmp_path):
+    convex = _convex()
+    args = ["--agents", "4", "--dim", "4", "--rows", "8", "--batch", "2", "--steps", "60", "--tail", "20",
+            "--seeds", "2", "--taus", "0,3", "--out", str(tmp_path)]
+    assert convex.main(args) == 0
+    result = json.loads((tmp_path / "convex.json").read_text())
+    assert (tmp_path / "convex.png").read_bytes()[:8] == PNG_MAGIC
+    errors = result["errors"]
+    # Without delay nothing is stale, so every rule is the same update.
+    at0 = [errors[a]["0"]["mean"] for a in convex.ALGORITHMS]
+    assert max(at0) == pytest.approx(min(at0), rel=1e-9)
+    expected = all(errors["pc-asgd-pv"][t]["mean"] <= max(errors["clip"][t]["mean"], errors["predict"][t]["mean"])
+                   for t in ("0", "3"))
+    answer = result["checks"]["b_pv_not_worse_than_worse_of_clip_predict"]["holds"]
+    assert answer is expected
+    assert f"**{answer}**" in (tmp_path / "convex.md").read_text()
+
+    # The same function on made-up numbers: both answers follow the numbers.
+    def table(pv, grow):
+        cell = lambda v: {"mean": v}  # noqa: E731
+        return {"dsgd": {"0": cell(1), "2": cell(1)}, "clip": {"0": cell(1), "2": cell(2)},
+                "predict": {"0": cell(1), "2": cell(3)}, "pc-asgd": {"0": cell(1), "2": cell(grow)},
+                "pc-asgd-pv": {"0": cell(1), "2": cell(pv)}, "pc-asgd-av": {"0": cell(1), "2": cell(1)}}
+
+    ok = convex.evaluate_checks(table(pv=2.5, grow=1.5), [0, 2])
+    assert ok["b_pv_not_worse_than_worse_of_clip_predict"]["holds"] is True
+    assert ok["a_error_grows_with_tau"]["holds"] is True
+    bad = convex.evaluate_checks(table(pv=3.5, grow=0.5), [0, 2])
+    assert bad["b_pv_not_worse_than_worse_of_clip_predict"]["holds"] is False
+    assert bad["a_error_grows_with_tau"]["holds"] is False

@@ -133,3 +133,23 @@ def test_adaptive_variant_measures_substitutes_and_reports_theta(tmp_path):
         assert thetas and all(0.0 <= t <= 1.0 for t in thetas)
         assert thetas[0] == 0.5, "before the first measurement θ is 0.5"
         assert len(set(thetas)) > 1, "θ must move once errors are measured"
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_diverged_rank_does_not_stall_its_lockstep_neighbours():
+    ds = data.load("digits")
+    world = init("ring", comm=comm)
+    model = models.build("mlp", ds.input_shape, ds.num_classes, seed=0)
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, world=world,
+                               algorithm="pc-asgd", mode="lockstep", delay="fixed:1", timeout=20)
+    for k in range(15):
+        loss = F.cross_entropy(model(ds.x_train[:32]), ds.y_train[:32])
+        opt.zero_grad()
+        loss.backward()
+        if rank == 1 and k == 5:
+            opt.flat.data.fill_(float("nan"))  # this agent diverged
+        opt.step()
+    opt.finalize()
+    if 1 in world.neighbours:
+        assert opt.exchange.stats.rejected.get("non-finite values", 0) >= 9
+        assert torch.isfinite(opt.flat.data).all(), "refused weights must never be mixed in"
