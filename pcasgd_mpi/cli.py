@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--delay", default="none", help="lockstep delay: none, fixed:TAU, random:P:TAU, ranks:R1,R2:TAU")
     r.add_argument("--straggler", action="append", default=[], metavar="RANK:FACTOR",
                    help="make RANK's steps FACTOR times slower (repeatable)")
+    r.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                   help="where each rank trains; with several GPUs per node, rank -> GPU by local rank")
+    r.add_argument("--cuda-aware", default="auto", choices=("auto", "yes", "no"),
+                   help="pass GPU buffers to MPI directly (auto: ask the MPI library; PCASGD_CUDA_AWARE=0|1 overrides)")
     r.add_argument("--fault-tolerant", action="store_true",
                    help="async: survive dead ranks (launch with mpirun --with-ft ulfm, see README)")
     r.add_argument("--threads", type=int, default=None,

@@ -45,6 +45,8 @@ class TrainConfig:
     resume: bool = False
     fault_tolerant: bool = False
     tensorboard: bool = False
+    device: str = "cpu"
+    cuda_aware: str = "auto"
     synthetic_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
 
     def config_hash(self) -> str:
@@ -54,7 +56,7 @@ class TrainConfig:
     def training_hash(self) -> str:
         """What a checkpoint must agree on to be continued: the options that change the trajectory."""
         skip = {"progress", "threads", "out", "overwrite", "steps", "epochs", "eval_every", "log_every",
-                "timeout", "straggler", "fault_tolerant", "tensorboard", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "resume"}
+                "timeout", "straggler", "fault_tolerant", "tensorboard", "device", "cuda_aware", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "resume"}
         return _hash({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
 
 

@@ -14,9 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from mpi4py import MPI
+
+from .transport import HostTransport, Transport
 
 MAGIC = 0x3144475341435050  # b"PPCASGD1" read as a little-endian int64
 HEADER_BYTES = 64
@@ -55,12 +56,13 @@ class Message:
 
 
 class _Buffer:
-    """One message-sized host buffer; allocated through numpy for full transfer bandwidth."""
+    """One message-sized buffer; where it lives and how bytes reach it is the transport's business."""
 
-    def __init__(self, nbytes: int, numel: int, dtype: torch.dtype, with_grad: bool):
-        self.raw = np.empty(nbytes, dtype=np.uint8)
-        self.header = self.raw[:HEADER_BYTES].view(np.int64)
-        self.payload = torch.from_numpy(self.raw[HEADER_BYTES:]).view(dtype)
+    def __init__(self, transport: Transport, nbytes: int, numel: int, dtype: torch.dtype, with_grad: bool):
+        self.slot = transport.alloc(HEADER_BYTES, nbytes - HEADER_BYTES)
+        self.raw = self.slot.raw
+        self.header = self.slot.header
+        self.payload = self.slot.payload.view(dtype)
         self.weights = self.payload[:numel]
         self.grad = self.payload[numel:] if with_grad else None
         self.requests: list[MPI.Request] = []
@@ -125,7 +127,9 @@ class Exchange:
         with_grad: bool = True,
         check_finite: bool = True,
         warn: Callable[[str], None] | None = None,
+        transport: Transport | None = None,
     ):
+        self.transport = transport if transport is not None else HostTransport()
         self.comm = comm.Dup()
         self.comm.Set_errhandler(MPI.ERRORS_RETURN)
         self.rank = self.comm.Get_rank()
@@ -141,7 +145,7 @@ class Exchange:
         self._warned: set[str] = set()
         itemsize = torch.empty((), dtype=dtype).element_size()
         self.nbytes = HEADER_BYTES + numel * itemsize * (2 if with_grad else 1)
-        make = lambda: _Buffer(self.nbytes, numel, dtype, with_grad)  # noqa: E731
+        make = lambda: _Buffer(self.transport, self.nbytes, numel, dtype, with_grad)  # noqa: E731
         # Each neighbour has at most one send in flight, so deg + 1 buffers always leave one free.
         self._send_pool = [make() for _ in range(len(self.neighbours) + 1)]
         self._prepared: _Buffer | None = None
@@ -157,6 +161,7 @@ class Exchange:
 
     # ---------------------------------------------------------------- sending
     def _post_recv(self, source: int) -> MPI.Request:
+        self.transport.wait(self._inbox[source].slot)
         return self.comm.Irecv([self._inbox[source].raw, MPI.BYTE], source=source, tag=TAG)
 
     def _progress_sends(self) -> None:
@@ -194,13 +199,7 @@ class Exchange:
         if not targets:
             return 0
         buf = self._free_buffer()
-        buf.weights.copy_(weights)
-        if self.with_grad:
-            if grad is None:
-                buf.grad.zero_()
-            else:
-                buf.grad.copy_(grad)
-        return self._start(buf, step, targets)
+        return self._start(buf, step, targets, [weights, grad] if self.with_grad else [weights])
 
     def send_buffer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Views (weights, grad) of the pool buffer the next `send_prepared` sends from.
@@ -233,10 +232,14 @@ class Exchange:
     def _free_buffer(self) -> _Buffer:
         return next(b for b in self._send_pool if not b.busy())
 
-    def _start(self, buf: _Buffer, step: int, targets: list[int]) -> int:
+    def _start(self, buf: _Buffer, step: int, targets: list[int],
+               parts: list[torch.Tensor | None] | None = None) -> int:
         h = buf.header
         h[_MAGIC], h[_SENDER], h[_STEP], h[_NUMEL] = MAGIC, self.rank, step, self.numel
         h[_SIGNATURE], h[_FLAGS] = self.signature, FLAG_GRAD if self.with_grad else 0
+        # parts None: the payload was written in place through send_buffer().
+        self.transport.stage_out(buf.slot, parts)
+        self.transport.wait(buf.slot)
         started = 0
         for dest in targets:
             try:
@@ -293,6 +296,7 @@ class Exchange:
                 try:
                     if not req.Test(status):
                         break
+                    self.transport.stage_in(self._inbox[source].slot)
                     reason = self._validate(source, status)
                 except MPI.Exception as exc:
                     if exc.Get_error_class() == MPI.ERR_TRUNCATE:

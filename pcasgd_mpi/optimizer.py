@@ -20,6 +20,7 @@ from mpi4py import MPI
 from . import rule
 from .delay import DelayModel
 from .exchange import Exchange, model_signature
+from .transport import Transport, make_transport
 from .world import World
 
 NEVER = "never"  # staleness histogram key for a neighbour that has not sent anything yet
@@ -101,11 +102,13 @@ class FlatParameters:
 class _History:
     """Per neighbour, the last few messages by step, so lockstep can hand out the one from step k − d."""
 
-    def __init__(self, neighbours: list[int], depth: int, numel: int, dtype: torch.dtype, with_grad: bool):
+    def __init__(self, neighbours: list[int], depth: int, numel: int, dtype: torch.dtype, with_grad: bool,
+                 device: torch.device):
         self.depth = depth
         self.steps = {n: [-1] * depth for n in neighbours}
-        self.x = {n: torch.empty(depth, numel, dtype=dtype) for n in neighbours}
-        self.g = {n: torch.empty(depth, numel, dtype=dtype) for n in neighbours} if with_grad else None
+        self.x = {n: torch.empty(depth, numel, dtype=dtype, device=device) for n in neighbours}
+        self.g = ({n: torch.empty(depth, numel, dtype=dtype, device=device) for n in neighbours}
+                  if with_grad else None)
 
     def store(self, msg) -> None:
         slot = msg.step % self.depth
@@ -161,6 +164,7 @@ class DistributedOptimizer:
         av_beta: float = 0.8,
         fault_tolerant: bool = False,
         warn: Callable[[str], None] | None = None,
+        transport: Transport | None = None,
     ):
         self.inner, self.model, self.world = optimizer, model, world
         self.algorithm, self.mode = Algorithm(algorithm), Mode(mode)
@@ -188,11 +192,12 @@ class DistributedOptimizer:
             with_grad = self.algorithm.sends_gradient
             self.exchange = Exchange(world.comm, self.neighbours, self.flat.numel, self.flat.dtype,
                                      signature=self.flat.signature, with_grad=with_grad,
-                                     check_finite=check_finite, warn=warn)
+                                     check_finite=check_finite, warn=warn,
+                                     transport=transport if transport is not None else make_transport(self.flat.device))
             if self.mode is Mode.LOCKSTEP:
                 # A neighbour can be one step ahead while we wait, hence depth max_delay + 2.
                 self._history = _History(self.neighbours, self.delay.max_delay + 2, self.flat.numel,
-                                         self.flat.dtype, with_grad)
+                                         self.flat.dtype, with_grad, self.flat.device)
         self.trackers = ({n: rule.SubstitutionTracker(beta=av_beta) for n in self.neighbours}
                          if self.algorithm is Algorithm.PC_ASGD_AV else {})
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from . import checkpoint, data, models, stopping
+from .device import decide_cuda_aware, local_rank, local_rank_from_comm, select_device
+from .transport import make_transport
 from .config import TrainConfig
 from .delay import DelayModel, Straggler
 from .optimizer import NEVER, Algorithm, DistributedOptimizer, Mode
@@ -38,9 +40,13 @@ def _warn(rank: int):
 class _Setup:
     """Everything a rank builds before training; errors are collected, then agreed on by all ranks."""
 
-    def __init__(self, cfg: TrainConfig, world: World):
+    def __init__(self, cfg: TrainConfig, world: World, node_rank: int):
         self.cfg, self.world = cfg, world
         rank, size = world.rank, world.size
+        self.device = select_device(cfg.device, node_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.cuda_aware = decide_cuda_aware(cfg.cuda_aware, self.device)
         self.stragglers = {s.rank: s.factor for s in map(Straggler.parse, cfg.straggler)}
         bad = sorted(r for r in self.stragglers if r >= size)
         if bad:
@@ -64,13 +70,15 @@ class _Setup:
             self.steps = DEFAULT_STEPS
         if self.steps < 1:
             raise SetupError(f"--steps must be >= 1, got {self.steps}")
-        self.model = models.build(cfg.model, self.dataset.input_shape, self.dataset.num_classes, seed=cfg.seed)
+        self.model = models.build(cfg.model, self.dataset.input_shape, self.dataset.num_classes,
+                                  seed=cfg.seed).to(self.device)
         inner = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
         self.opt = DistributedOptimizer(
             inner, self.model, world=world, algorithm=cfg.algorithm, mode=cfg.mode, theta=cfg.theta,
             lam=cfg.lam, lam_mode=cfg.lam_mode, tolerance=cfg.tolerance, horizon=cfg.horizon, delay=delay,
-            timeout=cfg.timeout, fault_tolerant=cfg.fault_tolerant, warn=_warn(rank))
+            timeout=cfg.timeout, fault_tolerant=cfg.fault_tolerant, warn=_warn(rank),
+            transport=make_transport(self.device, self.cuda_aware.cuda_aware))
 
 
 def _agree(comm: MPI.Comm, error: str | None, cfg_hash: str) -> None:
@@ -104,10 +112,12 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     was_training = model.training
     model.eval()
     correct, loss = 0, 0.0
+    device = next(model.parameters()).device
     for i in range(0, len(y), batch):
-        logits = model(x[i:i + batch])
-        loss += float(F.cross_entropy(logits, y[i:i + batch], reduction="sum"))
-        correct += int((logits.argmax(1) == y[i:i + batch]).sum())
+        xb, yb = x[i:i + batch].to(device), y[i:i + batch].to(device)
+        logits = model(xb)
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
     model.train(was_training)
     return correct / len(y), loss / len(y)
 
@@ -127,10 +137,13 @@ def run(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
     comm = comm if comm is not None else MPI.COMM_WORLD
     rank = comm.Get_rank()
     _set_threads(cfg.threads, comm)
+    node_rank = local_rank()
+    if node_rank is None:
+        node_rank = local_rank_from_comm(comm)  # collective: every rank takes this branch or none
     error, setup = None, None
     try:
         world = init(cfg.topology, cfg.weights, comm=comm, seed=cfg.seed)
-        setup = _Setup(cfg, world)
+        setup = _Setup(cfg, world, node_rank)
     except (ValueError, SetupError, OSError) as exc:
         error = str(exc)
     if (error is None and cfg.out is not None and (Path(cfg.out) / "summary.json").exists()
@@ -218,6 +231,8 @@ class _Loop:
         self.slow = s.stragglers.get(self.rank, 1.0)
         self.stale_sum = self.stale_n = 0
         self.stopped: int | None = None
+        if self.rank == 0 and s.device.type != "cpu":
+            print(f"pcasgd-mpi: device {s.device}; CUDA-aware MPI: {s.cuda_aware}", file=sys.stderr, flush=True)
         bar = _progress(cfg, s.steps, self.rank)
         self.world.comm.Barrier()
         t0 = time.perf_counter()
@@ -242,7 +257,7 @@ class _Loop:
         cfg, s, opt, model, ds = self.cfg, self.s, self.opt, self.model, self.s.dataset
         t_step = time.perf_counter()
         idx = torch.from_numpy(s.sampler.next_batch())
-        xb, yb = ds.x_train[idx], ds.y_train[idx]
+        xb, yb = ds.x_train[idx].to(s.device, non_blocking=True), ds.y_train[idx].to(s.device, non_blocking=True)
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()
@@ -313,7 +328,7 @@ class _Loop:
         was_training = self.model.training
         self.opt.flat.data.copy_(avg)
         # BatchNorm statistics are local; the average model gets its own from training data.
-        models.recalibrate_bn(self.model, self.s.dataset.x_train[:BN_CALIBRATION_SAMPLES])
+        models.recalibrate_bn(self.model, self.s.dataset.x_train[:BN_CALIBRATION_SAMPLES].to(self.s.device))
         acc, loss = evaluate(self.model, self.s.dataset.x_test, self.s.dataset.y_test)
         digest = model_sha256(self.model)
         self.opt.flat.data.copy_(saved)
@@ -333,7 +348,9 @@ class _Loop:
             self.board.add_scalar("final/accuracy", acc, steps)
             self.board.close()
         per_rank = comm.gather({
-            "rank": self.rank, "steps": steps, "done": done, "wall_time_s": wall, "agent_accuracy": agent_acc,
+            "rank": self.rank, "steps": steps, "device": str(self.s.device),
+            "cuda_aware": self.s.cuda_aware.to_dict(),
+            "transport": opt.exchange.transport.name if opt.exchange else None, "done": done, "wall_time_s": wall, "agent_accuracy": agent_acc,
             "staleness": {str(n): {str(t): c for t, c in sorted(h.items(), key=lambda kv: (kv[0] == NEVER, str(kv[0])))}
                           for n, h in opt.staleness_histogram.items()},
             "pv_wins": opt.pv_wins,
@@ -357,6 +374,9 @@ class _Loop:
             "pv_wins": {side: sum(p["pv_wins"][side] for p in per_rank) for side in ("predict", "clip")},
             "exchange": [p["exchange"] for p in per_rank],
             "model_sha256": digest,
+            "devices": [p["device"] for p in per_rank],
+            "cuda_aware": per_rank[0]["cuda_aware"],
+            "transports": [p["transport"] for p in per_rank],
             "out": str(self.out),
         }
         if opt.fault_tolerant:
