@@ -83,8 +83,10 @@ class ExchangeLeg:
             if weights.data_ptr() not in self.filled:  # once per pool buffer: np.empty may hold NaNs
                 weights.fill_(1.0)
                 self.filled.add(weights.data_ptr())
+            weights[0] = self.step  # one element, so that the receiver can tell the messages apart
             self.ex.send_prepared(self.step, block=True, deadline=deadline)
         else:
+            self.model[0] = self.step
             self.ex.send(self.step, self.model, block=True, deadline=deadline)
         self.step += 2
 
@@ -95,6 +97,8 @@ class ExchangeLeg:
             self.ex.poll()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank {rank}: no message of step {want} (rejected: {self.ex.stats.rejected})")
+        got = self.ex.latest(peer)
+        assert got.step == want and got.weights[0].item() == want, (got.step, got.weights[0].item(), want)
 
     def __call__(self, trips: int) -> float:
         comm.Barrier()
@@ -114,7 +118,7 @@ def main() -> None:
     if size != 2:
         raise SystemExit("p1_exchange.py runs on exactly 2 ranks")
     torch.set_num_threads(1)
-    rounds, trips = (3, 8) if args.quick else (7, 25)
+    rounds, trips = (3, 6) if args.quick else (5, 12)
     variants = {
         "bare": bare,
         "exchange": ExchangeLeg(zero_copy=True, check_finite=True),

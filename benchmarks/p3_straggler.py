@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -79,6 +80,7 @@ def fast_rank_stalls(out: str) -> dict:
 
     fast = np.concatenate([steps(r) for r in range(1, size)])
     return {"fast_step_ms_median": _bench.ms(float(np.median(fast))),
+            "fast_step_ms_p99": _bench.ms(float(np.percentile(fast, 99))),
             "fast_step_ms_max": _bench.ms(float(fast.max())),
             "straggler_period_ms_median": _bench.ms(float(np.median(steps(0))))}
 
@@ -182,7 +184,7 @@ def main() -> None:
     if size != 4:
         raise SystemExit("p3_straggler.py runs on exactly 4 ranks")
     runs = Runs()
-    rounds, steps, seeds, ref_steps = (1, 25, [0], 60) if args.quick else (2, 150, [0, 1, 2], 300)
+    rounds, steps, seeds, ref_steps = (1, 25, [0], 60) if args.quick else (2, 120, [0, 1, 2], 300)
 
     # ---------------------------------------------------------------- P3
     ddp = DDP()
@@ -210,8 +212,10 @@ def main() -> None:
         ref = comm.bcast((s["final_accuracy"], s["wall_time_s"]) if rank == 0 else None, root=0)
         refs.append(ref)
         curves.append(async_curve(seed, budget=ref[1]))
+    comm.Barrier()
     if rank != 0:
         return
+    shutil.rmtree(runs.root, ignore_errors=True)
 
     def ratio(name: str) -> float:
         return _bench.median([a / b for a, b in zip(sps["async"], sps[name])])

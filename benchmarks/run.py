@@ -39,8 +39,8 @@ class Part:
 
 PARTS = [
     Part("P1", "p1_exchange.py", 2, 150, "16 MiB model through Exchange vs bare mpi4py, bandwidth ratio"),
-    Part("P2", "p2_overlap.py", 2, 180, "async step time vs communication off, 331 k-param MLP"),
-    Part("P3", "p3_straggler.py", 4, 420, "straggler 0:4, fast ranks' steps/s; and A, accuracy"),
+    Part("P2", "p2_overlap.py", 2, 240, "async step time vs communication off, 331 k-param MLP"),
+    Part("P3", "p3_straggler.py", 4, 600, "straggler 0:4, fast ranks' steps/s; and A, accuracy"),
     Part("P4", "p4_rule.py", 1, 120, "PC-ASGD-PV update vs torch SGD step, ResNet-20 params"),
 ]
 
