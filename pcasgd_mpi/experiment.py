@@ -33,7 +33,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -816,17 +815,14 @@ def _env_rank() -> int:
 
 def _relaunch(grid: Grid, config: str, out: Path, timeout: float) -> int:
     """Start this module under `mpirun -n <ranks>`; the child's output goes straight to ours."""
-    exe = shutil.which("mpirun") or shutil.which("mpiexec")
-    if exe is None:
-        raise GridError("mpirun is not on PATH; install Open MPI or launch with your MPI's launcher")
-    cmd = [exe, "-n", str(grid.ranks), "--oversubscribe", "--bind-to", "none", sys.executable, "-m",
-           "pcasgd_mpi.experiment", str(config), "--out", str(out)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # The PyPI Open MPI probes a fabric transport that is usually absent and costs seconds per rank.
-    env.setdefault("OMPI_MCA_btl", "^ofi")
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    from .launch import mpi_environment, mpirun_command
+
+    try:
+        cmd = mpirun_command(grid.ranks)
+    except RuntimeError as exc:
+        raise GridError(str(exc)) from None
+    cmd += [sys.executable, "-m", "pcasgd_mpi.experiment", str(config), "--out", str(out)]
+    env = mpi_environment()
     print(f"launching: {' '.join(cmd)} (time limit {timeout:.0f} s)", flush=True)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:

@@ -3,32 +3,22 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from pcasgd_mpi.launch import mpi_environment, mpirun_command
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def mpi_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    # The PyPI Open MPI tries a fabric transport first that is absent here and costs a second per rank.
-    env.setdefault("OMPI_MCA_btl", "^ofi")
-    if os.geteuid() == 0:
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
+    return mpi_environment(extra)
 
 
 def mpirun_prefix(n: int) -> list[str]:
-    exe = shutil.which("mpirun") or shutil.which("mpiexec")
-    if exe is None:
-        raise RuntimeError("mpirun not found: install the project with pip install -e '.[test]'")
-    return [exe, "-n", str(n), "--oversubscribe", "--bind-to", "none"]
+    return mpirun_command(n)
 
 
 def run(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | str | None = None):
