@@ -26,10 +26,19 @@ def _env_rank() -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        # Every rank parses the same argv; one copy of the message is enough.
-        if _env_rank() == 0:
+        if _env_rank() == 0:  # every rank parses the same argv: one copy of the message
             print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(_agreed_error_status(2))
+
+
+def _agreed_error_status(code: int) -> int:
+    """Exit status for an error every rank found by itself (the same argv, or agreed in setup).
+
+    Only rank 0 reports it and fails; the others end quietly, because the first rank to exit
+    non-zero makes mpirun kill the rest, possibly before rank 0 has printed. mpirun still
+    returns rank 0's status.
+    """
+    return code if _env_rank() == 0 else 0
 
 
 def _positive_float(text: str) -> float:
@@ -227,15 +236,20 @@ def _train(args) -> int:
         # Every rank knows about it (the ranks agreed on it), so nobody is left waiting.
         if _env_rank() == 0:
             print(f"pcasgd-mpi: error: {exc}", file=sys.stderr)
-        return 2
+        return _agreed_error_status(2)
     if summary is not None and "stopped_at" in summary:
         return 0
-    if summary is not None:
+    if summary is not None and "final_accuracy" in summary:
         print(f"final test accuracy of the average model: {summary['final_accuracy']:.4f} "
               f"(agents: {', '.join(f'{a:.3f}' for a in summary['agent_accuracies'])}; "
               f"consensus distance {summary['consensus_distance']:.3g}; "
               f"{summary['wall_time_s']:.1f} s)")
         print(f"results in {summary['out']}")
+    if summary is not None and summary.get("failed_ranks"):
+        # After a rank failed, MPI_Finalize can wait forever for it; everything is written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -264,6 +264,8 @@ class Exchange:
         if exc.Get_error_class() == MPI.ERR_PROC_FAILED:
             self.failed.add(source)
             return
+        if source in self.failed:
+            return  # a request to or from a failed peer may be reported as invalid once it errored
         raise exc
 
     def _validate(self, source: int, status: MPI.Status) -> str | None:
@@ -369,12 +371,13 @@ class Exchange:
               lambda: f"sends to ranks {sorted(self._in_flight)} were never received")
         barrier("not every rank finished its sends")
         self.poll()
-        for source, req in self._recv.items():
+        live = {source: req for source, req in self._recv.items() if source not in self.failed}
+        for source, req in live.items():
             try:
                 req.Cancel()
             except MPI.Exception as exc:
                 self._peer_error(source, exc)
-        _wait(lambda: all(_done_or_failed(r) for r in self._recv.values()), deadline,
+        _wait(lambda: all(_done_or_failed(r) for r in live.values()), deadline,
               lambda: "receives could not be cancelled")
         return self._survivors
 

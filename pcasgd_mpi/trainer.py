@@ -359,7 +359,7 @@ class _Loop:
                    for n, t in opt.trackers.items()} or None,
         }, root=0)
         if comm.Get_rank() != 0:
-            return None
+            return {"failed_ranks": opt.failed_ranks} if opt.failed_ranks else None
         summary = {
             "algorithm": opt.algorithm.value, "mode": opt.mode.value, "world_size": self.world.size,
             "topology": self.cfg.topology, "spectral_gap": self.world.spectral_gap,

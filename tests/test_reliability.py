@@ -131,7 +131,7 @@ ULFM = ["--with-ft", "ulfm"]
 def _die_on_rank_2(out, extra_mpirun=(), extra=()):
     cmd = mpirun_prefix(4) + [*extra_mpirun, sys.executable, str(ROOT / "tests" / "scripts" / "die_on_rank.py"),
                               "train", "--no-progress", "--steps", "800", "--out", str(out), *extra]
-    return run(cmd, timeout=240, env={"DIE_RANK": "2", "DIE_STEP": "100"})
+    return run(cmd, timeout=240, env={"DIE_RANK": "2", "DIE_STEP": "400"})
 
 
 def test_with_ulfm_the_survivors_of_a_killed_rank_finish_and_report(tmp_path):
