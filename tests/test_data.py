@@ -9,14 +9,7 @@ import torch
 from pcasgd_mpi import data
 from pcasgd_mpi.data import DataError, ShardSampler, load, partition
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # These tensors are tiny; a thread pool only adds overhead, badly so on a busy machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------- file writers

@@ -3,16 +3,9 @@ import torch
 
 from pcasgd_mpi.models import MODELS, build, count_parameters, recalibrate_bn
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # These tensors are tiny; a thread pool only adds overhead, badly so on a busy machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
