@@ -20,7 +20,7 @@ from mpi4py import MPI
 from . import rule
 from .delay import DelayModel
 from .exchange import Exchange, model_signature
-from .transport import Transport, make_transport
+from .transport import CudaAwareTransport, Transport, make_transport
 from .world import World
 
 NEVER = "never"  # staleness histogram key for a neighbour that has not sent anything yet
@@ -85,11 +85,13 @@ class FlatParameters:
             return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(self.dtype)
         return torch.empty(self.numel, dtype=self.dtype, device=self.device)
 
-    def gather_grad(self) -> torch.Tensor:
+    def gather_grad(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The gradients as one flat vector, in ``out`` or in this object's own buffer."""
+        out = self.grad if out is None else out
         grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=self.dtype,
                  device=self.device) for _, p in self.named]
-        torch.cat(grads, out=self.grad)
-        return self.grad
+        torch.cat(grads, out=out)
+        return out
 
     def scatter_grad(self) -> None:
         offset = 0
@@ -173,7 +175,9 @@ class DistributedOptimizer:
         self.horizon = int(horizon)
         self.delay = DelayModel.parse(delay) if isinstance(delay, str) else (delay or DelayModel())
         self.timeout = float(timeout)
+        self.check_finite = check_finite
         self.fault_tolerant = fault_tolerant
+        self._warn = warn or (lambda msg: None)
         _check_settings(self)
         self.delay.check_ranks(world.size)
         self.flat = FlatParameters(model)
@@ -184,16 +188,22 @@ class DistributedOptimizer:
         self.failed_ranks: list[int] = []
         self.staleness_histogram = {n: Counter() for n in self.neighbours}
         self.pv_wins = {"predict": 0, "clip": 0}
-        self._x_k = torch.empty_like(self.flat.data)
+        # Per neighbour: steps at which its message was left out for non-finite values, and the
+        # step of the newest message known to be so (it is not mixed in again while it is held).
+        self.non_finite = Counter()
+        self._bad_step = {n: -1 for n in self.neighbours}
         self._delta = torch.empty_like(self.flat.data)
+        self._pv_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.transport = transport if transport is not None else make_transport(self.flat.device)
+        # Collectives can pass device memory to MPI directly only when the MPI reads it.
+        self._device_collectives = isinstance(self.transport, CudaAwareTransport)
         self.exchange: Exchange | None = None
         self._history: _History | None = None
         if self.algorithm is not Algorithm.ALLREDUCE:
             with_grad = self.algorithm.sends_gradient
             self.exchange = Exchange(world.comm, self.neighbours, self.flat.numel, self.flat.dtype,
-                                     signature=self.flat.signature, with_grad=with_grad,
-                                     check_finite=check_finite, warn=warn,
-                                     transport=transport if transport is not None else make_transport(self.flat.device))
+                                     signature=self.flat.signature, with_grad=with_grad, warn=warn,
+                                     transport=self.transport)
             if self.mode is Mode.LOCKSTEP:
                 # A neighbour can be one step ahead while we wait, hence depth max_delay + 2.
                 self._history = _History(self.neighbours, self.delay.max_delay + 2, self.flat.numel,
@@ -219,47 +229,61 @@ class DistributedOptimizer:
             self.step_count += 1
             return StepInfo(k, {})
         x = self.flat.data
-        grad = self.flat.gather_grad()
-        self._x_k.copy_(x)
-        self.exchange.send(k, x, grad if self.algorithm.sends_gradient else None,
-                           block=self.mode is Mode.LOCKSTEP, deadline=self._deadline())
+        x_k = self._send(k, x)
         self.inner.step()
-        torch.sub(x, self._x_k, out=self._delta)
-        nbs = self._neighbours_at(k)
+        torch.sub(x, x_k, out=self._delta)
+        nbs, steps = self._neighbours_at(k)
         info = StepInfo(k, {n: (None if nb.x is None else nb.staleness) for n, nb in zip(self.neighbours, nbs)})
         for n, tau in info.staleness.items():
             self.staleness_histogram[n][NEVER if tau is None else tau] += 1
-        x.copy_(self._update(nbs, closure, info))
+        self._update_checked(x_k, nbs, steps, closure, info)
+        if info.choice is not None:
+            self.pv_wins[info.choice] += 1
         self.step_count += 1
         return info
+
+    def _send(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Sends x^j_k (and the gradient) to the neighbours; returns a snapshot of x^j_k.
+
+        The message is written straight into the exchange's send buffer, and that buffer doubles
+        as the snapshot the rule reads: it is not written again before the next step, in flight
+        or not, so one copy of the model per step is saved.
+        """
+        weights, grad = self.exchange.send_buffer()
+        weights.copy_(x)
+        if grad is not None:
+            self.flat.gather_grad(out=grad)
+        self.exchange.send_prepared(k, block=self.mode is Mode.LOCKSTEP, deadline=self._deadline())
+        return weights
 
     def _allreduce_step(self) -> None:
         grad = self.flat.gather_grad()
         if self.world.size > 1:
-            _allreduce_mean(self.world.comm, grad)
+            _allreduce_mean(self.world.comm, grad, on_device=self._device_collectives)
             self.flat.scatter_grad()
         self.inner.step()
 
-    def _neighbours_at(self, k: int) -> list[rule.Neighbour]:
-        out = []
+    def _neighbours_at(self, k: int) -> tuple[list[rule.Neighbour], list[int | None]]:
+        """What each neighbour contributes at step k, and the step of its message (None: none)."""
+        out, steps = [], []
         if self.mode is Mode.LOCKSTEP:
             self.exchange.wait_for_step(k, self._deadline(), self._history.store)
             for n in self.neighbours:
                 s = k - self.delay.delay(n, self.world.rank, k)
-                if s < 0:
-                    out.append(rule.Neighbour(self.world.weight(n), None, None, 0))
-                else:
-                    xs, gs = self._history.get(n, s)
-                    out.append(rule.Neighbour(self.world.weight(n), xs, gs, k - s if xs is not None else 0))
-            return out
+                xs, gs = self._history.get(n, s) if s >= 0 else (None, None)
+                out.append(rule.Neighbour(self.world.weight(n), xs, gs, k - s if xs is not None else 0))
+                steps.append(s if xs is not None else None)
+            return out, steps
         self.exchange.poll()
         for n in self.neighbours:
             msg = self.exchange.latest(n)
             if msg is None or n in self.exchange.failed:
                 out.append(rule.Neighbour(self.world.weight(n), None, None, 0))
+                steps.append(None)
             else:
                 out.append(rule.Neighbour(self.world.weight(n), msg.weights, msg.grad, max(0, k - msg.step)))
-        return out
+                steps.append(msg.step)
+        return out, steps
 
     def _rule_kwargs(self) -> dict:
         if self.algorithm is Algorithm.DSGD:
@@ -269,28 +293,66 @@ class DistributedOptimizer:
         return dict(lr=self.lr, lam=self.lam, tolerance=self.tolerance, horizon=self.horizon,
                     lam_mode=self.lam_mode, segments=self.flat.sizes)
 
-    def _update(self, nbs: list[rule.Neighbour], closure, info: StepInfo) -> torch.Tensor:
-        x_k, delta, w_self = self._x_k, self._delta, self.world.self_weight
+    def _update_checked(self, x_k: torch.Tensor, nbs: list[rule.Neighbour], steps: list[int | None],
+                        closure, info: StepInfo) -> None:
+        """The update, with neighbours whose message holds an inf or NaN left out (as if dropped).
+
+        Messages are not checked on arrival: most are replaced by a newer one before they are
+        used. Instead the result is checked, one read per step; only when it is not finite are
+        the neighbours' messages checked, and the update is made again without the bad ones.
+        """
+        if not self.check_finite:
+            return self._update(x_k, nbs, closure, info)
+        nbs = [_left_out(nb) if s is not None and s == self._bad_step[n] else nb
+               for n, nb, s in zip(self.neighbours, nbs, steps)]
+        self._update(x_k, nbs, closure, info)
+        if _all_finite(self.flat.data):
+            return None
+        bad = [i for i, nb in enumerate(nbs) if nb.x is not None and not _message_finite(nb)]
+        for i in bad:
+            n = self.neighbours[i]
+            self._bad_step[n] = steps[i]
+            if not self.non_finite[n]:
+                self._warn(f"left out the message of step {steps[i]} from rank {n}: it holds non-finite values "
+                           "(later ones are counted in non_finite, not reported)")
+            self.non_finite[n] += 1
+            nbs[i] = _left_out(nbs[i])
+        if bad:  # otherwise this agent's own weights or step diverged, which its loss will show
+            info.choice = None
+            self._update(x_k, nbs, closure, info)
+        return None
+
+    def _update(self, x_k: torch.Tensor, nbs: list[rule.Neighbour], closure, info: StepInfo) -> None:
+        """Writes x^j_{k+1} into the parameters (ALGORITHM.md "The two candidates and the update")."""
+        x, delta, w_self = self.flat.data, self._delta, self.world.self_weight
         kw = self._rule_kwargs()
         stale = [rule.classify(nb, kw["tolerance"], kw["horizon"]) is rule.Status.STALE for nb in nbs]
-        if self.algorithm is Algorithm.PC_ASGD_PV:
-            x_p, x_c = rule.candidates(x_k, delta, w_self, nbs, **kw)
-            if not any(stale):
-                return x_c
+        if self.algorithm is Algorithm.PC_ASGD_PV and any(stale):
             if closure is None:
                 raise ValueError("pc-asgd-pv needs step(closure=...) returning the minibatch loss")
-            keep_p = rule.pv_choose(self._loss_at(x_p, closure), self._loss_at(x_c, closure))
+            x_p, x_c = rule.candidates(x_k, delta, w_self, nbs, out=self._candidate_buffers(), **kw)
+            loss_p = self._loss_at(x_p, closure)
+            loss_c = self._loss_at(x_c, closure)  # leaves x^C in the parameters
+            keep_p = rule.pv_choose(loss_p, loss_c)
             info.choice = "predict" if keep_p else "clip"
-            self.pv_wins[info.choice] += 1
-            return x_p if keep_p else x_c
+            if keep_p:
+                x.copy_(x_p)
+            return
         on_predict = None
         if self.algorithm is Algorithm.PC_ASGD_AV:
             thetas, on_predict = self._av_thetas(nbs, stale, x_k)
             info.thetas = {n: t for n, t, s in zip(self.neighbours, thetas, stale) if s}
         else:
-            theta = {Algorithm.CLIP: 0.0, Algorithm.PREDICT: 1.0}.get(self.algorithm, self.theta)
+            # PV without a stale neighbour: both candidates are x^C, the θ = 0 mix.
+            theta = {Algorithm.CLIP: 0.0, Algorithm.PREDICT: 1.0,
+                     Algorithm.PC_ASGD_PV: 0.0}.get(self.algorithm, self.theta)
             thetas = [theta] * len(nbs)
-        return rule.mix(x_k, delta, w_self, nbs, thetas, on_predict=on_predict, **kw)
+        rule.mix(x_k, delta, w_self, nbs, thetas, on_predict=on_predict, out=x, **kw)
+
+    def _candidate_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pv_buffers is None:
+            self._pv_buffers = (torch.empty_like(self.flat.data), torch.empty_like(self.flat.data))
+        return self._pv_buffers
 
     def _av_thetas(self, nbs, stale, x_k):
         """θ_l from each tracker; measure the substitutes of earlier steps against what arrived."""
@@ -330,6 +392,7 @@ class DistributedOptimizer:
             "staleness_histogram": {str(n): {str(t): c for t, c in h.items()}
                                     for n, h in self.staleness_histogram.items()},
             "pv_wins": dict(self.pv_wins),
+            "non_finite": {str(n): c for n, c in self.non_finite.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -347,6 +410,7 @@ class DistributedOptimizer:
             hist = state["staleness_histogram"].get(str(n), {})
             self.staleness_histogram[n] = Counter({(t if t == NEVER else int(t)): c for t, c in hist.items()})
         self.pv_wins = dict(state["pv_wins"])
+        self.non_finite = Counter({int(n): c for n, c in state.get("non_finite", {}).items()})
 
     # ------------------------------------------------------------------- the end
     def finalize(self) -> None:
@@ -364,7 +428,7 @@ class DistributedOptimizer:
     def average(self) -> torch.Tensor:
         """Collective: the average of all agents' flat parameters."""
         avg = self.flat.data.detach().clone()
-        _allreduce_mean(self.collective_comm, avg)
+        _allreduce_mean(self.collective_comm, avg, on_device=self._device_collectives)
         return avg
 
     def consensus_distance(self, average: torch.Tensor) -> float:
@@ -377,17 +441,52 @@ class DistributedOptimizer:
 _FOREVER = 2**62
 
 
-def _allreduce_mean(comm: MPI.Comm, t: torch.Tensor) -> None:
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite.
+
+    An inf or NaN anywhere makes the sum inf or NaN, so a finite sum proves the whole vector
+    finite in one read without a temporary; ``isfinite().all()`` writes a mask as long as the
+    vector and measured 20 times slower on 16 MiB. Only a sum that overflowed from finite values
+    needs the exact check. Low-precision vectors are summed in float32 so that ordinary
+    magnitudes do not overflow the accumulator.
+    """
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(t.sum(dtype=acc))) or bool(torch.isfinite(t).all())
+
+
+def _message_finite(nb: rule.Neighbour) -> bool:
+    return _all_finite(nb.x) and (nb.grad is None or _all_finite(nb.grad))
+
+
+def _left_out(nb: rule.Neighbour) -> rule.Neighbour:
+    """The neighbour as if nothing had been received from it: dropped, its weight goes to x^j_k."""
+    return rule.Neighbour(nb.weight, None, None, 0)
+
+
+def _allreduce_mean(comm: MPI.Comm, t: torch.Tensor, *, on_device: bool = False) -> None:
     """In-place mean over ranks, summed in rank order so that the result is the same to the bit
     every run (MPI_Allreduce may add in any order); reduced in float32 or wider, because bfloat16
-    reductions are silently wrong in this MPI."""
-    work = t.detach().to("cpu", torch.float64 if t.dtype == torch.float64 else torch.float32)
-    gathered = np.empty((comm.Get_size(), work.numel()), dtype=work.numpy().dtype)
-    comm.Allgather(work.contiguous().numpy(), gathered)
-    total = gathered[0].copy()
+    reductions are silently wrong in this MPI.
+
+    ``on_device``: the vectors go to MPI where they are (a CUDA-aware MPI reads GPU memory) and
+    are summed there; otherwise through numpy host memory, which MPI moves fastest on a host.
+    """
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    size = comm.Get_size()
+    if on_device:
+        work = t.detach().reshape(-1).to(acc).contiguous()
+        gathered = torch.empty((size, work.numel()), dtype=acc, device=t.device)
+        if t.is_cuda:  # MPI works outside the streams: the kernels writing `work` must be done
+            torch.cuda.current_stream(t.device).synchronize()
+        comm.Allgather(work, gathered)
+    else:
+        work = t.detach().to("cpu", acc).contiguous()
+        gathered = torch.from_numpy(np.empty((size, work.numel()), dtype=work.numpy().dtype))
+        comm.Allgather(work.numpy(), gathered.numpy())
+    total = gathered[0].clone()
     for row in gathered[1:]:
         total += row
-    t.copy_(torch.from_numpy(total / comm.Get_size()).to(t.dtype))
+    t.copy_((total / size).view_as(t))
 
 
 def _check_settings(opt: DistributedOptimizer) -> None:

@@ -355,6 +355,7 @@ class _Loop:
                           for n, h in opt.staleness_histogram.items()},
             "pv_wins": opt.pv_wins,
             "exchange": dataclasses.asdict(opt.exchange.stats) if opt.exchange else None,
+            "non_finite": {str(n): c for n, c in sorted(opt.non_finite.items())},
             "av": {str(n): {"theta": t.theta, "e_p": t.e_p, "e_c": t.e_c, "measurements": t.measurements}
                    for n, t in opt.trackers.items()} or None,
         }, root=0)
@@ -373,6 +374,8 @@ class _Loop:
             "staleness_histogram": {str(p["rank"]): p["staleness"] for p in per_rank},
             "pv_wins": {side: sum(p["pv_wins"][side] for p in per_rank) for side in ("predict", "clip")},
             "exchange": [p["exchange"] for p in per_rank],
+            # per rank: how many steps each neighbour's message was left out for inf/NaN values
+            "non_finite_left_out": [p["non_finite"] for p in per_rank],
             "model_sha256": digest,
             "devices": [p["device"] for p in per_rank],
             "cuda_aware": per_rank[0]["cuda_aware"],

@@ -316,6 +316,71 @@ print(json.dumps(out))
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"host": True, "staging": True, "cuda-aware": True}
 
 
+def test_exchange_starts_a_staged_send_when_its_copy_is_done_and_never_waits_for_it():
+    """The exchange over StagingTransport with copies that take a while (fake CUDA events)."""
+    code = f"""
+import json, time, torch
+from mpi4py import MPI
+from pcasgd_mpi.exchange import Exchange
+from pcasgd_mpi.transport import StagingTransport
+
+class Event:
+    def __init__(self):
+        self.pending, self.send, self.blocked = 0, False, 0
+    def record(self, stream=None):
+        self.pending = 5  # the copy finishes at the fifth look
+    def query(self):
+        if self.pending:
+            self.pending -= 1
+            return False
+        return True
+    def synchronize(self):
+        self.blocked += bool(self.pending)
+        self.pending = 0
+
+class Stream:
+    def wait_stream(self, other): pass
+    def wait_event(self, event): pass
+    def synchronize(self): pass
+
+class Streams:
+    pinned = False
+    def __init__(self): self.main = Stream()
+    def current(self): return self.main
+    def new_stream(self): return Stream()
+    def new_event(self): return Event()
+    def use(self, stream):
+        import contextlib
+        return contextlib.nullcontext()
+
+n = {NUMEL}
+ex = Exchange(MPI.COMM_SELF, [0], n, with_grad=True, transport=StagingTransport("cpu", streams=Streams()))
+for b in ex._send_pool:
+    b.slot._event.send = True
+w = torch.arange(n, dtype=torch.float32)
+out = {{"scheduled": ex.send(3, w, -w)}}
+out["sent_at_once"] = ex.stats.sent
+out["second"] = ex.send(4, w + 1, -w)  # the first is not out yet: flow control skips this one
+polls = 0
+while ex.latest(0) is None and polls < 1000:
+    ex.poll()
+    polls += 1
+msg = ex.latest(0)
+out["step"] = msg.step
+out["intact"] = torch.equal(msg.weights, w) and torch.equal(msg.grad, -w)
+out["sent"], out["skipped"] = ex.stats.sent, ex.stats.skipped
+out["blocked_on_send_copies"] = sum(b.slot._event.blocked for b in ex._send_pool)
+ex.close(time.monotonic() + 30)
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=mpi_env(),
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"scheduled": 1, "sent_at_once": 0, "second": 0, "step": 3, "intact": True,
+                   "sent": 1, "skipped": 1, "blocked_on_send_copies": 0}
+
+
 # ----------------------------------------------------------------------------------- on a GPU
 
 

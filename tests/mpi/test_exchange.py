@@ -57,7 +57,7 @@ def test_newest_message_wins_and_none_is_torn():
 
 
 @pytest.mark.mpi(min_size=2)
-def test_foreign_signature_and_non_finite_values_are_dropped():
+def test_foreign_signature_is_dropped_and_values_are_not_judged():
     warnings = []
     signature = 7 if rank != 1 else 8  # rank 1 claims another model
     ex = Exchange(comm, ring, 16, signature=signature, with_grad=False, warn=warnings.append)
@@ -65,17 +65,27 @@ def test_foreign_signature_and_non_finite_values_are_dropped():
     ex.send(0, w, block=True, deadline=time.monotonic() + 30)
     comm.Barrier()
     deadline = time.monotonic() + 10
-    expect = {n: ("foreign model signature" if n == 1 else "non-finite values" if n == 2 else None) for n in ring}
-    for n, reason in expect.items():
-        if reason is None:
-            continue
-        while ex.stats.rejected.get(reason, 0) == 0 and time.monotonic() < deadline:
-            ex.poll()
-    for n, reason in expect.items():
-        if reason is not None and rank != 1:
-            assert ex.latest(n) is None, f"message from rank {n} should have been dropped ({reason})"
-            assert ex.stats.rejected.get(reason, 0) >= 1
-            assert any(reason in m for m in warnings)
+
+    def foreign(n: int) -> bool:
+        return rank == 1 or n == 1
+
+    def settled() -> bool:
+        rejected = ex.stats.rejected.get("foreign model signature", 0)
+        return rejected >= sum(map(foreign, ring)) and all(ex.latest(n) is not None for n in ring if not foreign(n))
+
+    while not settled() and time.monotonic() < deadline:
+        ex.poll()
+    for n in ring:
+        if foreign(n):
+            # rank 1 and its peers disagree on the model: nothing passes either way
+            assert ex.latest(n) is None, f"message from rank {n} should have been dropped"
+            assert ex.stats.rejected.get("foreign model signature", 0) >= 1
+            assert any("foreign model signature" in m for m in warnings)
+        else:
+            got = ex.latest(n)
+            assert got is not None, f"no message from rank {n}"
+            # NaN weights are bytes like any others here; the optimizer decides what to mix
+            assert torch.isnan(got.weights).all() == (n == 2)
     ex.close(time.monotonic() + 30)
 
 
