@@ -1,8 +1,14 @@
 """The PC-ASGD rule as pure tensor functions (no MPI, no training loop).
 
 Section names in the docstrings refer to ALGORITHM.md. Every function works on any floating
-dtype and device, allocates its own outputs and never writes into its arguments, so the
-exchange layer can hand in receive buffers and parameter views without defensive copies.
+dtype and device and never writes into its arguments, so the exchange layer can hand in receive
+buffers and parameter views without defensive copies. Outputs are new tensors unless the caller
+hands in ``out`` buffers (candidates, mix), which must not overlap any input.
+
+The torch code here is the reference. On large contiguous CPU vectors with a fixed λ, the
+prediction terms of stale neighbours (and, where they can be fused with them, the mixing terms
+around them) are computed instead by the one-pass kernel of fused.py, see _use_fused; the values
+are the same up to rounding.
 """
 from __future__ import annotations
 
@@ -15,8 +21,14 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from pcasgd_mpi import fused
+
 __all__ = ["Neighbour", "Status", "classify", "phi", "predict_weights", "candidates",
-           "blend", "pv_choose", "mix", "SubstitutionTracker"]
+           "blend", "pv_choose", "mix", "SubstitutionTracker", "FUSED_MIN_NUMEL"]
+
+# Vectors with fewer elements keep the torch code: it is cheap there, and the first use of the
+# kernel costs about a second (numba's import). Set to sys.maxsize to switch the kernel off.
+FUSED_MIN_NUMEL = 65536
 
 
 @dataclass(frozen=True)
@@ -145,6 +157,23 @@ def _apply_lam_(g2: Tensor, lam: float, lam_mode: str, segments: Sequence[int] |
     return g2
 
 
+def _use_fused(stale: Sequence[Neighbour], lam: float, lam_mode: str, *operands: Tensor) -> bool:
+    """Whether fused.py computes the prediction terms of these stale neighbours, with
+    ``operands`` as the other tensors it reads or writes: it replaces the eight or so elementwise
+    passes per neighbour of the torch code by one pass in all, for a fixed λ > 0 and τ ≥ 2 (the
+    cases that need φ)."""
+    return (lam_mode == "fixed" and lam > 0 and len(stale) > 0
+            and all(nb.staleness >= 2 and nb.grad is not None for nb in stale)
+            and stale[0].x.numel() >= FUSED_MIN_NUMEL
+            and fused.supports(*operands, *(t for nb in stale for t in (nb.x, nb.grad)))
+            and fused.available())
+
+
+def _terms(stale: Sequence[Neighbour], weights: Sequence[float]) -> list[fused.Term]:
+    """fused.py's (weight, x_s, g, τ) terms, standing for weight·x̂^l."""
+    return [(w, nb.x, nb.grad, nb.staleness) for nb, w in zip(stale, weights)]
+
+
 def _check_predict_args(staleness: int, lam: float) -> None:
     if staleness < 0 or lam < 0:
         raise ValueError(f"staleness and lam must be >= 0, got {staleness} and {lam}")
@@ -158,6 +187,8 @@ def _predict(x_stale: Tensor, grad: Tensor | None, staleness: int, lr: float, la
         return x_stale
     if lam == 0 or staleness == 1:  # φ(c, 1) = 1 whatever c is
         return torch.add(x_stale, grad, alpha=-lr * staleness)
+    if _use_fused([Neighbour(1.0, x_stale, grad, staleness)], lam, lam_mode):
+        return fused.predict(x_stale, grad, staleness, lr, lam)
     return torch.addcmul(x_stale, grad, _phi_of(grad, staleness, lr * lam, lam_mode, segments, eps),
                          value=-lr)
 
@@ -167,6 +198,8 @@ def _add_prediction_(out: Tensor, weight: float, nb: Neighbour, lr: float, lam: 
     """out += weight·x̂ for a stale neighbour, as weight·x_s − weight·α·g·φ: the prediction x̂
     itself is never formed, which saves a model-sized temporary and a pass per neighbour."""
     _check_predict_args(nb.staleness, lam)
+    if _use_fused([nb], lam, lam_mode, out):
+        return fused.add_predictions_(out, _terms([nb], [weight]), lr, lam)
     out.add_(nb.x, alpha=weight)
     if nb.grad is None or nb.staleness == 0:
         return out
@@ -192,9 +225,38 @@ def predict_weights(x_stale: Tensor, grad: Tensor | None, staleness: int, lr: fl
     return out.clone() if out is x_stale else out
 
 
+def _span(t: Tensor) -> tuple[int, int]:
+    """Byte range [start, end) that ``t`` can touch (strides are never negative in torch)."""
+    start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.nbytes
+    if t.numel() == 0:
+        return start, start
+    last = sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def _check_out(buffers: Sequence[Tensor], x: Tensor, delta: Tensor,
+               neighbours: Sequence[Neighbour]) -> None:
+    """An ``out`` buffer must be shaped like x and overlap no input and no other buffer: inputs
+    are still read after the output has been partly written. Runs every step, hence the spans
+    are computed once each (all tensors are on x's device, or the arithmetic would fail)."""
+    inputs = [x, delta, *(t for nb in neighbours for t in (nb.x, nb.grad) if t is not None)]
+    spans = [_span(t) for t in inputs]
+    for buf in buffers:
+        if buf.shape != x.shape or buf.dtype is not x.dtype or buf.device != x.device:
+            raise ValueError(f"out buffer of shape {tuple(buf.shape)}, {buf.dtype} on {buf.device}; "
+                             f"x is {tuple(x.shape)}, {x.dtype} on {x.device}")
+        b0, b1 = _span(buf)
+        if any(b0 < t1 and t0 < b1 for t0, t1 in spans):
+            raise ValueError("an out buffer overlaps an input or the other out buffer")
+        spans.append((b0, b1))
+
+
 def candidates(x: Tensor, delta: Tensor, self_weight: float, neighbours: Sequence[Neighbour], *,
                lr: float, lam: float, tolerance: int, horizon: int, lam_mode: str = "fixed",
-               segments: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+               segments: Sequence[int] | None = None,
+               out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Section "The two candidates and the update": returns (x^P, x^C).
 
     x^C = (w_self + Σ_{S∪D} W)·x + Σ_F W·x^l + Δ  (fresh used as they are, stale and dropped
@@ -204,18 +266,30 @@ def candidates(x: Tensor, delta: Tensor, self_weight: float, neighbours: Sequenc
     equals x^C (returned as separate tensors).
     The dsgd baseline passes tolerance = horizon = sys.maxsize: every received neighbour is then
     fresh and its weights are used as they are, however old.
+    ``out = (x_p_buffer, x_c_buffer)``, tensors with x's shape, dtype and device, receive the two
+    candidates and are returned, which saves allocating two model-sized vectors per step. They
+    must overlap neither each other nor any input (x, delta, a neighbour's x or grad).
     """
+    buf_p, buf_c = (None, None) if out is None else out
+    if out is not None:
+        _check_out(out, x, delta, neighbours)
     status = [classify(nb, tolerance, horizon) for nb in neighbours]
     own = self_weight + sum(nb.weight for nb, s in zip(neighbours, status)
                             if s is not Status.FRESH)
-    x_c = torch.add(delta, x, alpha=own)
+    stale = [nb for nb, s in zip(neighbours, status) if s is Status.STALE]
+    shift = -sum(nb.weight for nb in stale)
+    if Status.FRESH not in status and _use_fused(stale, lam, lam_mode, x, delta, *(out or ())):
+        # Both candidates in one pass, which also spares writing x^C and reading it back.
+        x_c = torch.empty_like(x) if buf_c is None else buf_c
+        terms = _terms(stale, [nb.weight for nb in stale])
+        return fused.combine(buf_p, delta, shift, x, terms, lr, lam, out_c=x_c, coef_c=own), x_c
+    x_c = torch.add(delta, x, alpha=own, out=buf_c)
     for nb, s in zip(neighbours, status):
         if s is Status.FRESH:
             x_c.add_(nb.x, alpha=nb.weight)
-    stale = [nb for nb, s in zip(neighbours, status) if s is Status.STALE]
     if not stale:
-        return x_c.clone(), x_c
-    x_p = torch.add(x_c, x, alpha=-sum(nb.weight for nb in stale))
+        return (x_c.clone() if buf_p is None else buf_p.copy_(x_c)), x_c
+    x_p = torch.add(x_c, x, alpha=shift, out=buf_p)
     for nb in stale:
         _add_prediction_(x_p, nb.weight, nb, lr, lam, lam_mode, segments)
     return x_p, x_c
@@ -247,7 +321,7 @@ def pv_choose(loss_p: float, loss_c: float) -> bool:
 def mix(x: Tensor, delta: Tensor, self_weight: float, neighbours: Sequence[Neighbour],
         thetas: Sequence[float], *, lr: float, lam: float, tolerance: int, horizon: int,
         lam_mode: str = "fixed", segments: Sequence[int] | None = None,
-        on_predict: Callable[[int, Tensor], None] | None = None) -> Tensor:
+        on_predict: Callable[[int, Tensor], None] | None = None, out: Tensor | None = None) -> Tensor:
     """One-pass update with a θ_l per neighbour (sections "The two candidates and the update" and
     "Adaptive variant"): a stale neighbour contributes W·(θ_l x̂^l + (1 − θ_l) x^j_k).
 
@@ -257,16 +331,28 @@ def mix(x: Tensor, delta: Tensor, self_weight: float, neighbours: Sequence[Neigh
     are ignored but must lie in [0, 1]). ``on_predict(i, x̂)`` receives each stale neighbour's
     prediction, read-only (for SubstitutionTracker.record); when given, x̂ is made even at θ_l = 0
     so that the tracker keeps measuring. The dsgd baseline passes tolerance = horizon = sys.maxsize.
+    ``out``, a tensor with x's shape, dtype and device, receives the result and is returned (None:
+    a new tensor); it must not overlap any input (x, delta, a neighbour's x or grad).
     """
     if len(thetas) != len(neighbours):
         raise ValueError(f"{len(thetas)} thetas for {len(neighbours)} neighbours")
     for theta in thetas:
         _check_theta(theta)
+    if out is not None:
+        _check_out([out], x, delta, neighbours)
     status = [classify(nb, tolerance, horizon) for nb in neighbours]
     own = self_weight + sum(nb.weight * (1.0 - theta if s is Status.STALE else 1.0)
                             for nb, s, theta in zip(neighbours, status, thetas)
                             if s is not Status.FRESH)
-    out = torch.add(delta, x, alpha=own)
+    predicted = [(nb, theta) for nb, s, theta in zip(neighbours, status, thetas)
+                 if s is Status.STALE and theta > 0.0]
+    operands = (x, delta) if out is None else (x, delta, out)
+    if (on_predict is None and Status.FRESH not in status
+            and _use_fused([nb for nb, _ in predicted], lam, lam_mode, *operands)):
+        # One pass for the whole update.
+        terms = _terms([nb for nb, _ in predicted], [nb.weight * theta for nb, theta in predicted])
+        return fused.combine(out, delta, own, x, terms, lr, lam)
+    out = torch.add(delta, x, alpha=own, out=out)
     for i, (nb, s, theta) in enumerate(zip(neighbours, status, thetas)):
         if s is Status.FRESH:
             out.add_(nb.x, alpha=nb.weight)
@@ -328,13 +414,21 @@ class SubstitutionTracker:
         return True
 
     def observe(self, s: int, x_true: Tensor) -> bool:
-        """Measure the pending record against x^l_s if s ≥ t; returns whether it measured."""
+        """Measure the pending record against x^l_s if s ≥ t; returns whether it measured.
+
+        A measurement with an inf or NaN norm (a non-finite truth or substitute) would stay in the
+        averages for good and make θ NaN: the record is dropped unmeasured instead, and False
+        returned, so that a later record can be measured.
+        """
         if self._step is None or s < self._step:
             return False
         # The buffers are dead after this measurement, so the differences are formed in place.
         x_true = x_true.detach()
         e_p = torch.linalg.vector_norm(self._x_hat.sub_(x_true), dtype=torch.float64).item()
         e_c = torch.linalg.vector_norm(self._x_self.sub_(x_true), dtype=torch.float64).item()
+        if not (math.isfinite(e_p) and math.isfinite(e_c)):
+            self._step = None
+            return False
         if self._e_p is None or self._e_c is None:
             self._e_p, self._e_c = e_p, e_c
         else:

@@ -419,3 +419,85 @@ def test_tracker_state_dict_round_trip():
 def test_tracker_rejects_bad_beta():
     with pytest.raises(ValueError):
         SubstitutionTracker(beta=1.0)
+
+
+def test_tracker_ignores_non_finite_measurements():
+    tr = SubstitutionTracker()
+    for bad in (float("nan"), float("inf")):
+        assert tr.record(1, HAT_1, SELF_2)
+        truth = TRUTH.clone()
+        truth[2] = bad
+        assert not tr.observe(1, truth)
+        assert tr.pending_step is None and tr.measurements == 0
+        assert tr.e_p is None and tr.theta == 0.5
+    assert tr.record(2, HAT_1, SELF_2) and tr.observe(2, TRUTH)
+    nan_hat, inf_self = t64(float("nan"), 0.0, 0.0, 0.0), t64(0.0, float("-inf"), 0.0, 0.0)
+    for bad_hat, bad_self in ((nan_hat, SELF_2), (HAT_1, inf_self)):
+        assert tr.record(3, bad_hat, bad_self)
+        assert not tr.observe(3, TRUTH)
+        assert tr.pending_step is None
+    assert tr.measurements == 1 and (tr.e_p, tr.e_c) == pytest.approx((1.0, 2.0))
+    assert math.isfinite(tr.e_p) and math.isfinite(tr.e_c) and 0.0 <= tr.theta <= 1.0
+    overflow = t64(1e308, 0.0, 0.0, 0.0)  # finite vectors whose difference overflows
+    assert tr.record(4, overflow, SELF_2) and not tr.observe(4, -overflow)
+    assert tr.measurements == 1 and 0.0 <= tr.theta <= 1.0
+
+
+# ---------------------------------------------------------------- out buffers
+
+def test_candidates_and_mix_write_into_out_buffers(single_thread):
+    nbs = mixed_neighbours() + [Neighbour(0.1, A, B, 2)]
+    for lam in (0.0, 0.7):
+        kw = dict(KW, lam=lam)
+        bufs = (torch.full_like(X, 7.0), torch.full_like(X, 7.0))
+        got = candidates(X, DELTA, 0.1, nbs, out=bufs, **kw)
+        assert got[0] is bufs[0] and got[1] is bufs[1]
+        for g, want in zip(got, candidates(X, DELTA, 0.1, nbs, **kw)):
+            assert torch.equal(g, want)
+        buf = torch.full_like(X, 7.0)
+        thetas = [0.5, 0.3, 0.5, 0.5, 0.8]
+        assert mix(X, DELTA, 0.1, nbs, thetas, out=buf, **kw) is buf
+        assert torch.equal(buf, mix(X, DELTA, 0.1, nbs, thetas, **kw))
+
+
+def test_candidates_out_buffers_without_stale_neighbours(single_thread):
+    bufs = (torch.empty_like(X), torch.empty_like(X))
+    x_p, x_c = candidates(X, DELTA, 0.5, [Neighbour(0.5, A, None, 0)], out=bufs, **KW)
+    assert x_p is bufs[0] and x_c is bufs[1] and torch.equal(x_p, x_c)
+
+
+def test_out_buffers_must_not_overlap_inputs(single_thread):
+    nbs = [Neighbour(0.3, B.clone(), GB.clone(), 3), Neighbour(0.3, A.clone(), None, 0)]
+    whole = torch.zeros(7, dtype=F64)
+    inputs = {"x": X.clone(), "delta": DELTA.clone()}
+    for name, bad in [("x", inputs["x"]), ("delta", inputs["delta"]), ("stale x", nbs[0].x),
+                      ("grad", nbs[0].grad), ("fresh x", nbs[1].x)]:
+        with pytest.raises(ValueError):
+            candidates(inputs["x"], inputs["delta"], 0.4, nbs, out=(bad, torch.empty_like(X)), **KW)
+        with pytest.raises(ValueError):
+            candidates(inputs["x"], inputs["delta"], 0.4, nbs, out=(torch.empty_like(X), bad), **KW)
+        with pytest.raises(ValueError):
+            mix(inputs["x"], inputs["delta"], 0.4, nbs, [0.5, 0.5], out=bad, **KW)
+    shared = torch.empty_like(X)
+    with pytest.raises(ValueError):
+        candidates(X, DELTA, 0.4, nbs, out=(shared, shared), **KW)
+    x_view, partly = whole[0:3], whole[2:5]  # one element in common
+    with pytest.raises(ValueError):
+        mix(x_view, DELTA, 0.4, nbs, [0.5, 0.5], out=partly, **KW)
+    mix(x_view, DELTA, 0.4, nbs, [0.5, 0.5], out=whole[3:6], **KW)  # disjoint views are fine
+    for wrong in (torch.empty(4, dtype=F64), torch.empty(3, dtype=torch.float32)):
+        with pytest.raises(ValueError):
+            mix(X, DELTA, 0.4, nbs, [0.5, 0.5], out=wrong, **KW)
+        with pytest.raises(ValueError):
+            candidates(X, DELTA, 0.4, nbs, out=(wrong, torch.empty_like(X)), **KW)
+
+
+def test_small_vectors_never_reach_the_kernel(single_thread, monkeypatch):
+    from pcasgd_mpi import fused, rule
+
+    monkeypatch.setattr(fused, "available", lambda: pytest.fail("numba was asked for"))
+    assert X.numel() < rule.FUSED_MIN_NUMEL
+    nbs = mixed_neighbours() + [Neighbour(0.1, A, B, 2)]
+    candidates(X, DELTA, 0.1, nbs, **dict(KW, lam=0.7))
+    mix(X, DELTA, 0.1, nbs, [0.5] * 5, **dict(KW, lam=0.7))
+    predict_weights(B, GB, 4, LR, 0.7)
