@@ -1,6 +1,5 @@
 """Message buffers and their copies: the staging path runs on CPU exactly as on a GPU."""
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fake_cuda import Recorder
 from launch import ROOT, mpi_env
 from pcasgd_mpi.transport import (CudaAwareTransport, HostTransport, StagingTransport, make_transport)
 
@@ -135,66 +135,8 @@ def test_staging_allocates_nothing_per_step(monkeypatch):
 # ------------------------------------------------------------- stream and event choreography
 
 
-class _Recorder:
-    """Streams and events that log what the transport asks of them; events finish after `delay` polls."""
-
-    pinned = False
-
-    def __init__(self, delay: int):
-        self.log, self.delay = [], delay
-        self.main = self.new_stream("main")
-
-    def current(self):
-        return self.main
-
-    def new_stream(self, name=None):
-        return _FakeStream(self.log, name or f"side{sum(1 for e in self.log if e[0] == 'new_stream')}")
-
-    def new_event(self):
-        return _FakeEvent(self.log, self.delay)
-
-    @contextlib.contextmanager
-    def use(self, stream):
-        self.log.append(("enter", stream.name))
-        yield
-        self.log.append(("exit", stream.name))
-
-
-class _FakeStream:
-    def __init__(self, log, name):
-        self.log, self.name = log, name
-
-    def wait_stream(self, other):
-        self.log.append(("wait_stream", self.name, other.name))
-
-    def wait_event(self, event):
-        self.log.append(("wait_event", self.name, event))
-
-    def synchronize(self):
-        self.log.append(("synchronize", self.name))
-
-
-class _FakeEvent:
-    def __init__(self, log, delay):
-        self.log, self.delay, self.pending = log, delay, 0
-
-    def record(self, stream):
-        self.log.append(("record", self, stream.name))
-        self.pending = self.delay
-
-    def query(self):
-        if self.pending:
-            self.pending -= 1
-            return False
-        return True
-
-    def synchronize(self):
-        self.log.append(("event_sync", self))
-        self.pending = 0
-
-
 def test_send_waits_for_the_copy_event_and_compute_waits_for_the_copy():
-    streams = _Recorder(delay=3)
+    streams = Recorder(delay=3)
     t = StagingTransport("cpu", streams=streams)
     send, recv = _slots(t)
     streams.log.clear()
@@ -210,7 +152,7 @@ def test_send_waits_for_the_copy_event_and_compute_waits_for_the_copy():
 
 
 def test_receive_copy_is_ordered_on_the_current_stream():
-    streams = _Recorder(delay=1)
+    streams = Recorder(delay=1)
     t = StagingTransport("cpu", streams=streams)
     _, recv = _slots(t)
     streams.log.clear()
@@ -319,44 +261,16 @@ print(json.dumps(out))
 def test_exchange_starts_a_staged_send_when_its_copy_is_done_and_never_waits_for_it():
     """The exchange over StagingTransport with copies that take a while (fake CUDA events)."""
     code = f"""
-import json, time, torch
+import json, sys, time, torch
 from mpi4py import MPI
 from pcasgd_mpi.exchange import Exchange
 from pcasgd_mpi.transport import StagingTransport
-
-class Event:
-    def __init__(self):
-        self.pending, self.send, self.blocked = 0, False, 0
-    def record(self, stream=None):
-        self.pending = 5  # the copy finishes at the fifth look
-    def query(self):
-        if self.pending:
-            self.pending -= 1
-            return False
-        return True
-    def synchronize(self):
-        self.blocked += bool(self.pending)
-        self.pending = 0
-
-class Stream:
-    def wait_stream(self, other): pass
-    def wait_event(self, event): pass
-    def synchronize(self): pass
-
-class Streams:
-    pinned = False
-    def __init__(self): self.main = Stream()
-    def current(self): return self.main
-    def new_stream(self): return Stream()
-    def new_event(self): return Event()
-    def use(self, stream):
-        import contextlib
-        return contextlib.nullcontext()
+sys.path.insert(0, "tests")
+from fake_cuda import Recorder
 
 n = {NUMEL}
-ex = Exchange(MPI.COMM_SELF, [0], n, with_grad=True, transport=StagingTransport("cpu", streams=Streams()))
-for b in ex._send_pool:
-    b.slot._event.send = True
+ex = Exchange(MPI.COMM_SELF, [0], n, with_grad=True,
+              transport=StagingTransport("cpu", streams=Recorder(delay=5)))  # a copy ends at the 6th look
 w = torch.arange(n, dtype=torch.float32)
 out = {{"scheduled": ex.send(3, w, -w)}}
 out["sent_at_once"] = ex.stats.sent
