@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK", "available", "supports", "predict", "add_predictions_", "combine"]
+__all__ = ["CHUNK", "available", "prepare", "supports", "predict", "add_predictions_", "combine"]
 
 # φ is computed inline, without scratch rows, for τ up to this: on ResNet-20-sized vectors a sixth
 # inline step made τ = 2 and 3 about 10-35 % slower, five cost them under 8 %.
@@ -173,6 +173,15 @@ def _launcher(dtype: torch.dtype):
 def available() -> bool:
     """Whether the kernel can run (numba imports). The first call pays the import."""
     return _load()
+
+
+def prepare(dtype: torch.dtype) -> bool:
+    """Imports numba and compiles (or loads from the cache) the kernel for dtype now, so that the
+    cost is paid where the caller chooses rather than at the first stale neighbour."""
+    if dtype not in _DTYPES or not _load():
+        return False
+    _launcher(dtype)
+    return True
 
 
 def supports(*tensors: Tensor) -> bool:

@@ -210,6 +210,9 @@ class DistributedOptimizer:
                                          self.flat.dtype, with_grad, self.flat.device)
         self.trackers = ({n: rule.SubstitutionTracker(beta=av_beta) for n in self.neighbours}
                          if self.algorithm is Algorithm.PC_ASGD_AV else {})
+        if self.algorithm.sends_gradient:
+            # at set-up, not in the middle of training when the first neighbour turns stale
+            rule.prepare(self.flat.data, self.lam, self.lam_mode)
 
     # ------------------------------------------------------------------ the step
     @property

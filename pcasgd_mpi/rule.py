@@ -24,7 +24,7 @@ from torch import Tensor
 from pcasgd_mpi import fused
 
 __all__ = ["Neighbour", "Status", "classify", "phi", "predict_weights", "candidates",
-           "blend", "pv_choose", "mix", "SubstitutionTracker", "FUSED_MIN_NUMEL"]
+           "blend", "pv_choose", "mix", "SubstitutionTracker", "FUSED_MIN_NUMEL", "prepare"]
 
 # Vectors with fewer elements keep the torch code: it is cheap there, and the first use of the
 # kernel costs about a second (numba's import). Set to sys.maxsize to switch the kernel off.
@@ -167,6 +167,13 @@ def _use_fused(stale: Sequence[Neighbour], lam: float, lam_mode: str, *operands:
             and stale[0].x.numel() >= FUSED_MIN_NUMEL
             and fused.supports(*operands, *(t for nb in stale for t in (nb.x, nb.grad)))
             and fused.available())
+
+
+def prepare(x: Tensor, lam: float, lam_mode: str = "fixed") -> bool:
+    """Loads the compiled kernel now if predictions for a vector like ``x`` will use it (about a
+    second per process, more on the very first use, when it is compiled); returns whether."""
+    return (lam_mode == "fixed" and lam > 0 and x.numel() >= FUSED_MIN_NUMEL
+            and fused.supports(x) and fused.prepare(x.dtype))
 
 
 def _terms(stale: Sequence[Neighbour], weights: Sequence[float]) -> list[fused.Term]:

@@ -311,3 +311,14 @@ def test_tracker_after_kernel_prediction(single_thread, kernel_calls):
     assert kernel_calls and tracker.pending_step == 0
     assert tracker.observe(1, stale[0].x)
     assert math.isfinite(tracker.e_p) and 0.0 <= tracker.theta <= 1.0
+
+
+def test_prepare_loads_the_kernel_only_for_vectors_that_will_use_it():
+    big = torch.zeros(rule.FUSED_MIN_NUMEL)
+    assert rule.prepare(big, lam=0.04)
+    assert rule.prepare(big.double(), lam=0.04)
+    assert not rule.prepare(big[:-1], lam=0.04), "below FUSED_MIN_NUMEL the torch code runs"
+    assert not rule.prepare(big, lam=0.0), "λ = 0 needs no φ"
+    assert not rule.prepare(big, lam=0.04, lam_mode="adaptive")
+    assert not rule.prepare(big.half(), lam=0.04)
+    assert not fused.prepare(torch.float16)
