@@ -68,7 +68,7 @@ class FlatParameters:
         self.sizes = [p.numel() for _, p in self.named]
         self.numel = sum(self.sizes)
         self.data = self._empty()
-        self.grad = self._empty()
+        self._grad: torch.Tensor | None = None  # made on first use: only the allreduce baseline needs it
         offset = 0
         with torch.no_grad():
             for (_, p), n in zip(self.named, self.sizes):
@@ -87,17 +87,21 @@ class FlatParameters:
 
     def gather_grad(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The gradients as one flat vector, in ``out`` or in this object's own buffer."""
-        out = self.grad if out is None else out
+        if out is None:
+            if self._grad is None:
+                self._grad = self._empty()
+            out = self._grad
         grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=self.dtype,
                  device=self.device) for _, p in self.named]
         torch.cat(grads, out=out)
         return out
 
     def scatter_grad(self) -> None:
+        """Writes this object's flat gradient (filled by ``gather_grad()``) back to the parameters."""
         offset = 0
         for (_, p), n in zip(self.named, self.sizes):
             if p.grad is not None:
-                p.grad.copy_(self.grad[offset:offset + n].view_as(p))
+                p.grad.copy_(self._grad[offset:offset + n].view_as(p))
             offset += n
 
 
@@ -305,12 +309,13 @@ class DistributedOptimizer:
         the neighbours' messages checked, and the update is made again without the bad ones.
         """
         if not self.check_finite:
-            return self._update(x_k, nbs, closure, info)
+            self._update(x_k, nbs, closure, info)
+            return
         nbs = [_left_out(nb) if s is not None and s == self._bad_step[n] else nb
                for n, nb, s in zip(self.neighbours, nbs, steps)]
         self._update(x_k, nbs, closure, info)
         if _all_finite(self.flat.data):
-            return None
+            return
         bad = [i for i, nb in enumerate(nbs) if nb.x is not None and not _message_finite(nb)]
         for i in bad:
             n = self.neighbours[i]
@@ -323,7 +328,6 @@ class DistributedOptimizer:
         if bad:  # otherwise this agent's own weights or step diverged, which its loss will show
             info.choice = None
             self._update(x_k, nbs, closure, info)
-        return None
 
     def _update(self, x_k: torch.Tensor, nbs: list[rule.Neighbour], closure, info: StepInfo) -> None:
         """Writes x^j_{k+1} into the parameters (ALGORITHM.md "The two candidates and the update")."""
