@@ -3,8 +3,9 @@
 Ping-pong: rank 0 sends, rank 1 polls until the message is there and sends it back, and so on;
 bandwidth = payload bytes moved / time. Both sides use the same pattern: a receive pre-posted
 at all times, `Test` spun until it completes, the next send started once the previous one has
-completed. The variants run interleaved in rounds (the machine is shared and noisy) and the
-ratio is the median of the per-round ratios.
+completed. Bare and exchange run in interleaved pairs (bare, exchange, bare, exchange, ...;
+the machine is shared and noisy), each side a few round trips; the ratio is taken pair by pair
+and its median is the result, reported with its quartiles and extremes.
 
 - bare: numpy buffers, `Isend`/`Irecv` of the payload bytes only.
 - exchange: `Exchange` with its defaults (every message validated: size, header, sender and
@@ -118,23 +119,17 @@ def main() -> None:
     if size != 2:
         raise SystemExit("p1_exchange.py runs on exactly 2 ranks")
     torch.set_num_threads(1)
-    rounds, trips = (3, 6) if args.quick else (5, 12)
-    variants = {
-        "bare": bare,
-        "exchange": ExchangeLeg(zero_copy=True),
-        "exchange-copy": ExchangeLeg(zero_copy=False),
-    }
-    for run in variants.values():  # first touch of every buffer and connection set-up
+    # Short sides, many pairs: a pair is a few tens of milliseconds, so both halves of it see
+    # nearly the same machine.
+    pairs, copy_pairs, trips = (7, 5, 3) if args.quick else (61, 15, 4)
+    exchange, exchange_copy = ExchangeLeg(zero_copy=True), ExchangeLeg(zero_copy=False)
+    for run in (bare, exchange, exchange_copy):  # first touch of every buffer and connection set-up
         run(3)
-    gbps: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, run in variants.items():
-            seconds = run(trips)
-            gbps[name].append(2 * trips * NBYTES / seconds / 1e9)
-    for name, run in variants.items():
-        if isinstance(run, ExchangeLeg):
-            assert not run.ex.stats.rejected, run.ex.stats.rejected
-            run.ex.close(time.monotonic() + DEADLINE)
+    goal = _bench.interleave(lambda: bare(trips), lambda: exchange(trips), pairs)
+    copy = _bench.interleave(lambda: bare(trips), lambda: exchange_copy(trips), copy_pairs)
+    for leg in (exchange, exchange_copy):
+        assert not leg.ex.stats.rejected, leg.ex.stats.rejected
+        leg.ex.close(time.monotonic() + DEADLINE)
     if bare.state["sent"] is not None:
         bare.state["sent"].Wait()
     bare.state["recv"].Cancel()
@@ -143,17 +138,19 @@ def main() -> None:
     if rank != 0:
         return
 
-    def ratio(name: str) -> float:
-        return _bench.median([e / b for e, b in zip(gbps[name], gbps["bare"])])
+    def gbps(seconds: list[float]) -> float:
+        return round(2 * trips * NBYTES / _bench.median(seconds) / 1e9, 3)
 
+    summary = goal.summary(inverse=True)  # bandwidth ratio = bare time / exchange time
     _bench.emit({
         "part": "P1",
-        "ratio": ratio("exchange"),
+        "ratio": summary["median"],
+        "pairs": summary,
         "detail": {
-            "payload_bytes": NBYTES, "rounds": rounds, "round_trips_per_round": trips,
+            "payload_bytes": NBYTES, "round_trips_per_side": trips,
             "pattern": "ping-pong, 2 ranks, receive pre-posted, Test spun until complete",
-            "median_GBps": {name: round(_bench.median(v), 3) for name, v in gbps.items()},
-            "ratio_exchange_copy": ratio("exchange-copy"),
+            "median_GBps": {"bare": gbps(goal.a), "exchange": gbps(goal.b), "exchange-copy": gbps(copy.b)},
+            "ratio_exchange_copy": copy.summary(inverse=True),
         },
     })
 

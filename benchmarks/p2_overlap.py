@@ -2,19 +2,23 @@
 
 2 ranks, each training an MLP (1024-256-256-10, 331 k parameters) on its own synthetic data with
 batch 1024, one torch thread per rank (one core each): about 2 GFLOP of forward and backward
-per step against a 2.6 MB message, so compute dominates, as in training worth distributing. Three ways to step, interleaved in rounds
-so that both ranks always compute at the same time and see the same machine load:
+per step against a 2.6 MB message, so compute dominates, as in training worth distributing.
+Every way to step keeps its model and optimizer for the whole run and is timed in blocks of a
+few steps; two ways are compared in interleaved pairs of blocks (A B A B ...), both ranks
+starting each block together so that they compute at the same time and see the same load:
 
 - compute: plain `torch.optim.SGD` and nothing else: communication off. This is the reference
-  of the goal; it also leaves out everything the distributed optimizer does locally.
-- no-edges: `DistributedOptimizer` on a graph without edges: its local work (flat buffers, Δ,
-  the rule) with no message ever sent. Reported to split the overhead.
+  of the goal (A); it also leaves out everything the distributed optimizer does locally.
 - async: `DistributedOptimizer`, ring of the 2 ranks, free-running, algorithm pc-asgd (weights and
-  gradient on the wire, fixed θ = 0.5). pc-asgd-pv would add two forward passes whenever a
-  neighbour is stale: that is compute the rule asks for, not communication, and the
-  communication-off run cannot have it, so it is reported separately (async-pv), not in the goal.
+  gradient on the wire, fixed θ = 0.5): B of the goal.
+- no-edges: `DistributedOptimizer` on a graph without edges: its local work (flat buffers, Δ,
+  the rule) with no message ever sent. Reported, against compute, to split the overhead.
+- async-pv: pc-asgd-pv, which adds two forward passes whenever a neighbour is stale: compute the
+  rule asks for, not communication, and the communication-off run cannot have it, so it is
+  reported separately, not in the goal.
 
-The goal ratio is mean step time (async) / mean step time (compute), median over rounds.
+The goal ratio is the median over pairs of (mean step time of the async block) / (mean step
+time of the compute block), with its quartiles and extremes.
 """
 
 from __future__ import annotations
@@ -57,44 +61,59 @@ def edgeless_world() -> world_mod.World:
     return world_mod.World(comm, rank, size, graph, np.eye(size), "none", "identity")
 
 
-def run_mode(mode: str, steps: int, warmup: int, x: torch.Tensor, y: torch.Tensor) -> dict:
-    model = make_model()
-    inner = torch.optim.SGD(model.parameters(), lr=LR)
-    opt = None
-    if mode == "no-edges":
-        opt = DistributedOptimizer(inner, model, world=edgeless_world(), algorithm="pc-asgd", mode="async")
-    elif mode in ("async", "async-pv"):
-        algorithm = "pc-asgd-pv" if mode == "async-pv" else "pc-asgd"
-        opt = DistributedOptimizer(inner, model, world=world_mod.init("ring", comm=comm),
-                                   algorithm=algorithm, mode="async")
-    gen = torch.Generator().manual_seed(rank)
-    times, stale = [], 0
-    comm.Barrier()
-    for k in range(warmup + steps):
-        idx = torch.randint(0, SAMPLES, (BATCH,), generator=gen)
-        xb, yb = x[idx], y[idx]
+class Leg:
+    """One way to step, kept for the whole run; calling it times a block of steps."""
+
+    def __init__(self, mode: str, x: torch.Tensor, y: torch.Tensor, steps: int):
+        self.mode, self.x, self.y, self.steps = mode, x, y, steps
+        self.model = make_model()
+        self.inner = torch.optim.SGD(self.model.parameters(), lr=LR)
+        self.opt = None
+        if mode == "no-edges":
+            self.opt = DistributedOptimizer(self.inner, self.model, world=edgeless_world(), algorithm="pc-asgd",
+                                            mode="async")
+        elif mode in ("async", "async-pv"):
+            algorithm = "pc-asgd-pv" if mode == "async-pv" else "pc-asgd"
+            # Its own communicator: legs alive at the same time must not take each other's messages.
+            self.opt = DistributedOptimizer(self.inner, self.model, world=world_mod.init("ring", comm=comm.Dup()),
+                                            algorithm=algorithm, mode="async")
+        self.gen = torch.Generator().manual_seed(rank)
+        self.pv_evaluations = 0
+
+    def __call__(self) -> float:
+        """Mean step time of one block, averaged over both ranks (a rank that waited shows here)."""
+        model, inner, opt = self.model, self.inner, self.opt
+        batches = []
+        for _ in range(self.steps):
+            idx = torch.randint(0, SAMPLES, (BATCH,), generator=self.gen)
+            batches.append((self.x[idx], self.y[idx]))
+        comm.Barrier()
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(xb), yb)
-        if opt is None:
-            inner.zero_grad()
-            loss.backward()
-            inner.step()
-        else:
-            opt.zero_grad()
-            loss.backward()
-            info = opt.step(closure=lambda: F.cross_entropy(model(xb), yb))
-            stale += info.choice is not None
-        if k >= warmup:
-            times.append(time.perf_counter() - t0)
-    out = {"mean_step_s": float(np.mean(times)), "pv_evaluations": stale}
-    if opt is not None:
-        opt.finalize()
-        if opt.exchange is not None and opt.neighbours:
-            out["exchange"] = {"sent": opt.exchange.stats.sent, "skipped": opt.exchange.stats.skipped,
-                               "received": opt.exchange.stats.received}
-            out["staleness"] = {str(t): c for t, c in sorted(opt.staleness_histogram[opt.neighbours[0]].items(),
-                                                             key=lambda kv: str(kv[0]))}
-    return out
+        for xb, yb in batches:
+            loss = F.cross_entropy(model(xb), yb)
+            if opt is None:
+                inner.zero_grad()
+                loss.backward()
+                inner.step()
+            else:
+                opt.zero_grad()
+                loss.backward()
+                info = opt.step(closure=lambda xb=xb, yb=yb: F.cross_entropy(model(xb), yb))
+                self.pv_evaluations += info.choice is not None
+        mean = (time.perf_counter() - t0) / self.steps
+        return comm.allreduce(mean, op=MPI.SUM) / size
+
+    def finish(self) -> dict:
+        out = {"pv_evaluations": self.pv_evaluations}
+        opt = self.opt
+        if opt is not None:
+            opt.finalize()
+            if opt.exchange is not None and opt.neighbours:
+                out["exchange"] = {"sent": opt.exchange.stats.sent, "skipped": opt.exchange.stats.skipped,
+                                   "received": opt.exchange.stats.received}
+                out["staleness"] = {str(t): c for t, c in sorted(opt.staleness_histogram[opt.neighbours[0]].items(),
+                                                                 key=lambda kv: str(kv[0]))}
+        return out
 
 
 def main() -> None:
@@ -102,38 +121,32 @@ def main() -> None:
     if size != 2:
         raise SystemExit("p2_overlap.py runs on exactly 2 ranks")
     torch.set_num_threads(1)
-    rounds, steps, warmup = (2, 6, 2) if args.quick else (4, 15, 3)
-    modes = ["compute", "no-edges", "async", "async-pv"]
+    pairs, side_pairs, steps = (3, 2, 3) if args.quick else (45, 7, 4)
     x, y = make_data()
-    per_round: dict[str, list[float]] = {m: [] for m in modes}
-    last: dict[str, dict] = {}
-    for _ in range(rounds):
-        for mode in modes:
-            res = run_mode(mode, steps, warmup, x, y)
-            # Both ranks' mean step time: a rank that waited would show here.
-            per_round[mode].append(comm.allreduce(res["mean_step_s"], op=MPI.SUM) / size)
-            last[mode] = res
+    legs = {mode: Leg(mode, x, y, steps) for mode in ("compute", "async", "no-edges", "async-pv")}
+    goal = _bench.interleave(legs["compute"], legs["async"], pairs)
+    no_edges = _bench.interleave(legs["compute"], legs["no-edges"], side_pairs)
+    pv = _bench.interleave(legs["compute"], legs["async-pv"], side_pairs)
+    finished = {mode: leg.finish() for mode, leg in legs.items()}
     if rank != 0:
         return
     params = sum(p.numel() for p in make_model().parameters())
-
-    def ratio(mode: str, ref: str = "compute") -> float:
-        return _bench.median([a / b for a, b in zip(per_round[mode], per_round[ref])])
-
+    summary = goal.summary()
     _bench.emit({
         "part": "P2",
-        "ratio": ratio("async"),
+        "ratio": summary["median"],
+        "pairs": summary,
         "detail": {
-            "parameters": params, "batch": BATCH, "rounds": rounds, "steps_per_round": steps,
+            "parameters": params, "batch": BATCH, "steps_per_side": steps,
             "message_bytes": 64 + 2 * 4 * params,
-            "median_step_ms": {m: _bench.ms(_bench.median(v)) for m, v in per_round.items()},
-            "async_overhead_ms_per_step": _bench.ms(_bench.median(
-                [a - b for a, b in zip(per_round["async"], per_round["compute"])])),
-            "ratio_async_vs_no_edges": ratio("async", "no-edges"),
-            "ratio_no_edges_vs_compute": ratio("no-edges"),
-            "ratio_async_pv_vs_compute": ratio("async-pv"),
-            "async_rank0_last_round": {k: last["async"].get(k) for k in ("exchange", "staleness")},
-            "async_pv_rank0_pv_evaluations_last_round": last["async-pv"]["pv_evaluations"],
+            "median_step_ms": {"compute": _bench.ms(_bench.median(goal.a)), "async": _bench.ms(_bench.median(goal.b)),
+                               "no-edges": _bench.ms(_bench.median(no_edges.b)),
+                               "async-pv": _bench.ms(_bench.median(pv.b))},
+            "async_overhead_ms_per_step": _bench.ms(_bench.median([b - a for a, b in zip(goal.a, goal.b)])),
+            "ratio_no_edges_vs_compute": no_edges.summary(),
+            "ratio_async_pv_vs_compute": pv.summary(),
+            "async_rank0": {k: finished["async"].get(k) for k in ("exchange", "staleness")},
+            "async_pv_rank0_pv_evaluations": finished["async-pv"]["pv_evaluations"],
         },
     })
 

@@ -10,8 +10,9 @@ cache load happens before the warm-up, outside the timing. The details also time
 at τ = 2 (the common case in async mode) and at τ = 8 and 12 (beyond fused.INLINE_MAX, where the
 kernel computes φ in scratch rows). The reference is `torch.optim.SGD(model.parameters(),
 lr=0.1).step()` with defaults, on the model's own per-tensor parameters, as users have it. One
-torch thread (what every rank gets when the ranks fill the cores). The cases are timed
-alternately and each ratio is median / median.
+torch thread (what every rank gets when the ranks fill the cores). Each ratio comes from calls
+timed in interleaved pairs (SGD step, update, SGD step, update, ...): the ratio of each pair,
+then their median, reported with quartiles and extremes.
 """
 
 from __future__ import annotations
@@ -89,32 +90,40 @@ def main() -> None:
         x_p, x_c = rule.candidates(x, delta, w, nbs, out=buffers, **kw)
         return rule.pv_choose(0.5, 0.6)  # the losses of x_p and x_c come from forward passes
 
-    cases = {"sgd": sgd.step, "pv": lambda: update(stale), "pv_tau2": lambda: update(common),
-             "pv_tau8_12": lambda: update(older)}
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    minflt: dict[str, int] = {k: 0 for k in cases}
     kernel_calls = count_kernel_calls(lambda: update(stale))
-    for f in cases.values():
-        for _ in range(10):
-            f()
-    for _ in range(reps):
-        for name, f in cases.items():
+    faults_per_call: dict[str, float] = {}
+
+    def counting_faults(name: str, f):
+        """f, also counting its page faults (outside its own timing: read before and after)."""
+        def run() -> float:
             f0 = faults()
             t0 = time.perf_counter()
             f()
-            times[name].append(time.perf_counter() - t0)
-            minflt[name] += faults() - f0
-    med = {k: _bench.median(v) for k, v in times.items()}
+            seconds = time.perf_counter() - t0
+            faults_per_call[name] = faults_per_call.get(name, 0) + faults() - f0
+            return seconds
+        return run
+
+    sgd_step = counting_faults("sgd", sgd.step)
+    goal = _bench.interleave(sgd_step, counting_faults("pv", lambda: update(stale)), reps, warmup=10)
+    side = reps // 3
+    tau2 = _bench.interleave(sgd_step, _bench.timed(lambda: update(common)), side, warmup=3)
+    tau8_12 = _bench.interleave(sgd_step, _bench.timed(lambda: update(older)), side, warmup=3)
+    summary = goal.summary()
     _bench.emit({
         "part": "P4",
-        "ratio": med["pv"] / med["sgd"],
+        "ratio": summary["median"],
+        "pairs": summary,
         "detail": {
-            "parameters": n, "parameter_tensors": len(params), "reps": reps, "torch_threads": 1,
-            "median_us": {k: round(v * 1e6, 1) for k, v in med.items()},
-            "ratio_tau_2_2": med["pv_tau2"] / med["sgd"],
-            "ratio_tau_8_12": med["pv_tau8_12"] / med["sgd"],
+            "parameters": n, "parameter_tensors": len(params), "torch_threads": 1,
+            "median_us": {"sgd": round(_bench.median(goal.a) * 1e6, 1), "pv": round(_bench.median(goal.b) * 1e6, 1),
+                          "pv_tau2": round(_bench.median(tau2.b) * 1e6, 1),
+                          "pv_tau8_12": round(_bench.median(tau8_12.b) * 1e6, 1)},
+            "ratio_tau_2_2": tau2.summary(),
+            "ratio_tau_8_12": tau8_12.summary(),
             "fused_kernel": kernel_calls > 0, "kernel_calls_per_update": kernel_calls,
-            "page_faults_per_call": {k: round(v / reps, 1) for k, v in minflt.items()},
+            "page_faults_per_call": {"sgd": round(faults_per_call["sgd"] / (reps + 10), 1),
+                                     "pv": round(faults_per_call["pv"] / (reps + 10), 1)},
         },
     })
 

@@ -55,14 +55,23 @@ def save(root: str | Path, rank: int, step: int, state: dict, keep: int) -> Path
     return final
 
 
+def _reason(exc: Exception) -> str:
+    """Why torch could not read a file, in our words: its own text may advise loading the file
+    with weights_only=False, which would run whatever code a hostile file holds."""
+    text = str(exc)
+    if "weights_only" in text or "Weights only load failed" in text or "Unsupported global" in text:
+        return "it holds objects other than tensors and plain data, which are never loaded"
+    first = text.splitlines()[0] if text.strip() else "corrupt"
+    return f"{type(exc).__name__}: {first}"
+
+
 def load(root: str | Path, rank: int, step: int, expect: dict) -> dict:
     """Load and check a checkpoint; `expect` maps keys to the values this run requires."""
     path = path_for(root, rank, step)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'}); delete it or "
+        raise CheckpointError(f"checkpoint {path} cannot be read ({_reason(exc)}); delete it or "
                               f"point --checkpoint-dir elsewhere") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a pcasgd-mpi checkpoint")

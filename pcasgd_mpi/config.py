@@ -1,63 +1,503 @@
-"""The options of one training run, as a dataclass; importable without MPI or torch."""
+"""The options of one training run: each defined once, with its type, default, check and help.
+
+The `train` command line is generated from these fields, `--config FILE.yaml` and experiment grids
+are checked by them, and the run directory's config.yaml is written from them. Importable without
+MPI or torch, and imports nothing else of this package (every other module may import it).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
+
+DEFAULT_STEPS = 500
+
+
+# ----------------------------------------------------------------------------- choices
+class TextEnum(str, Enum):
+    """An enum that compares, prints and formats as its text (enum.StrEnum needs Python 3.11)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Algorithm(TextEnum):
+    DSGD = "dsgd"
+    CLIP = "clip"
+    PREDICT = "predict"
+    PC_ASGD = "pc-asgd"
+    PC_ASGD_PV = "pc-asgd-pv"
+    PC_ASGD_AV = "pc-asgd-av"
+    ALLREDUCE = "allreduce"
+
+    @property
+    def sends_gradient(self) -> bool:
+        return self in (Algorithm.PREDICT, Algorithm.PC_ASGD, Algorithm.PC_ASGD_PV, Algorithm.PC_ASGD_AV)
+
+
+class Mode(TextEnum):
+    LOCKSTEP = "lockstep"
+    ASYNC = "async"
+
+
+class LamMode(TextEnum):
+    FIXED = "fixed"
+    ADAPTIVE = "adaptive"
+
+
+class WeightRule(TextEnum):
+    METROPOLIS = "metropolis"
+    UNIFORM = "uniform"
+    MAX_DEGREE = "max-degree"
+    FILE = "file"
+
+
+class Dataset(TextEnum):
+    DIGITS = "digits"
+    SYNTHETIC = "synthetic"
+    MNIST = "mnist"
+    FASHION_MNIST = "fashion-mnist"
+    CIFAR10 = "cifar10"
+    MNIST1D = "mnist1d"
+
+
+class Model(TextEnum):
+    MLP = "mlp"
+    CNN = "cnn"
+    RESNET20 = "resnet20"
+    VGG11 = "vgg11"
+
+
+class Device(TextEnum):
+    CPU = "cpu"
+    CUDA = "cuda"
+    AUTO = "auto"
+
+
+class CudaAware(TextEnum):
+    AUTO = "auto"
+    YES = "yes"
+    NO = "no"
+
+
+class Slope(TextEnum):
+    UPDATE = "update"
+    GRADIENT = "gradient"
+    VELOCITY = "velocity"
+
+
+class Stop(TextEnum):
+    FIRST = "first"
+    EACH = "each"
+
+
+class Balance(TextEnum):
+    NONE = "none"
+    LR = "lr"
+
+
+class Group(TextEnum):
+    """Sections of `pcasgd-mpi train --help`, in this order."""
+
+    GRAPH = "graph"
+    ALGORITHM = "algorithm"
+    EXECUTION = "execution"
+    DATA = "data and model"
+    OPTIMISATION = "optimisation"
+    OUTPUT = "output"
+    CHECKPOINTS = "checkpoints"
+
+
+# ----------------------------------------------------------------------------- value checks
+# Each check takes a value as the command line (text) or a YAML file (int, float, bool, list, ...)
+# gives it and returns the typed value, or raises ValueError saying what is wrong, without the
+# option's name (the caller adds it, spelled as the user wrote it).
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Number:
+    kind: type  # int or float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is excluded
+    optional: bool = False  # None (YAML null) means "use the documented default"
+
+    def describe(self) -> str:
+        what = "a whole number" if self.kind is int else "a finite number"
+        if self.low is not None and self.high is not None:
+            return f"{what} in [{_num(self.low)}, {_num(self.high)}]"
+        if self.low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {_num(self.low)}"
+        return what
+
+    def __call__(self, value):
+        if value is None and self.optional:
+            return None
+        number = None
+        if isinstance(value, str):
+            try:
+                number = self.kind(value.strip())
+            except ValueError:
+                pass
+        elif _is_number(value):
+            if self.kind is float:
+                number = float(value)
+            elif isinstance(value, int) or float(value).is_integer():
+                number = int(value)
+        if number is None or (self.kind is float and not math.isfinite(number)):
+            raise ValueError(f"must be {self.describe()}, got {value!r}")
+        if self.low is not None and (number < self.low or (self.low_open and number == self.low)):
+            raise ValueError(f"must be {self.describe()}, got {value!r}")
+        if self.high is not None and number > self.high:
+            raise ValueError(f"must be {self.describe()}, got {value!r}")
+        return number
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+@dataclass(frozen=True)
+class Choice:
+    enum: type[TextEnum]
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(e.value for e in self.enum)
+
+    def __call__(self, value):
+        try:
+            return self.enum(value)
+        except ValueError:
+            raise ValueError(f"must be {self.describe()}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Text:
+    optional: bool = False
+
+    def describe(self) -> str:
+        return "a text"
+
+    def __call__(self, value):
+        if value is None and self.optional:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"must be a non-empty text, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Flag:
+    def describe(self) -> str:
+        return "true or false"
+
+    def __call__(self, value):
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Shape:
+    def describe(self) -> str:
+        return "positive sizes like 3,32,32"
+
+    def __call__(self, value):
+        items = value.strip("[]() ").split(",") if isinstance(value, str) else value
+        try:
+            if not isinstance(items, (list, tuple)) or not items or any(isinstance(d, bool) for d in items):
+                raise ValueError
+            dims = [int(d) if isinstance(d, int) else int(str(d).strip()) for d in items]
+        except ValueError:
+            raise ValueError(f"expected sizes like 3,32,32, got {value!r}") from None
+        if any(d < 1 for d in dims):
+            raise ValueError(f"sizes must be positive, got {value!r}")
+        return dims
+
+
+@dataclass(frozen=True)
+class Repeated:
+    """A repeatable option: a list in YAML (or one item), one item per flag on the command line."""
+
+    item: Callable
+
+    def describe(self) -> str:
+        return "a list"
+
+    def __call__(self, value):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [self.item(v) for v in items]
+
+
+def _spec_text(example: str) -> Callable:
+    def check(value):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"expected text like {example}, got {value!r}")
+        return value.strip()
+
+    return check
+
+
+def link_delay_spec(value) -> str:
+    """`RANKS:MS`: comma-separated ranks >= 0, then a finite delay in milliseconds >= 0."""
+    text = str(value).strip() if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+    ranks, sep, ms = (text or "").rpartition(":")
+    try:
+        if not sep or not ranks:
+            raise ValueError
+        rank_list = [int(r) for r in ranks.split(",")]
+        delay = float(ms)
+    except ValueError:
+        raise ValueError(f"'{value}' is not RANKS:MS (e.g. 1,3:20 delays ranks 1 and 3 by 20 ms)") from None
+    if any(r < 0 for r in rank_list) or not math.isfinite(delay) or delay < 0:
+        raise ValueError(f"'{value}': ranks must be >= 0 and MS a finite number >= 0")
+    return text
+
+
+# ----------------------------------------------------------------------------- one option
+def option(default, help: str, group: Group, check: Callable, *, metavar: str | None = None,
+           flag: str | None = None, default_text: str | None = None, exclusive: str | None = None,
+           repeat: bool = False):
+    """A TrainConfig field with what the command line and the config file need to know of it.
+
+    flag: the command-line spelling when it is not --name-with-hyphens (--no-progress).
+    default_text: how --help shows a default of None that stands for a computed value.
+    exclusive: options sharing this tag cannot both be given.
+    """
+    meta = {"help": help, "group": group, "check": check, "metavar": metavar, "flag": flag,
+            "default_text": default_text, "exclusive": exclusive, "repeat": repeat}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_INT0 = Number(int, low=0)
+_FINITE_POS = Number(float, low=0, low_open=True)
+_FINITE_NONNEG = Number(float, low=0)
 
 
 @dataclass
 class TrainConfig:
-    topology: str = "ring"
-    weights: str = "metropolis"
-    algorithm: str = "pc-asgd-pv"
-    theta: float = 0.5
-    lam: float = 0.04
-    lam_mode: str = "fixed"
-    tolerance: int | None = None
-    horizon: int = 16
-    mode: str = "async"
-    delay: str = "none"
-    straggler: list[str] = field(default_factory=list)
-    dataset: str = "digits"
-    data_dir: str | None = None
-    partition: str = "iid"
-    model: str = "mlp"
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 32
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    seed: int = 0
-    out: str | None = None
-    eval_every: int = 0
-    log_every: int = 1
-    timeout: float = 120.0
-    threads: int | None = None
-    progress: bool = True
-    overwrite: bool = False
-    checkpoint_every: int = 0
-    checkpoint_dir: str | None = None
-    keep_checkpoints: int = 3
-    resume: bool = False
-    fault_tolerant: bool = False
-    tensorboard: bool = False
-    device: str = "cpu"
-    cuda_aware: str = "auto"
-    synthetic_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
+    topology: str = option("ring", "ring, torus, exponential, complete, star, random-regular:D, "
+                           "small-world:K:P, or a graph file", Group.GRAPH, Text())
+    weights: WeightRule = option(WeightRule.METROPOLIS, "mixing-matrix rule (file: the weights in the graph file)",
+                                 Group.GRAPH, Choice(WeightRule))
+    algorithm: Algorithm = option(Algorithm.PC_ASGD_PV, "what a rank does with a stale neighbour",
+                                  Group.ALGORITHM, Choice(Algorithm))
+    theta: float = option(0.5, "predict/clip tradeoff of pc-asgd", Group.ALGORITHM, Number(float, 0, 1))
+    lam: float = option(0.04, "Taylor-prediction coefficient λ (>= 0)", Group.ALGORITHM, _FINITE_NONNEG)
+    lam_mode: LamMode = option(LamMode.FIXED, "λ as given (fixed) or scaled per parameter block (adaptive)",
+                               Group.ALGORITHM, Choice(LamMode))
+    slope: Slope = option(Slope.UPDATE, "slope of the Taylor prediction: the sender's last actual update "
+                          "(update), its raw gradient (gradient), or estimated from its two newest messages "
+                          "(velocity, half the bytes)", Group.ALGORITHM, Choice(Slope))
+    tolerance: int | None = option(None, "staleness still counted fresh", Group.ALGORITHM,
+                                   Number(int, low=0, optional=True), default_text="0 lockstep, 1 async")
+    horizon: int = option(16, "staleness beyond which a neighbour is dropped", Group.ALGORITHM, _INT0)
+    mode: Mode = option(Mode.ASYNC, "async: every rank at its own pace; lockstep: every step waits for the neighbours' "
+                        "messages of that step",
+                        Group.EXECUTION, Choice(Mode))
+    delay: str = option("none", "lockstep delay: none, fixed:TAU, random:P:TAU, ranks:R1,R2:TAU",
+                        Group.EXECUTION, _spec_text("fixed:3"))
+    straggler: list[str] = option([], "make RANK's steps FACTOR times slower (repeatable)", Group.EXECUTION,
+                                  Repeated(_spec_text("2:4")), metavar="RANK:FACTOR", repeat=True)
+    link_delay: list[str] = option([], "async: messages from RANKS reach their neighbours MS ms late "
+                                   "(repeatable)", Group.EXECUTION, Repeated(link_delay_spec),
+                                   metavar="RANKS:MS", repeat=True)
+    stop: Stop = option(Stop.FIRST, "async: all ranks stop together once one rank has done --steps or "
+                        "--duration elapsed (first), or every rank does its own --steps (each)",
+                        Group.EXECUTION, Choice(Stop))
+    balance: Balance = option(Balance.NONE, "async: scale a rank's step by its measured slowness, so a slow "
+                              "rank's data counts as much as a fast rank's (lr)", Group.EXECUTION, Choice(Balance))
+    device: Device = option(Device.CPU, "where each rank trains; with several GPUs per node, rank -> GPU by "
+                            "local rank", Group.EXECUTION, Choice(Device))
+    cuda_aware: CudaAware = option(CudaAware.AUTO, "pass GPU buffers to MPI directly (auto: ask the MPI "
+                                   "library; PCASGD_CUDA_AWARE=0|1 overrides)", Group.EXECUTION, Choice(CudaAware))
+    fault_tolerant: bool = option(False, "async: survive dead ranks (launch with mpirun --with-ft ulfm, see "
+                                  "README)", Group.EXECUTION, Flag())
+    threads: int | None = option(None, "torch threads per rank", Group.EXECUTION,
+                                 Number(int, low=1, optional=True), default_text="cores of the node / ranks on it")
+    timeout: float = option(120.0, "seconds any wait for another rank may take before the job is aborted",
+                            Group.EXECUTION, _FINITE_POS, metavar="SECONDS")
+    dataset: Dataset = option(Dataset.DIGITS, "training data", Group.DATA, Choice(Dataset))
+    data_dir: str | None = option(None, "folder with the files of mnist, fashion-mnist or cifar10", Group.DATA,
+                                  Text(optional=True), metavar="DIR")
+    synthetic_shape: list[int] = option([1, 8, 8], "input shape of --dataset synthetic", Group.DATA, Shape(),
+                                        metavar="C,H,W")
+    partition: str = option("iid", "iid or dirichlet:ALPHA (non-IID label skew)", Group.DATA,
+                            _spec_text("dirichlet:0.5"))
+    model: Model = option(Model.MLP, "network trained by every rank", Group.DATA, Choice(Model))
+    steps: int | None = option(None, "local steps per rank", Group.OPTIMISATION, Number(int, low=1, optional=True),
+                               default_text=str(DEFAULT_STEPS), exclusive="length", metavar="N")
+    epochs: float | None = option(None, "passes over the training set, instead of --steps", Group.OPTIMISATION,
+                                  Number(float, low=0, low_open=True, optional=True), exclusive="length",
+                                  metavar="E")
+    duration: float | None = option(None, "async: all ranks stop together after this many seconds of training",
+                                    Group.OPTIMISATION, Number(float, low=0, low_open=True, optional=True),
+                                    metavar="SECONDS")
+    batch_size: int = option(32, "samples per local step (at most the rank's shard)", Group.OPTIMISATION,
+                             Number(int, low=1), metavar="B")
+    lr: float = option(0.1, "learning rate", Group.OPTIMISATION, _FINITE_POS)
+    momentum: float = option(0.0, "SGD momentum", Group.OPTIMISATION, _FINITE_NONNEG)
+    weight_decay: float = option(0.0, "SGD weight decay", Group.OPTIMISATION, _FINITE_NONNEG)
+    seed: int = option(0, "seed of the model, the data split and the batches", Group.OPTIMISATION, _INT0)
+    out: str | None = option(None, "run directory: new, empty, or an earlier run of pcasgd-mpi", Group.OUTPUT,
+                             Text(optional=True), default_text="runs/<time>-<algorithm>", metavar="DIR")
+    overwrite: bool = option(False, "replace the earlier run in --out (its metrics, summary and checkpoints)",
+                             Group.OUTPUT, Flag())
+    eval_every: int = option(0, "evaluate every N steps (0: only at the end)", Group.OUTPUT, _INT0, metavar="N")
+    log_every: int = option(1, "write a metrics line every N steps (0: none)", Group.OUTPUT, _INT0, metavar="N")
+    tensorboard: bool = option(False, "also write TensorBoard scalars to OUT/tensorboard (needs: pip install "
+                               "tensorboard)", Group.OUTPUT, Flag())
+    progress: bool = option(True, "hide the progress bar", Group.OUTPUT, Flag(), flag="--no-progress")
+    checkpoint_every: int = option(0, "write every rank's state every N steps (0: only when stopped by "
+                                   "SIGTERM/SIGUSR1)", Group.CHECKPOINTS, _INT0, metavar="N")
+    checkpoint_dir: str | None = option(None, "where checkpoints go", Group.CHECKPOINTS, Text(optional=True),
+                                        default_text="OUT/checkpoints", metavar="DIR")
+    keep_checkpoints: int = option(3, "keep the last K per rank", Group.CHECKPOINTS, Number(int, low=1),
+                                   metavar="K")
+    resume: bool = option(False, "continue from the newest checkpoint (lockstep: the newest step all ranks "
+                          "have)", Group.CHECKPOINTS, Flag())
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            try:
+                setattr(self, f.name, f.metadata["check"](getattr(self, f.name)))
+            except ValueError as exc:
+                raise ValueError(f"{flag_of(f)}: {exc}") from None
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("--steps and --epochs both given; give one of them")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite both given; --resume continues the run in --out, "
+                             "--overwrite starts it afresh: give one")
+        check_rule_settings(self.theta, self.lam, self.lam_mode, self.resolved_tolerance(), self.horizon)
+
+    # ------------------------------------------------------------------ building one
+    @classmethod
+    def parse_mapping(cls, values: Mapping, source: str) -> dict:
+        """Check a mapping of option: value (keys spelled with - or _); returns field name -> typed value.
+
+        Raises ValueError of one line naming `source` and the key."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{source}: expected a mapping of option: value, got {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        checked = {}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in fields:
+                raise ValueError(f"{source}: unknown option '{key}'; see pcasgd-mpi train --help")
+            try:
+                checked[name] = fields[name].metadata["check"](value)
+            except ValueError as exc:
+                raise ValueError(f"{source}: {key}: {exc}") from None
+        return checked
+
+    @classmethod
+    def from_mapping(cls, values: Mapping, source: str = "config") -> TrainConfig:
+        """A TrainConfig from e.g. a YAML document; every problem is one ValueError line naming `source`."""
+        checked = cls.parse_mapping(values, source)
+        try:
+            return cls(**checked)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    # ------------------------------------------------------------------ resolved values
+    def resolved_tolerance(self) -> int:
+        """Lockstep counts only the current step as fresh; async one step behind (ALGORITHM.md)."""
+        return resolve_tolerance(self.tolerance, self.mode)
+
+    def resolved_steps(self, train_samples: int, world_size: int) -> int:
+        """Local steps per rank: --steps, or --epochs over the whole training set, or the default."""
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * train_samples / (world_size * self.batch_size)))
+        return DEFAULT_STEPS
+
+    def effective(self, steps: int, tolerance: int | None = None) -> TrainConfig:
+        """This configuration with the values the run actually used (what config.yaml records)."""
+        return dataclasses.replace(self, steps=steps, epochs=None,
+                                   tolerance=self.resolved_tolerance() if tolerance is None else tolerance)
+
+    def to_file(self) -> dict:
+        """Plain values keyed like the long options, for config.yaml; `--config` reads it back.
+
+        Where the run went and whether it continued or replaced an earlier one are left out:
+        the file repeats the run elsewhere."""
+        skip = {"out", "overwrite", "resume"}
+        return {f.name.replace("_", "-"): _plain(getattr(self, f.name))
+                for f in dataclasses.fields(self) if f.name not in skip}
+
+    def first_difference(self, saved: Mapping, ignore: tuple[str, ...] = ()) -> tuple[str, object, object] | None:
+        """(field, saved value, this value) of the first training setting in which a saved config.yaml
+        (keys with - or _) differs from this one, or None. A length given by --epochs or left to the
+        default is resolved from the data only at run time, so then steps and epochs are not compared."""
+        saved = {str(k).replace("-", "_"): v for k, v in saved.items()}
+        mine = {k.replace("-", "_"): v for k, v in self.to_file().items()}
+        mine["tolerance"] = self.resolved_tolerance()
+        for key, want in mine.items():
+            if key in ignore or key not in saved or (key in ("steps", "epochs") and self.steps is None):
+                continue
+            if saved[key] != want:
+                return key, saved[key], want
+        return None
+
+    # ------------------------------------------------------------------ identity
     def config_hash(self) -> str:
         """Every rank must run with the same options (progress and threads are per-rank matters)."""
         return _hash({k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress", "threads")})
 
     def training_hash(self) -> str:
         """What a checkpoint must agree on to be continued: the options that change the trajectory."""
-        skip = {"progress", "threads", "out", "overwrite", "steps", "epochs", "eval_every", "log_every",
-                "timeout", "straggler", "fault_tolerant", "tensorboard", "device", "cuda_aware", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "resume"}
+        skip = {"progress", "threads", "out", "overwrite", "steps", "epochs", "duration", "stop", "link_delay",
+                "eval_every", "log_every", "timeout", "straggler", "fault_tolerant", "tensorboard", "device",
+                "cuda_aware", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "resume"}
         return _hash({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def resolve_tolerance(tolerance: int | None, mode: Mode | str) -> int:
+    if tolerance is not None:
+        return tolerance
+    return 0 if Mode(mode) is Mode.LOCKSTEP else 1
+
+
+def check_rule_settings(theta: float, lam: float, lam_mode: str, tolerance: int, horizon: int) -> None:
+    """The update rule's settings, checked the same way for the command line and the Python API."""
+    if not (_is_number(theta) and 0.0 <= theta <= 1.0):
+        raise ValueError(f"theta must be in [0, 1], got {theta}")
+    if not (_is_number(lam) and math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+    if lam_mode not in tuple(LamMode):
+        raise ValueError(f"lam_mode must be one of {', '.join(LamMode)}, got '{lam_mode}'")
+    for name, value in (("tolerance", tolerance), ("horizon", horizon)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a whole number >= 0, got {value}")
+    if tolerance > horizon:
+        raise ValueError(f"tolerance ({tolerance}) must not exceed horizon ({horizon})")
+
+
+def _plain(value):
+    if isinstance(value, TextEnum):
+        return value.value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _hash(fields: dict) -> str:

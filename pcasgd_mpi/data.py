@@ -1,7 +1,7 @@
 """Datasets, per-agent partitions and per-agent minibatch streams.
 
 Nothing here is downloaded: ``digits`` ships with scikit-learn, ``synthetic``
-is generated, and MNIST, Fashion-MNIST and CIFAR-10 are read from files the
+and ``mnist1d`` are generated, and MNIST, Fashion-MNIST and CIFAR-10 are read from files the
 user already has (the layouts torchvision leaves behind are recognised).
 """
 
@@ -10,7 +10,10 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import math
+import os
 import pickle
+import random
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10", "mnist1d")
 
 _IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -67,6 +70,8 @@ def load(
         return _load_idx_dataset(name, root)
     if name == "cifar10":
         return _load_cifar10(root)
+    if name == "mnist1d":
+        return _load_mnist1d()
     raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
 
 
@@ -221,10 +226,31 @@ def _load_idx_dataset(name: str, root) -> Dataset:
     )
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Rebuilds only what a CIFAR-10 batch holds (dicts, lists, bytes, numpy arrays): a pickle
+    naming anything else, such as a function to call, is refused before it can run."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        # arrays pickled with protocol 5 by a newer numpy (a re-saved copy of the files)
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("builtins", "list"), ("builtins", "dict"), ("builtins", "bytes"), ("builtins", "bytearray"),
+        ("_codecs", "encode"),  # how protocol 2 stores bytes for Python 3
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path}: refused to load ({exc}); use the original CIFAR-10 python files") from None
     # A damaged pickle can fail in many ways; all of them mean the same to the user.
     except Exception as exc:
         raise DataError(f"{path}: not a readable CIFAR-10 pickle ({exc}); re-download it") from exc
@@ -259,6 +285,88 @@ def _load_cifar10(root) -> Dataset:
     x_tr /= 255
     x_te /= 255
     return _make_dataset("cifar10", x_tr, y_tr, x_te, y_te, 10, axes=(0, 2, 3))
+
+
+# The published MNIST-1D split (Greydanus & Kobak 2020): make_dataset's defaults, seed 42.
+MNIST1D_SPLIT = (4000, 1000)
+MNIST1D_LENGTH = 40
+_MNIST1D_CACHE_FORMAT = 1
+
+
+def _mnist1d_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("mnist1d")
+    except metadata.PackageNotFoundError:
+        raise DataError("dataset 'mnist1d' needs the mnist1d package (pip install mnist1d)") from None
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pcasgd-mpi"
+
+
+def _generate_mnist1d() -> dict[str, np.ndarray]:
+    """Run the package's generator with its default arguments, leaving the global RNGs as they were.
+
+    Only ``make_dataset`` is called: ``get_dataset`` may fetch a file from the network.
+    """
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as exc:
+        raise DataError(f"dataset 'mnist1d' needs the mnist1d package (pip install mnist1d): {exc}") from exc
+    # make_dataset reseeds numpy's and Python's global generators; callers must not feel it.
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        raw = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return {key: np.asarray(raw[key]) for key in ("x", "y", "x_test", "y_test")}
+
+
+def _mnist1d_arrays() -> dict[str, np.ndarray]:
+    """The generated arrays, from a per-user cache file when one exists (generation takes seconds).
+
+    Each of many ranks may find the cache missing and write it; the write is atomic (temporary
+    file, then rename), so a reader sees either no file or a whole one.
+    """
+    path = _cache_dir() / f"mnist1d-{_mnist1d_version()}-v{_MNIST1D_CACHE_FORMAT}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {key: f[key] for key in ("x", "y", "x_test", "y_test")}
+        if len(arrays["y"]) == MNIST1D_SPLIT[0] and len(arrays["y_test"]) == MNIST1D_SPLIT[1]:
+            return arrays
+    # A missing, partial or foreign cache file only means generating again.
+    except Exception:
+        pass
+    arrays = _generate_mnist1d()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        pass  # a read-only home only costs the generation next time
+    return arrays
+
+
+def _load_mnist1d() -> Dataset:
+    arrays = _mnist1d_arrays()
+    x_tr, x_te = (arrays[k].astype(np.float32)[:, None, :] for k in ("x", "x_test"))
+    y_tr, y_te = arrays["y"], arrays["y_test"]
+    if x_tr.shape != (MNIST1D_SPLIT[0], 1, MNIST1D_LENGTH) or x_te.shape != (MNIST1D_SPLIT[1], 1, MNIST1D_LENGTH):
+        raise DataError(
+            f"the mnist1d package generated {x_tr.shape} / {x_te.shape} signals instead of the "
+            f"published {MNIST1D_SPLIT} x {MNIST1D_LENGTH}; install mnist1d>=0.0.2,<0.1"
+        )
+    return _make_dataset("mnist1d", x_tr, y_tr, x_te, y_te, 10, axes=(0, 1, 2))
 
 
 def _parse_scheme(scheme: str) -> float | None:

@@ -116,6 +116,29 @@ class Straggler:
             rank, factor = int(rank_text), float(factor_text)
         except ValueError:
             raise SpecError(f"--straggler '{spec}' is not RANK:FACTOR (e.g. 2:4 slows rank 2 four times)") from None
-        if rank < 0 or not factor >= 1.0:
-            raise SpecError(f"--straggler '{spec}': RANK must be >= 0 and FACTOR >= 1")
+        if rank < 0 or not 1.0 <= factor < float("inf"):
+            raise SpecError(f"--straggler '{spec}': RANK must be >= 0 and FACTOR a finite number >= 1")
         return cls(rank, factor)
+
+
+def link_delays(specs: list[str], size: int) -> dict[int, float]:
+    """`--link-delay RANKS:MS` (repeatable) as {rank: seconds} for the ranks it names.
+
+    A rank named twice is an error rather than a silent choice between two delays.
+    """
+    out: dict[int, float] = {}
+    for spec in specs:
+        ranks, _, ms = str(spec).rpartition(":")
+        try:
+            names, seconds = [int(r) for r in ranks.split(",")], float(ms) / 1000.0
+        except ValueError:
+            raise SpecError(f"--link-delay '{spec}' is not RANKS:MS (e.g. 0,2:20)") from None
+        if not ranks or any(r < 0 for r in names) or not 0.0 <= seconds < float("inf"):
+            raise SpecError(f"--link-delay '{spec}': ranks must be >= 0 and MS a finite number >= 0")
+        for r in names:
+            if r >= size:
+                raise SpecError(f"--link-delay names rank {r} but the job has only {size} ranks (0..{size - 1})")
+            if r in out:
+                raise SpecError(f"--link-delay names rank {r} twice; give each rank one delay")
+            out[r] = seconds
+    return out

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-# Launchers that export a node-local rank, in the order they are tried: Open MPI, MPICH/Hydra,
-# Slurm, MVAPICH2, PMI (Cray and others).
+# Launchers that export a node-local rank, in the order they are tried: Open MPI's mpirun,
+# MPICH/Hydra and Intel MPI, MVAPICH2, PMI (Cray and others), then Slurm. Under `srun --mpi=pmix`
+# only SLURM_LOCALID is set (Open MPI's own variable is not). It comes last because it is also
+# inherited: an mpirun started inside a Slurm allocation (or by a batch script, local id 0) passes
+# the SLURM_LOCALID of its own task to every rank it starts, while its own variable is the true one.
 LOCAL_RANK_VARIABLES = (
     "OMPI_COMM_WORLD_LOCAL_RANK",
     "MPI_LOCALRANKID",
-    "SLURM_LOCALID",
     "MV2_COMM_WORLD_LOCAL_RANK",
     "PMI_LOCAL_RANK",
+    "SLURM_LOCALID",
 )
 ENV_OVERRIDE = "PCASGD_CUDA_AWARE"
 MPI_LIBRARY_PREFIXES = ("libmpi.so", "libmpich.so")
@@ -51,7 +55,7 @@ def local_rank_from_comm(comm) -> int:
         local.Free()
 
 
-def select_device(spec: str, local_rank: int | None = None) -> "torch.device":
+def select_device(spec: str, local_rank: int | None = None) -> torch.device:
     """The torch device for `spec` ("cpu", "cuda" or "auto").
 
     Ranks on one node take the node's GPUs round-robin by local rank, so a node with more ranks
@@ -143,7 +147,7 @@ def query_mpi_cuda_support(maps_path: str = "/proc/self/maps") -> bool | None:
 
 def decide_cuda_aware(
     setting: CudaAware | str,
-    device: "torch.device | str",
+    device: torch.device | str,
     env: Mapping[str, str] | None = None,
     *,
     maps_path: str = "/proc/self/maps",

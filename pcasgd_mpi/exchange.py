@@ -11,26 +11,28 @@ read of every payload on arrival would cost a fifth of the bandwidth at 16 MiB.
 
 from __future__ import annotations
 
-import hashlib
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
+from .collectives import Timeout, spin
 from .transport import HostTransport, Transport
 
 MAGIC = 0x3144475341435050  # b"PPCASGD1" read as a little-endian int64
 HEADER_BYTES = 64
 _WORDS = HEADER_BYTES // 8
-_MAGIC, _SENDER, _STEP, _NUMEL, _SIGNATURE, _FLAGS = range(6)
+_MAGIC, _SENDER, _STEP, _NUMEL, _SIGNATURE, _FLAGS, _MADE_AT, _ALPHA = range(8)
 FLAG_GRAD = 1
+_STOP_SHIFT = 8  # flags above this bit: 1 + the step after which the sender asks everyone to stop
 TAG = 7401
+MAX_HELD = 256  # messages a delayed link may hold at once; beyond that the oldest is dropped
 
-
-class ExchangeTimeout(RuntimeError):
-    """A wait in the exchange passed its deadline."""
+ExchangeTimeout = Timeout  # a wait in the exchange passed its deadline
 
 
 class PeerFailed(RuntimeError):
@@ -41,12 +43,6 @@ class PeerFailed(RuntimeError):
         self.rank = rank
 
 
-def model_signature(named_shapes: Sequence[tuple[str, tuple[int, ...], str]]) -> int:
-    """A 63-bit hash of parameter names, shapes and dtypes; messages from another model are refused."""
-    text = ";".join(f"{n}:{tuple(s)}:{d}" for n, s, d in named_shapes)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
 @dataclass
 class Message:
     """A received message. Tensors are views into exchange buffers, valid until the next poll."""
@@ -55,6 +51,20 @@ class Message:
     step: int
     weights: torch.Tensor
     grad: torch.Tensor | None
+    made_at: float = 0.0  # when the sender made it, on the clock the ranks share
+    alpha: float = 0.0  # the sender's step size, for reading its slope
+    stop_at: int | None = None  # the sender asks every rank to stop after this step
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def _message(source: int, buf: "_Buffer") -> Message:
+    h = buf.header
+    made_at, alpha = (float(v) for v in h[_MADE_AT:_ALPHA + 1].view(np.float64))
+    stop = int(h[_FLAGS]) >> _STOP_SHIFT
+    return Message(source, int(h[_STEP]), buf.weights, buf.grad, made_at, alpha, stop - 1 if stop else None)
 
 
 class _Buffer:
@@ -69,9 +79,10 @@ class _Buffer:
         self.grad = self.payload[numel:] if with_grad else None
         self.requests: list[MPI.Request] = []
         self.staged = False  # its bytes are still being copied in; the sends start after that
+        self.held = False  # waiting out an emulated link delay
 
     def busy(self) -> bool:
-        if self.staged:
+        if self.staged or self.held:
             return True
         if self.requests:
             self.requests = [r for r in self.requests if not _done_or_failed(r)]
@@ -89,20 +100,11 @@ def _done_or_failed(req: MPI.Request) -> bool:
 @dataclass
 class ExchangeStats:
     sent: int = 0
+    bytes_sent: int = 0
     skipped: int = 0  # sends not made because the previous one to that neighbour was in flight
     received: int = 0
+    held_dropped: int = 0  # messages a delayed link dropped because too many were held
     rejected: dict[str, int] = field(default_factory=dict)
-
-
-def _wait(done: Callable[[], bool], deadline: float, what: Callable[[], str]) -> None:
-    """Spin on `done` until it holds or the deadline passes; back off so idle ranks yield the core."""
-    spins = 0
-    while not done():
-        if time.monotonic() > deadline:
-            raise ExchangeTimeout(what())
-        spins += 1
-        if spins > 50:
-            time.sleep(min(1e-3, 1e-5 * (spins - 50)))
 
 
 class Exchange:
@@ -119,7 +121,11 @@ class Exchange:
         with_grad: bool = True,
         warn: Callable[[str], None] | None = None,
         transport: Transport | None = None,
+        hold: float = 0.0,
     ):
+        """`hold`: seconds each message waits before its sends start, which emulates a slow link
+        from this rank to its neighbours without blocking anybody (the message stays in a pool
+        buffer meanwhile; messages are still made every step, so a delayed link is pipelined)."""
         self.transport = transport if transport is not None else HostTransport()
         self.comm = comm.Dup()
         self.comm.Set_errhandler(MPI.ERRORS_RETURN)
@@ -138,6 +144,9 @@ class Exchange:
         make = lambda: _Buffer(self.transport, self.nbytes, numel, dtype, with_grad)  # noqa: E731
         # Each neighbour has at most one send in flight, so deg + 1 buffers always leave one free.
         self._send_pool = [make() for _ in range(len(self.neighbours) + 1)]
+        self._make = make
+        self.hold = float(hold)
+        self._held: deque[tuple[float, _Buffer]] = deque()
         self._prepared: _Buffer | None = None
         # dest -> its send; None while the send waits for its buffer's copy to finish
         self._in_flight: dict[int, MPI.Request | None] = {}
@@ -154,6 +163,8 @@ class Exchange:
         return self.comm.Irecv([self._inbox[source].raw, MPI.BYTE], source=source, tag=TAG)
 
     def _progress_sends(self) -> None:
+        if self._held:
+            self._release_held()
         if self._staged:
             self._launch_staged()
         for dest, req in list(self._in_flight.items()):
@@ -180,6 +191,9 @@ class Exchange:
         *,
         block: bool = False,
         deadline: float = float("inf"),
+        made_at: float = 0.0,
+        alpha: float = 0.0,
+        stop_at: int | None = None,
     ) -> int:
         """Send (step, weights[, grad]) to every neighbour; returns how many sends were started
         (or, with a transport that copies asynchronously, scheduled to start once the copy is done).
@@ -193,7 +207,8 @@ class Exchange:
         if not targets:
             return 0
         buf = self._free_buffer()
-        return self._start(buf, step, targets, [weights, grad] if self.with_grad else [weights])
+        return self._start(buf, (step, made_at, alpha, stop_at), targets,
+                           [weights, grad] if self.with_grad else [weights])
 
     def send_buffer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Views (weights, grad) of the pool buffer the next `send_prepared` sends from.
@@ -205,18 +220,24 @@ class Exchange:
         self._prepared = self._free_buffer()
         return self._prepared.weights, self._prepared.grad
 
-    def send_prepared(self, step: int, *, block: bool = False, deadline: float = float("inf")) -> int:
+    def send_prepared(self, step: int, *, block: bool = False, deadline: float = float("inf"),
+                      made_at: float = 0.0, alpha: float = 0.0, stop_at: int | None = None) -> int:
         """`send` of the payload written into the views from `send_buffer`, without copying it."""
         if self._prepared is None:
             raise RuntimeError("send_prepared() needs a send_buffer() first")
         buf, self._prepared = self._prepared, None
         targets = self._targets(block, deadline)
-        return self._start(buf, step, targets) if targets else 0
+        return self._start(buf, (step, made_at, alpha, stop_at), targets) if targets else 0
 
     def _targets(self, block: bool, deadline: float) -> list[int]:
+        if self.hold > 0:
+            # A held message picks its targets when its delay is over; it goes to every live neighbour.
+            self._progress_sends()
+            return [n for n in self.neighbours if n not in self.failed]
         if block:
-            _wait(self.send_ready, deadline,
-                  lambda: f"sends to ranks {sorted(self._in_flight)} did not complete")
+            spin(self.send_ready, deadline,
+                  lambda: f"sends to {_ranks(sorted(self._in_flight))} did not complete in time "
+                                         f"(frozen, dead or much slower than the rest)")
         else:
             self._progress_sends()
         targets = [n for n in self.neighbours if n not in self._in_flight and n not in self.failed]
@@ -224,24 +245,53 @@ class Exchange:
         return targets
 
     def _free_buffer(self) -> _Buffer:
-        return next(b for b in self._send_pool if not b.busy())
+        free = next((b for b in self._send_pool if not b.busy()), None)
+        if free is not None:
+            return free
+        if len(self._send_pool) < len(self.neighbours) + 1 + MAX_HELD:
+            self._send_pool.append(self._make())  # a delayed link holds more messages than the pool had
+            return self._send_pool[-1]
+        _, oldest = self._held.popleft()
+        oldest.held = False
+        self.stats.held_dropped += 1
+        return oldest
 
-    def _start(self, buf: _Buffer, step: int, targets: list[int],
+    def _start(self, buf: _Buffer, head: tuple[int, float, float, int | None], targets: list[int],
                parts: list[torch.Tensor | None] | None = None) -> int:
         """Stages the message and starts its sends, now or, while the transport's copy into the
         buffer is still running (a GPU's), from a later progress call: the caller never waits
         for it. Until then the targets count as in flight, so flow control holds for them too."""
+        step, made_at, alpha, stop_at = head
         h = buf.header
         h[_MAGIC], h[_SENDER], h[_STEP], h[_NUMEL] = MAGIC, self.rank, step, self.numel
-        h[_SIGNATURE], h[_FLAGS] = self.signature, FLAG_GRAD if self.with_grad else 0
+        stop = 0 if stop_at is None else (int(stop_at) + 1) << _STOP_SHIFT
+        h[_SIGNATURE], h[_FLAGS] = self.signature, (FLAG_GRAD if self.with_grad else 0) | stop
+        h[_MADE_AT:_ALPHA + 1] = np.array([made_at, alpha], dtype=np.float64).view(np.int64)
         # parts None: the payload was written in place through send_buffer().
         self.transport.stage_out(buf.slot, parts)
+        if self.hold > 0:
+            buf.held = True
+            self._held.append((time.monotonic() + self.hold, buf))
+            return len(targets)
+        self._stage(buf, targets)
+        return len(targets)
+
+    def _stage(self, buf: _Buffer, targets: list[int]) -> None:
         buf.staged = True
         for dest in targets:
             self._in_flight[dest] = None
         self._staged.append((buf, targets))
         self._launch_staged()
-        return len(targets)
+
+    def _release_held(self) -> None:
+        now = time.monotonic()
+        while self._held and self._held[0][0] <= now:
+            _, buf = self._held.popleft()
+            buf.held = False
+            targets = [n for n in self.neighbours if n not in self._in_flight and n not in self.failed]
+            self.stats.skipped += len(self.neighbours) - len(targets) - len(self.failed & set(self.neighbours))
+            if targets:
+                self._stage(buf, targets)
 
     def _launch_staged(self) -> None:
         waiting = []
@@ -262,6 +312,7 @@ class Exchange:
                 buf.requests.append(req)
                 self._in_flight[dest] = req
                 self.stats.sent += 1
+                self.stats.bytes_sent += self.nbytes
         self._staged = waiting
 
     # -------------------------------------------------------------- receiving
@@ -287,7 +338,7 @@ class Exchange:
             return "malformed header"
         if h[_SIGNATURE] != self.signature:
             return "foreign model signature"
-        if bool(h[_FLAGS] & FLAG_GRAD) != self.with_grad:
+        if bool(int(h[_FLAGS]) & FLAG_GRAD) != self.with_grad:
             return "gradient flag mismatch"
         return None
 
@@ -324,7 +375,7 @@ class Exchange:
                     buf = self._inbox[source]
                     step = int(buf.header[_STEP])
                     if handler is not None:
-                        handler(Message(source, step, buf.weights, buf.grad))
+                        handler(_message(source, buf))
                     if step > self._latest_step[source]:
                         self._inbox[source], self._latest[source] = self._latest[source], buf
                         self._latest_step[source] = step
@@ -336,23 +387,29 @@ class Exchange:
     def latest(self, source: int) -> Message | None:
         if self._latest_step[source] < 0:
             return None
-        buf = self._latest[source]
-        return Message(source, self._latest_step[source], buf.weights, buf.grad)
+        return _message(source, self._latest[source])
 
     def latest_step(self, source: int) -> int:
         return self._latest_step[source]
 
-    def wait_for_step(self, step: int, deadline: float, handler: Callable[[Message], None] | None = None) -> None:
-        """Poll until every live neighbour has sent a message of at least `step` (lockstep mode)."""
+    def wait_for_step(self, step: int, deadline: float, handler: Callable[[Message], None] | None = None,
+                      also: Callable[[], None] | None = None) -> None:
+        """Poll until every live neighbour has sent a message of at least `step` (lockstep mode);
+        `also` runs between polls (it may raise to end the wait early)."""
         def waiting() -> list[int]:
             return [n for n in self.neighbours if n not in self.failed and self._latest_step[n] < step]
 
         def done() -> bool:
             self.poll(handler)
             self._progress_sends()
-            return not waiting()
+            if not waiting():
+                return True
+            if also is not None:
+                also()
+            return False
 
-        _wait(done, deadline, lambda: f"no message for step {step} from ranks {waiting()}")
+        spin(done, deadline, lambda: f"no message for step {step} from {_ranks(waiting())} in time "
+                                     f"(frozen, dead or much slower than the rest)")
 
     # --------------------------------------------------------------- shutdown
     def close(self, deadline: float, *, shrink: bool = False) -> MPI.Comm:
@@ -366,14 +423,17 @@ class Exchange:
         if self._closed:
             return self._survivors
         self._closed = True
+        for _, buf in self._held:  # a delayed message not yet released at the end is not sent
+            buf.held = False
+        self._held.clear()
         self._survivors = self.comm.Shrink() if shrink else self.comm
 
         def barrier(what: str) -> None:
             req = self._survivors.Ibarrier()
-            _wait(lambda: (self.poll(), self._progress_sends(), req.Test())[-1], deadline, lambda: what)
+            spin(lambda: (self.poll(), self._progress_sends(), req.Test())[-1], deadline, lambda: what)
 
         barrier("not every rank reached the end of training")
-        _wait(lambda: (self.poll(), self.send_ready())[-1], deadline,
+        spin(lambda: (self.poll(), self.send_ready())[-1], deadline,
               lambda: f"sends to ranks {sorted(self._in_flight)} were never received")
         barrier("not every rank finished its sends")
         self.poll()
@@ -383,8 +443,11 @@ class Exchange:
                 req.Cancel()
             except MPI.Exception as exc:
                 self._peer_error(source, exc)
-        _wait(lambda: all(_done_or_failed(r) for r in live.values()), deadline,
+        spin(lambda: all(_done_or_failed(r) for r in live.values()), deadline,
               lambda: "receives could not be cancelled")
+        if not shrink:
+            self.comm.Free()  # a grid runs many optimizers in one process: do not leak communicators
+            self._survivors = None
         return self._survivors
 
     def failed_world_ranks(self, survivors: MPI.Comm) -> list[int]:

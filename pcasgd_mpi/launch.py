@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 
 def mpirun_command(ranks: int) -> list[str]:
@@ -24,3 +27,57 @@ def mpi_environment(extra: dict | None = None) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
+
+
+# Set by mpirun, mpiexec or srun in every process they start; read without starting MPI.
+_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS")
+TIMED_OUT = 124
+INTERRUPTED = 130
+
+
+def under_launcher() -> bool:
+    """Whether an MPI launcher started this process (else it is a plain `python ...`)."""
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+def run_under_mpirun(ranks: int, argv: list[str], timeout: float) -> int:
+    """Run `mpirun -n RANKS python ARGV...` with this interpreter; its output goes straight to ours.
+
+    Returns the job's exit status, TIMED_OUT when it passed `timeout` seconds (its whole process
+    group is killed: mpirun alone would leave ranks behind) or INTERRUPTED on Ctrl-C. Raises
+    RuntimeError when there is no mpirun.
+    """
+    cmd = mpirun_command(ranks) + [sys.executable, *argv]
+    print(f"launching: {' '.join(cmd)} (time limit {timeout:.0f} s)", flush=True)
+    proc = subprocess.Popen(cmd, env=mpi_environment(), start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return TIMED_OUT
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        return INTERRUPTED
+
+
+def abort_job(code: int) -> None:
+    """Other ranks may be waiting on this one: take the whole job down instead of leaving them hanging.
+
+    Does nothing when MPI was never started or the job has one rank (then returning is enough).
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
+        mpi.COMM_WORLD.Abort(code)
+
+
+LAUNCHER_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+
+
+def env_rank() -> int | None:
+    """This process's rank as the launcher set it, read without starting MPI; None: no launcher."""
+    for var in LAUNCHER_RANK_VARIABLES:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None

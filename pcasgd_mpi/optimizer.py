@@ -1,8 +1,8 @@
 """DistributedOptimizer: wraps a torch optimizer; `step()` does the local step, the exchange and the rule.
 
-The parameters of the model are re-pointed into one contiguous flat buffer, so mixing, sending
-and the rule work on a single vector (ALGORITHM.md "Setting"). The local step Δ is whatever the
-wrapped optimizer does (plain SGD, momentum, weight decay, ...): Δ = x after its step − x before.
+The parameters of the model are re-pointed into one contiguous flat buffer (flat.py), so mixing,
+sending and the rule work on a single vector (ALGORITHM.md "Setting"). The local step Δ is whatever
+the wrapped optimizer does (plain SGD, momentum, weight decay, ...): Δ = x after its step − x before.
 """
 
 from __future__ import annotations
@@ -10,39 +10,31 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
-from enum import Enum
 from typing import Callable
 
-import numpy as np
+import networkx as nx
 import torch
 from mpi4py import MPI
 
-from . import rule
+from . import collectives, rule
+from .config import Algorithm, Balance, Mode, Slope, TrainConfig, check_rule_settings
 from .delay import DelayModel
-from .exchange import Exchange, model_signature
+from .exchange import Exchange
+from .finite import all_finite, left_out, message_finite
+from .flat import FlatParameters
+from .neighbours import AsyncNeighbours, LockstepNeighbours, View
+from .roster import Roster, StopReason
+from .staleness import SenderClock, clock_offset
 from .transport import CudaAwareTransport, Transport, make_transport
 from .world import World
 
+_D = TrainConfig()  # the defaults are defined once, there
 NEVER = "never"  # staleness histogram key for a neighbour that has not sent anything yet
+BALANCE_CAP = 8.0  # the largest factor a slow rank's step is scaled by (--balance lr)
 
 
-class Algorithm(str, Enum):
-    DSGD = "dsgd"
-    CLIP = "clip"
-    PREDICT = "predict"
-    PC_ASGD = "pc-asgd"
-    PC_ASGD_PV = "pc-asgd-pv"
-    PC_ASGD_AV = "pc-asgd-av"
-    ALLREDUCE = "allreduce"
-
-    @property
-    def sends_gradient(self) -> bool:
-        return self in (Algorithm.PREDICT, Algorithm.PC_ASGD, Algorithm.PC_ASGD_PV, Algorithm.PC_ASGD_AV)
-
-
-class Mode(str, Enum):
-    LOCKSTEP = "lockstep"
-    ASYNC = "async"
+class Diverged(RuntimeError):
+    """This agent's own weights became inf or NaN."""
 
 
 @dataclass
@@ -53,103 +45,21 @@ class StepInfo:
     thetas: dict[int, float] | None = None  # AV: θ_l of each stale neighbour
 
 
-class FlatParameters:
-    """All floating-point parameters of a model as views into one contiguous buffer."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
-        if not self.named:
-            raise ValueError("the model has no floating-point parameters to train")
-        dtypes = {p.dtype for _, p in self.named}
-        devices = {p.device for _, p in self.named}
-        if len(dtypes) != 1 or len(devices) != 1:
-            raise ValueError(f"all parameters must share one dtype and device, found {dtypes} on {devices}")
-        self.dtype, self.device = dtypes.pop(), devices.pop()
-        self.sizes = [p.numel() for _, p in self.named]
-        self.numel = sum(self.sizes)
-        self.data = self._empty()
-        self._grad: torch.Tensor | None = None  # made on first use: only the allreduce baseline needs it
-        offset = 0
-        with torch.no_grad():
-            for (_, p), n in zip(self.named, self.sizes):
-                view = self.data[offset:offset + n].view_as(p)
-                view.copy_(p)
-                p.data = view
-                offset += n
-        self.signature = model_signature([(n, tuple(p.shape), str(p.dtype)) for n, p in self.named])
-
-    def _empty(self) -> torch.Tensor:
-        if self.device.type == "cpu":
-            # numpy-allocated memory transfers at full MPI bandwidth (see MPI notes).
-            nbytes = self.numel * torch.empty((), dtype=self.dtype).element_size()
-            return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(self.dtype)
-        return torch.empty(self.numel, dtype=self.dtype, device=self.device)
-
-    def gather_grad(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The gradients as one flat vector, in ``out`` or in this object's own buffer."""
-        if out is None:
-            if self._grad is None:
-                self._grad = self._empty()
-            out = self._grad
-        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=self.dtype,
-                 device=self.device) for _, p in self.named]
-        torch.cat(grads, out=out)
-        return out
-
-    def scatter_grad(self) -> None:
-        """Writes this object's flat gradient (filled by ``gather_grad()``) back to the parameters."""
-        offset = 0
-        for (_, p), n in zip(self.named, self.sizes):
-            if p.grad is not None:
-                p.grad.copy_(self._grad[offset:offset + n].view_as(p))
-            offset += n
-
-
-class _History:
-    """Per neighbour, the last few messages by step, so lockstep can hand out the one from step k − d."""
-
-    def __init__(self, neighbours: list[int], depth: int, numel: int, dtype: torch.dtype, with_grad: bool,
-                 device: torch.device):
-        self.depth = depth
-        self.steps = {n: [-1] * depth for n in neighbours}
-        self.x = {n: torch.empty(depth, numel, dtype=dtype, device=device) for n in neighbours}
-        self.g = ({n: torch.empty(depth, numel, dtype=dtype, device=device) for n in neighbours}
-                  if with_grad else None)
-
-    def store(self, msg) -> None:
-        slot = msg.step % self.depth
-        self.steps[msg.source][slot] = msg.step
-        self.x[msg.source][slot].copy_(msg.weights)
-        if self.g is not None:
-            self.g[msg.source][slot].copy_(msg.grad)
-
-    def state_dict(self) -> dict:
-        return {"steps": {str(n): list(v) for n, v in self.steps.items()},
-                "x": {str(n): v.clone() for n, v in self.x.items()},
-                "g": {str(n): v.clone() for n, v in self.g.items()} if self.g is not None else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        for n in self.steps:
-            self.steps[n] = list(state["steps"][str(n)])
-            self.x[n].copy_(state["x"][str(n)])
-            if self.g is not None:
-                self.g[n].copy_(state["g"][str(n)])
-
-    def get(self, source: int, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The message of `step`, or (None, None) when it was refused (treated as never received)."""
-        slot = step % self.depth
-        if self.steps[source][slot] != step:
-            return None, None
-        return self.x[source][slot], (self.g[source][slot] if self.g is not None else None)
-
-
 class DistributedOptimizer:
     """Decentralized training step over MPI with the PC-ASGD family of rules (ALGORITHM.md).
 
     Call `step(closure)` once per iteration after `loss.backward()`; `closure()` must return the
     loss of the current parameters on the same minibatch (no backward), it is needed by
-    `pc-asgd-pv`. Call `finalize()` on every rank at the end.
+    `pc-asgd-pv`. Call `finalize()` on every rank at the end, then `average()` for the average
+    model (`load_average()` puts it into the model).
     """
+
+    def __new__(cls, *args, **kwargs):
+        if cls is DistributedOptimizer and Algorithm(kwargs.get("algorithm", _D.algorithm)) is Algorithm.ALLREDUCE:
+            from .allreduce import AllreduceOptimizer
+
+            return super().__new__(AllreduceOptimizer)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -157,20 +67,23 @@ class DistributedOptimizer:
         model: torch.nn.Module,
         *,
         world: World,
-        algorithm: Algorithm | str = Algorithm.PC_ASGD_PV,
-        mode: Mode | str = Mode.ASYNC,
-        theta: float = 0.5,
-        lam: float = 0.04,
-        lam_mode: str = "fixed",
+        algorithm: Algorithm | str = _D.algorithm,
+        mode: Mode | str = _D.mode,
+        theta: float = _D.theta,
+        lam: float = _D.lam,
+        lam_mode: str = _D.lam_mode,
         tolerance: int | None = None,
-        horizon: int = 16,
+        horizon: int = _D.horizon,
         delay: DelayModel | str | None = None,
-        timeout: float = 120.0,
+        timeout: float = _D.timeout,
         check_finite: bool = True,
         av_beta: float = 0.8,
         fault_tolerant: bool = False,
         warn: Callable[[str], None] | None = None,
         transport: Transport | None = None,
+        slope: Slope | str = _D.slope,
+        link_delay: float = 0.0,
+        balance: Balance | str = _D.balance,
     ):
         self.inner, self.model, self.world = optimizer, model, world
         self.algorithm, self.mode = Algorithm(algorithm), Mode(mode)
@@ -181,8 +94,9 @@ class DistributedOptimizer:
         self.timeout = float(timeout)
         self.check_finite = check_finite
         self.fault_tolerant = fault_tolerant
+        self.slope, self.balance = Slope(slope), Balance(balance)
         self._warn = warn or (lambda msg: None)
-        _check_settings(self)
+        _check_settings(self, link_delay)
         self.delay.check_ranks(world.size)
         self.flat = FlatParameters(model)
         self.neighbours = world.neighbours
@@ -201,27 +115,67 @@ class DistributedOptimizer:
         self.transport = transport if transport is not None else make_transport(self.flat.device)
         # Collectives can pass device memory to MPI directly only when the MPI reads it.
         self._device_collectives = isinstance(self.transport, CudaAwareTransport)
-        self.exchange: Exchange | None = None
-        self._history: _History | None = None
-        if self.algorithm is not Algorithm.ALLREDUCE:
-            with_grad = self.algorithm.sends_gradient
-            self.exchange = Exchange(world.comm, self.neighbours, self.flat.numel, self.flat.dtype,
-                                     signature=self.flat.signature, with_grad=with_grad, warn=warn,
-                                     transport=self.transport)
-            if self.mode is Mode.LOCKSTEP:
-                # A neighbour can be one step ahead while we wait, hence depth max_delay + 2.
-                self._history = _History(self.neighbours, self.delay.max_delay + 2, self.flat.numel,
-                                         self.flat.dtype, with_grad, self.flat.device)
-        self.trackers = ({n: rule.SubstitutionTracker(beta=av_beta) for n in self.neighbours}
-                         if self.algorithm is Algorithm.PC_ASGD_AV else {})
+        self.roster = Roster(world.comm)
+        self.clock_offset = 0.0  # async: this rank's clock offset to rank 0, in seconds
+        self._stop_at: int | None = None  # lockstep: the step after which every rank stops
+        self.scale = 1.0  # --balance lr: this rank's step-size factor
+        self.trackers = {}
+        self._setup_exchange(link_delay, av_beta)
+
+    def _setup_exchange(self, link_delay: float, av_beta: float) -> None:
+        wire_slope = self.algorithm.sends_gradient and self.slope is not Slope.VELOCITY
+        self.exchange = Exchange(self.world.comm, self.neighbours, self.flat.numel, self.flat.dtype,
+                                 signature=self.flat.signature, with_grad=wire_slope, warn=self._warn,
+                                 transport=self.transport, hold=link_delay)
+        weights = {n: self.world.weight(n) for n in self.neighbours}
+        deadline = self._deadline()
+        if self.mode is Mode.LOCKSTEP:
+            self.view = LockstepNeighbours(self.exchange, weights, self.delay, self.world.rank, self.flat.numel,
+                                           self.flat.dtype, self.flat.device, wire_slope)
+            self._diameter = nx.diameter(self.world.graph) if self.world.size > 1 else 0
+            self.clock = None
+        else:
+            offset = clock_offset(self.world.comm, deadline) if self.world.size > 1 else 0.0
+            self.clock_offset = offset
+            self.clock = SenderClock(self.neighbours, now=lambda: time.time() + offset)
+            self.view = AsyncNeighbours(self.exchange, weights, self.clock, self.slope is Slope.VELOCITY)
+        if self.algorithm is Algorithm.PC_ASGD_AV:
+            self.trackers = {n: rule.SubstitutionTracker(beta=av_beta) for n in self.neighbours}
         if self.algorithm.sends_gradient:
             # at set-up, not in the middle of training when the first neighbour turns stale
             rule.prepare(self.flat.data, self.lam, self.lam_mode)
+        self._plain_sgd = _is_plain_sgd(self.inner)
 
-    # ------------------------------------------------------------------ the step
+    # ------------------------------------------------------------------ accessors
     @property
     def lr(self) -> float:
         return float(self.inner.param_groups[0]["lr"])
+
+    @property
+    def signature(self) -> int:
+        """Hash of the model's parameter names, shapes and dtypes."""
+        return self.flat.signature
+
+    @property
+    def parameters_vector(self) -> torch.Tensor:
+        """All trained parameters as one flat vector (a view: writing it changes the model)."""
+        return self.flat.data
+
+    @property
+    def transport_name(self) -> str | None:
+        return self.transport.name
+
+    def av_state(self) -> dict | None:
+        """pc-asgd-av: θ_l, E_P, E_C and the number of measurements per neighbour."""
+        if not self.trackers:
+            return None
+        return {str(n): {"theta": t.theta, "e_p": t.e_p, "e_c": t.e_c, "measurements": t.measurements}
+                for n, t in self.trackers.items()}
+
+    def exchange_stats(self) -> dict | None:
+        import dataclasses
+
+        return dataclasses.asdict(self.exchange.stats)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -229,114 +183,123 @@ class DistributedOptimizer:
     def _deadline(self) -> float:
         return time.monotonic() + self.timeout
 
+    def _now(self) -> float:
+        return self.clock.now() if self.clock is not None else time.time()
+
+    # ------------------------------------------------------------------ the step
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> StepInfo:
         k = self.step_count
-        if self.algorithm is Algorithm.ALLREDUCE:
-            self._allreduce_step()
-            self.step_count += 1
-            return StepInfo(k, {})
+        if self.algorithm is Algorithm.PC_ASGD_PV and closure is None:
+            raise ValueError("pc-asgd-pv needs step(closure=...): a function returning the loss of the "
+                             "current parameters on the same minibatch, without backward")
         x = self.flat.data
-        x_k = self._send(k, x)
-        self.inner.step()
+        weights, grad = self.exchange.send_buffer()
+        weights.copy_(x)  # x_k: the message and the snapshot the rule reads (not written before the next step)
+        x_k = weights
+        send_after = grad is not None and self.slope is Slope.UPDATE
+        if grad is not None and not send_after:
+            self.flat.gather_grad(out=grad)
+        if not send_after:
+            self._send(k)
+        self._local_step()
         torch.sub(x, x_k, out=self._delta)
-        nbs, steps = self._neighbours_at(k)
-        info = StepInfo(k, {n: (None if nb.x is None else nb.staleness) for n, nb in zip(self.neighbours, nbs)})
+        if send_after:
+            if self._plain_sgd and self.scale == 1.0:
+                self.flat.gather_grad(out=grad)  # Δ = −α·g exactly: the gradient is the slope, bit for bit
+            else:
+                torch.div(self._delta, -self.lr, out=grad)
+            self._send(k)
+        view = self._view(k)
+        info = StepInfo(k, {n: (None if nb.x is None else nb.staleness) for n, nb in zip(self.neighbours, view.neighbours)})
         for n, tau in info.staleness.items():
             self.staleness_histogram[n][NEVER if tau is None else tau] += 1
-        self._update_checked(x_k, nbs, steps, closure, info)
+        self._update_checked(x_k, view, closure, info)
         if info.choice is not None:
             self.pv_wins[info.choice] += 1
         self.step_count += 1
         return info
 
-    def _send(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """Sends x^j_k (and the gradient) to the neighbours; returns a snapshot of x^j_k.
+    def _send(self, k: int) -> None:
+        self.exchange.send_prepared(k, block=self.mode is Mode.LOCKSTEP, deadline=self._deadline(),
+                                    made_at=self._now(), alpha=self.lr, stop_at=self._stop_at)
 
-        The message is written straight into the exchange's send buffer, and that buffer doubles
-        as the snapshot the rule reads: it is not written again before the next step, in flight
-        or not, so one copy of the model per step is saved.
-        """
-        weights, grad = self.exchange.send_buffer()
-        weights.copy_(x)
-        if grad is not None:
-            self.flat.gather_grad(out=grad)
-        self.exchange.send_prepared(k, block=self.mode is Mode.LOCKSTEP, deadline=self._deadline())
-        return weights
+    def _local_step(self) -> None:
+        """The wrapped optimizer's step; with --balance lr, scaled by this rank's measured slowness."""
+        if self.clock is not None:
+            self.clock.tick(self.step_count)
+        if self.balance is Balance.NONE or self.clock is None:
+            self.inner.step()
+            return
+        own = self.clock.own.rate
+        rates = [self.clock.rates[n].rate for n in self.neighbours]
+        known = [r for r in rates if r is not None]
+        self.scale = min(BALANCE_CAP, max(1.0, max(known) / own)) if own and known else 1.0
+        saved = [g["lr"] for g in self.inner.param_groups]
+        for g in self.inner.param_groups:
+            g["lr"] = g["lr"] * self.scale
+        try:
+            self.inner.step()
+        finally:
+            for g, lr in zip(self.inner.param_groups, saved):
+                g["lr"] = lr
 
-    def _allreduce_step(self) -> None:
-        grad = self.flat.gather_grad()
-        if self.world.size > 1:
-            _allreduce_mean(self.world.comm, grad, on_device=self._device_collectives)
-            self.flat.scatter_grad()
-        self.inner.step()
-
-    def _neighbours_at(self, k: int) -> tuple[list[rule.Neighbour], list[int | None]]:
-        """What each neighbour contributes at step k, and the step of its message (None: none)."""
-        out, steps = [], []
+    def _view(self, k: int) -> View:
         if self.mode is Mode.LOCKSTEP:
-            self.exchange.wait_for_step(k, self._deadline(), self._history.store)
-            for n in self.neighbours:
-                s = k - self.delay.delay(n, self.world.rank, k)
-                xs, gs = self._history.get(n, s) if s >= 0 else (None, None)
-                out.append(rule.Neighbour(self.world.weight(n), xs, gs, k - s if xs is not None else 0))
-                steps.append(s if xs is not None else None)
-            return out, steps
-        self.exchange.poll()
-        for n in self.neighbours:
-            msg = self.exchange.latest(n)
-            if msg is None or n in self.exchange.failed:
-                out.append(rule.Neighbour(self.world.weight(n), None, None, 0))
-                steps.append(None)
-            else:
-                out.append(rule.Neighbour(self.world.weight(n), msg.weights, msg.grad, max(0, k - msg.step)))
-                steps.append(msg.step)
-        return out, steps
+            self.view.done_steps = self.roster.done_steps
+            view = self.view.at(k, self._deadline(), self.lr, poll=self.roster.poll)
+            if self.view.stop_at is not None and (self._stop_at is None or self.view.stop_at < self._stop_at):
+                self._stop_at = self.view.stop_at
+            return view
+        return self.view.at(k, self.lr, self._now())
 
     def _rule_kwargs(self) -> dict:
+        lam = 0.0 if self.slope is Slope.VELOCITY else self.lam  # the velocity is a plain extrapolation
         if self.algorithm is Algorithm.DSGD:
             # Consensus SGD uses whatever arrived as it is: nothing is ever stale or too old.
-            return dict(lr=self.lr, lam=self.lam, tolerance=_FOREVER, horizon=_FOREVER, lam_mode=self.lam_mode,
+            return dict(lr=self.lr, lam=lam, tolerance=_FOREVER, horizon=_FOREVER, lam_mode=self.lam_mode,
                         segments=self.flat.sizes)
-        return dict(lr=self.lr, lam=self.lam, tolerance=self.tolerance, horizon=self.horizon,
+        return dict(lr=self.lr, lam=lam, tolerance=self.tolerance, horizon=self.horizon,
                     lam_mode=self.lam_mode, segments=self.flat.sizes)
 
-    def _update_checked(self, x_k: torch.Tensor, nbs: list[rule.Neighbour], steps: list[int | None],
-                        closure, info: StepInfo) -> None:
+    def _update_checked(self, x_k: torch.Tensor, view: View, closure, info: StepInfo) -> None:
         """The update, with neighbours whose message holds an inf or NaN left out (as if dropped).
 
         Messages are not checked on arrival: most are replaced by a newer one before they are
         used. Instead the result is checked, one read per step; only when it is not finite are
         the neighbours' messages checked, and the update is made again without the bad ones.
+        If the result is still not finite, this agent itself diverged: `Diverged` is raised.
         """
         if not self.check_finite:
-            self._update(x_k, nbs, closure, info)
+            self._update(x_k, view, closure, info)
             return
-        nbs = [_left_out(nb) if s is not None and s == self._bad_step[n] else nb
-               for n, nb, s in zip(self.neighbours, nbs, steps)]
-        self._update(x_k, nbs, closure, info)
-        if _all_finite(self.flat.data):
+        nbs = [left_out(nb) if s is not None and s == self._bad_step[n] else nb
+               for n, nb, s in zip(self.neighbours, view.neighbours, view.steps)]
+        view.neighbours = nbs
+        self._update(x_k, view, closure, info)
+        if all_finite(self.flat.data):
             return
-        bad = [i for i, nb in enumerate(nbs) if nb.x is not None and not _message_finite(nb)]
+        bad = [i for i, nb in enumerate(nbs) if nb.x is not None and not message_finite(nb)]
         for i in bad:
             n = self.neighbours[i]
-            self._bad_step[n] = steps[i]
+            self._bad_step[n] = view.steps[i]
             if not self.non_finite[n]:
-                self._warn(f"left out the message of step {steps[i]} from rank {n}: it holds non-finite values "
-                           "(later ones are counted in non_finite, not reported)")
+                self._warn(f"left out the message of step {view.steps[i]} from rank {n}: it holds non-finite "
+                           "values (later ones are counted in non_finite, not reported)")
             self.non_finite[n] += 1
-            nbs[i] = _left_out(nbs[i])
-        if bad:  # otherwise this agent's own weights or step diverged, which its loss will show
+            nbs[i] = left_out(nbs[i])
+        if bad:
             info.choice = None
-            self._update(x_k, nbs, closure, info)
+            self._update(x_k, view, closure, info)
+        if not all_finite(self.flat.data):
+            raise Diverged(f"rank {self.world.rank}: the model's weights became inf or NaN at step "
+                           f"{self.step_count}; lower --lr (now {self.lr:g}) or --momentum")
 
-    def _update(self, x_k: torch.Tensor, nbs: list[rule.Neighbour], closure, info: StepInfo) -> None:
+    def _update(self, x_k: torch.Tensor, view: View, closure, info: StepInfo) -> None:
         """Writes x^j_{k+1} into the parameters (ALGORITHM.md "The two candidates and the update")."""
-        x, delta, w_self = self.flat.data, self._delta, self.world.self_weight
+        x, delta, w_self, nbs = self.flat.data, self._delta, self.world.self_weight, view.neighbours
         kw = self._rule_kwargs()
         stale = [rule.classify(nb, kw["tolerance"], kw["horizon"]) is rule.Status.STALE for nb in nbs]
         if self.algorithm is Algorithm.PC_ASGD_PV and any(stale):
-            if closure is None:
-                raise ValueError("pc-asgd-pv needs step(closure=...) returning the minibatch loss")
             x_p, x_c = rule.candidates(x_k, delta, w_self, nbs, out=self._candidate_buffers(), **kw)
             loss_p = self._loss_at(x_p, closure)
             loss_c = self._loss_at(x_c, closure)  # leaves x^C in the parameters
@@ -347,7 +310,7 @@ class DistributedOptimizer:
             return
         on_predict = None
         if self.algorithm is Algorithm.PC_ASGD_AV:
-            thetas, on_predict = self._av_thetas(nbs, stale, x_k)
+            thetas, on_predict = self._av_thetas(view, x_k)
             info.thetas = {n: t for n, t, s in zip(self.neighbours, thetas, stale) if s}
         else:
             # PV without a stale neighbour: both candidates are x^C, the θ = 0 mix.
@@ -361,18 +324,21 @@ class DistributedOptimizer:
             self._pv_buffers = (torch.empty_like(self.flat.data), torch.empty_like(self.flat.data))
         return self._pv_buffers
 
-    def _av_thetas(self, nbs, stale, x_k):
-        """θ_l from each tracker; measure the substitutes of earlier steps against what arrived."""
-        k = self.step_count
+    def _av_thetas(self, view: View, x_k):
+        """θ_l from each tracker; measure the substitutes of earlier steps against what arrived.
+
+        Records are keyed by the sender's step: the substitute made now stands for the sender's
+        weights at its current (estimated) step, and is measured against its message of that step.
+        """
         trackers = [self.trackers[n] for n in self.neighbours]
-        for tracker, nb in zip(trackers, nbs):
+        for tracker, nb, s in zip(trackers, view.neighbours, view.steps):
             if nb.x is not None:
-                tracker.observe(k - nb.staleness, nb.x)
+                tracker.observe(s, nb.x)
         thetas = [t.theta for t in trackers]
 
         def record(i: int, x_hat: torch.Tensor) -> None:
-            # Keeps the substitutes of step k; a tracker with a pending record ignores it.
-            trackers[i].record(k, x_hat, x_k)
+            if view.sender_steps[i] is not None:
+                trackers[i].record(view.sender_steps[i], x_hat, x_k)
 
         return thetas, record
 
@@ -386,6 +352,29 @@ class DistributedOptimizer:
             b.copy_(saved)
         return loss
 
+    # ------------------------------------------------------------- stopping
+    def request_stop(self, reason: StopReason = StopReason.SIGNAL) -> None:
+        """Ask every rank to stop: in async after its current step, in lockstep all after one
+        common step (announced in the messages, a graph diameter ahead, so every rank hears of it)."""
+        if self.mode is Mode.LOCKSTEP:
+            target = self.step_count + self._diameter + 2
+            if self._stop_at is None or target < self._stop_at:
+                self._stop_at = target
+        else:
+            self.roster.request_stop(reason)
+
+    def should_stop(self) -> bool:
+        """Whether this rank must stop now (collective meaning, checked by every rank each step)."""
+        if self.mode is Mode.LOCKSTEP:
+            return self._stop_at is not None and self.step_count >= self._stop_at
+        return self.roster.poll() is not None
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        if self.mode is Mode.LOCKSTEP:
+            return StopReason.SIGNAL if self._stop_at is not None else None
+        return self.roster.stop_reason
+
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         """Everything needed to continue exactly where this agent stopped (tensors and plain types)."""
@@ -394,7 +383,7 @@ class DistributedOptimizer:
             "x": self.flat.data.detach().clone(),
             "buffers": {n: b.detach().clone() for n, b in self.model.named_buffers()},
             "inner": self.inner.state_dict(),
-            "history": self._history.state_dict() if self._history is not None else None,
+            "history": self.view.history.state_dict() if self.mode is Mode.LOCKSTEP else None,
             "trackers": {str(n): t.state_dict() for n, t in self.trackers.items()},
             "staleness_histogram": {str(n): {str(t): c for t, c in h.items()}
                                     for n, h in self.staleness_histogram.items()},
@@ -409,8 +398,8 @@ class DistributedOptimizer:
             for n, b in self.model.named_buffers():
                 b.copy_(state["buffers"][n])
         self.inner.load_state_dict(state["inner"])
-        if self._history is not None:
-            self._history.load_state_dict(state["history"])
+        if self.mode is Mode.LOCKSTEP and state.get("history") is not None:
+            self.view.history.load_state_dict(state["history"])
         for n, t in self.trackers.items():
             t.load_state_dict(state["trackers"][str(n)])
         for n in self.neighbours:
@@ -423,94 +412,66 @@ class DistributedOptimizer:
     def finalize(self) -> None:
         """Collective: complete and drain every message so that no rank is left waiting.
 
-        With `fault_tolerant`, only the surviving ranks take part, and afterwards `average()`
-        and `consensus_distance()` run among them (`failed_ranks` names the others).
+        First every rank says it is done and waits for the others' word (a rank that never says so
+        by the deadline is named in the error); then the exchange closes. With `fault_tolerant`,
+        only the surviving ranks take part, and afterwards `average()` and `consensus_distance()`
+        run among them (`failed_ranks` names the others).
         """
-        if self.exchange is not None:
-            survivors = self.exchange.close(self._deadline(), shrink=self.fault_tolerant)
-            if self.fault_tolerant:
-                self.collective_comm = survivors
-                self.failed_ranks = self.exchange.failed_world_ranks(survivors)
+        deadline = self._deadline()
+        self.roster.finish(deadline, tolerate_failures=self.fault_tolerant, poll=self._keep_flowing,
+                           step=self.step_count)
+        survivors = self.exchange.close(deadline, shrink=self.fault_tolerant)
+        self.roster.free()
+        if self.fault_tolerant:
+            self.collective_comm = survivors
+            self.failed_ranks = self.exchange.failed_world_ranks(survivors)
+
+    def _keep_flowing(self) -> None:
+        # Neighbours that are still training may wait on this rank's messages (lockstep).
+        self.exchange.poll()
+        self.exchange.send_ready()
 
     def average(self) -> torch.Tensor:
         """Collective: the average of all agents' flat parameters."""
         avg = self.flat.data.detach().clone()
-        _allreduce_mean(self.collective_comm, avg, on_device=self._device_collectives)
+        collectives.mean_in_rank_order(self.collective_comm, avg, self._deadline(), on_device=self._device_collectives)
+        return avg
+
+    def load_average(self) -> torch.Tensor:
+        """Collective: put the average of all agents' parameters into this rank's model."""
+        avg = self.average()
+        with torch.no_grad():
+            self.flat.data.copy_(avg)
         return avg
 
     def consensus_distance(self, average: torch.Tensor) -> float:
         """Collective: (1/N) Σ_j ‖x^j − x̄‖²."""
         local = float(torch.sum((self.flat.data.double() - average.double()) ** 2))
         comm = self.collective_comm
-        return comm.allreduce(local, op=MPI.SUM) / comm.Get_size()
+        total = collectives.allreduce_sum(comm, local, self._deadline(), "not every rank took part in the "
+                                          "consensus distance")
+        return total / comm.Get_size()
 
 
 _FOREVER = 2**62
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every element of ``t`` is finite.
-
-    An inf or NaN anywhere makes the sum inf or NaN, so a finite sum proves the whole vector
-    finite in one read without a temporary; ``isfinite().all()`` writes a mask as long as the
-    vector and measured 20 times slower on 16 MiB. Only a sum that overflowed from finite values
-    needs the exact check. Low-precision vectors are summed in float32 so that ordinary
-    magnitudes do not overflow the accumulator.
-    """
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return bool(torch.isfinite(t.sum(dtype=acc))) or bool(torch.isfinite(t).all())
+def _is_plain_sgd(opt: torch.optim.Optimizer) -> bool:
+    """Whether the step is exactly −α·g (so the raw gradient is the update's slope)."""
+    return type(opt) is torch.optim.SGD and all(
+        not g.get("momentum") and not g.get("weight_decay") and not g.get("maximize") for g in opt.param_groups)
 
 
-def _message_finite(nb: rule.Neighbour) -> bool:
-    return _all_finite(nb.x) and (nb.grad is None or _all_finite(nb.grad))
-
-
-def _left_out(nb: rule.Neighbour) -> rule.Neighbour:
-    """The neighbour as if nothing had been received from it: dropped, its weight goes to x^j_k."""
-    return rule.Neighbour(nb.weight, None, None, 0)
-
-
-def _allreduce_mean(comm: MPI.Comm, t: torch.Tensor, *, on_device: bool = False) -> None:
-    """In-place mean over ranks, summed in rank order so that the result is the same to the bit
-    every run (MPI_Allreduce may add in any order); reduced in float32 or wider, because bfloat16
-    reductions are silently wrong in this MPI.
-
-    ``on_device``: the vectors go to MPI where they are (a CUDA-aware MPI reads GPU memory) and
-    are summed there; otherwise through numpy host memory, which MPI moves fastest on a host.
-    """
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    size = comm.Get_size()
-    if on_device:
-        work = t.detach().reshape(-1).to(acc).contiguous()
-        gathered = torch.empty((size, work.numel()), dtype=acc, device=t.device)
-        if t.is_cuda:  # MPI works outside the streams: the kernels writing `work` must be done
-            torch.cuda.current_stream(t.device).synchronize()
-        comm.Allgather(work, gathered)
-    else:
-        work = t.detach().to("cpu", acc).contiguous()
-        gathered = torch.from_numpy(np.empty((size, work.numel()), dtype=work.numpy().dtype))
-        comm.Allgather(work.numpy(), gathered.numpy())
-    total = gathered[0].clone()
-    for row in gathered[1:]:
-        total += row
-    t.copy_((total / size).view_as(t))
-
-
-def _check_settings(opt: DistributedOptimizer) -> None:
-    if not 0.0 <= opt.theta <= 1.0:
-        raise ValueError(f"theta must be in [0, 1], got {opt.theta}")
-    if opt.lam < 0:
-        raise ValueError(f"lam must be >= 0, got {opt.lam}")
-    if opt.lam_mode not in ("fixed", "adaptive"):
-        raise ValueError(f"lam_mode must be 'fixed' or 'adaptive', got '{opt.lam_mode}'")
-    if opt.tolerance < 0 or opt.horizon < 0:
-        raise ValueError("tolerance and horizon must be >= 0")
-    if opt.tolerance > opt.horizon:
-        raise ValueError(f"tolerance ({opt.tolerance}) must not exceed horizon ({opt.horizon})")
+def _check_settings(opt: DistributedOptimizer, link_delay: float) -> None:
+    check_rule_settings(opt.theta, opt.lam, opt.lam_mode, opt.tolerance, opt.horizon)
     if opt.fault_tolerant and (opt.mode is not Mode.ASYNC or opt.algorithm is Algorithm.ALLREDUCE):
         raise ValueError("--fault-tolerant needs --mode async and a decentralized algorithm (not allreduce)")
-    if opt.timeout <= 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {opt.timeout}")
+    if not opt.timeout > 0 or opt.timeout == float("inf"):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {opt.timeout}")
+    if opt.mode is Mode.LOCKSTEP and (link_delay > 0 or opt.slope is Slope.VELOCITY or opt.balance is not Balance.NONE):
+        raise ValueError("--link-delay, --slope velocity and --balance lr are for --mode async; in lockstep "
+                         "use --delay for delays")
     for group in opt.inner.param_groups:
-        if not group.get("lr", 1.0) > 0:
-            raise ValueError(f"the learning rate must be > 0, got {group.get('lr')}")
+        lr = group.get("lr", 1.0)
+        if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
+            raise ValueError(f"the learning rate must be a finite number > 0, got {lr}")

@@ -1,8 +1,9 @@
 """Figures from run directories: training loss, test accuracy, consensus distance and staleness.
 
 `pcasgd-mpi plot RUN_DIR... -o FIG.png` puts any number of runs side by side. A run directory is
-what the trainer writes: summary.json, config.json and metrics.jsonl (or metrics/rank-*.jsonl when
-the run did not finish). The functions that read a run are shared with `pcasgd_mpi.experiment`.
+what the trainer writes: summary.json, config.yaml and metrics.jsonl (or metrics/rank-*.jsonl when
+the run did not finish). The figures of an experiment grid (`grid_figures`) are drawn here too,
+from the same readers.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .grid import Grid
 
 NEVER = "never"
 
@@ -236,6 +241,103 @@ def plot_runs(runs: list[RunData], output: str | Path, *, window: int | None = N
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=110)
     return output
+
+
+def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]):
+    """Mean and std over runs at the steps all of them share."""
+    curves = [(x, y) for x, y in curves if len(x)]
+    if not curves:
+        return None
+    common = curves[0][0]
+    for x, _ in curves[1:]:
+        common = np.intersect1d(common, x)
+    if not len(common):
+        return None
+    ys = np.stack([y[np.searchsorted(x, common)] for x, y in curves])
+    return common, np.nanmean(ys, axis=0), (np.nanstd(ys, axis=0, ddof=1) if len(ys) > 1 else np.zeros(len(common)))
+
+
+def grid_figures(grid: Grid, out: Path, runs: dict[str, RunData]) -> list[str]:
+    """Per setting: accuracy and loss curves; over all settings: consensus distance and staleness.
+
+    Writes PNGs to OUT/figures and returns their paths relative to OUT.
+    """
+    from .grid import STALE_AWARE, Setting
+
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    by_cell: dict[tuple[str, str], list[RunData]] = {}
+    for spec in grid.runs():
+        if spec.name in runs:
+            by_cell.setdefault((spec.setting.key, spec.algorithm.label), []).append(runs[spec.name])
+    labels = [a.label for a in grid.algorithms]
+    settings = [st for st in grid.settings() if any((st.key, lab) in by_cell for lab in labels)]
+    written = []
+    for st in settings:
+        fig, axes = new_figure(1, 2)
+        ax_acc, ax_loss = axes[0]
+        for lab in labels:
+            group = by_cell.get((st.key, lab))
+            if not group:
+                continue
+            acc = _mean_curve([(r.eval_steps, r.accuracy) for r in group if r.has_accuracy])
+            if acc is not None:
+                line, = ax_acc.plot(acc[0], acc[1], marker=".", label=lab)
+                ax_acc.fill_between(acc[0], acc[1] - acc[2], acc[1] + acc[2], alpha=0.15, color=line.get_color())
+            loss = _mean_curve([(r.steps, r.loss) for r in group])
+            if loss is not None:
+                ax_loss.plot(loss[0], smooth(loss[1], default_window(len(loss[0]))), label=lab)
+        ax_acc.set(xlabel="step", ylabel="test accuracy of the average model",
+                   title="mean over seeds (band: ± 1 std)")
+        ax_loss.set(xlabel="step", ylabel="training loss (mean over ranks and seeds)", yscale="log",
+                    title="moving average of the minibatch loss")
+        for ax in (ax_acc, ax_loss):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize="small")
+        fig.suptitle(st.key)
+        path = fig_dir / f"curves__{st.slug}.png"
+        fig.savefig(path, dpi=100)
+        written.append(path)
+
+    rows = [(p, lr) for p in grid.partitions for lr in grid.lrs]
+    fig, axes = new_figure(len(rows), len(grid.delays), width=4.5, height=3.4)
+    for i, (p, lr) in enumerate(rows):
+        for j, delay in enumerate(grid.delays):
+            ax, st = axes[i][j], Setting(delay, p, lr)
+            for lab in labels:
+                group = [r for r in by_cell.get((st.key, lab), []) if r.has_consensus]
+                cons = _mean_curve([(r.eval_steps, r.consensus) for r in group])
+                if cons is not None and np.nanmax(cons[1]) > 0:
+                    ax.plot(cons[0], cons[1], label=lab)
+            ax.set_title(st.key, fontsize="small")
+            ax.set(xlabel="step", ylabel="consensus distance")
+            if ax.get_lines():
+                ax.set_yscale("log")
+    handles, names = next(((a.get_legend_handles_labels()) for row in axes for a in row
+                           if a.get_legend_handles_labels()[0]), ([], []))
+    if handles:
+        fig.legend(handles, names, loc="outside right center", fontsize="small")
+    path = fig_dir / "consensus.png"
+    fig.savefig(path, dpi=90)
+    written.append(path)
+
+    fig, axes = new_figure(1, 1, width=7)
+    hists = []
+    for delay in grid.delays:
+        total: Counter = Counter()
+        for spec in grid.runs():
+            if spec.delay == delay and spec.algorithm.name in STALE_AWARE and spec.name in runs:
+                total.update(runs[spec.name].staleness)
+        if total:
+            hists.append((f"delay {delay}", total))
+    staleness_bars(axes[0][0], hists)
+    if hists:
+        axes[0][0].legend(fontsize="small")
+    axes[0][0].set_title("staleness of the neighbour messages used (all decentralized runs)", fontsize="small")
+    path = fig_dir / "staleness.png"
+    fig.savefig(path, dpi=100)
+    written.append(path)
+    return [str(p.relative_to(out)) for p in written]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

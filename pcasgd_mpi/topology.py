@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-from enum import Enum
 from pathlib import Path
 
 import networkx as nx
 import numpy as np
+
+from .config import WeightRule
 
 __all__ = [
     "NAMES", "TopologyError", "WeightRule", "build", "validate", "mixing_matrix",
@@ -24,17 +25,12 @@ NAMES = ("ring", "torus", "exponential", "complete", "star", "random-regular:D",
 _FILE_TYPES = {".txt": "edgelist", ".edgelist": "edgelist", ".edges": "edgelist",
                ".graphml": "graphml", ".json": "json"}
 _RETRIES = 200
+# Weights are fractions of a model; far beyond this is a typo (1e308 overflows the row sums).
+_MAX_WEIGHT = 1e6
 
 
 class TopologyError(ValueError):
     """A topology or mixing matrix that cannot be used; the message says how to fix it."""
-
-
-class WeightRule(str, Enum):
-    METROPOLIS = "metropolis"
-    UNIFORM = "uniform"
-    MAX_DEGREE = "max-degree"
-    FILE = "file"
 
 
 def _short(items, limit: int = 8) -> str:
@@ -54,6 +50,10 @@ def _ring(n: int) -> nx.Graph:
 def _torus(n: int) -> nx.Graph:
     rows = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
     cols = n // rows
+    if rows == 1 and n > 3:
+        # A 1 x n torus is the ring: say so rather than report a torus that is not one.
+        raise TopologyError(f"torus needs a world size with a factorisation rows x cols, but {n} is prime; "
+                            f"use --topology ring, or launch {n - 1} or {n + 1} ranks")
     g = nx.empty_graph(n)
     for r in range(rows):
         for c in range(cols):
@@ -151,14 +151,36 @@ def _read_edgelist(path: Path) -> nx.Graph:
         except ValueError:
             raise ValueError(f"line {number}: expected integer nodes and a numeric weight, "
                              f"got {line.strip()!r}") from None
+        if g.has_edge(u, v):
+            # The last line silently winning would hide a typo in the weights.
+            first, again = g.edges[u, v].get("weight"), attrs.get("weight")
+            weights = f" with weights {first} and {again}" if first != again else ""
+            raise ValueError(f"line {number}: edge {u}-{v} is listed twice{weights}; keep one line per edge")
         g.add_edge(u, v, **attrs)
     return g
+
+
+_NODE_LINK = ('expected networkx node-link JSON: {"nodes": [{"id": 0}, ...], "edges": [{"source": 0, '
+              '"target": 1}, ...]}')
 
 
 def _read_json(path: Path) -> nx.Graph:
     data = json.loads(path.read_text())
     # Files written before networkx 3.4 name the edge list "links".
-    key = "links" if "links" in data and "edges" not in data else "edges"
+    key = "links" if isinstance(data, dict) and "links" in data and "edges" not in data else "edges"
+    if (not isinstance(data, dict) or not isinstance(data.get("nodes"), list)
+            or not isinstance(data.get(key, []), list)
+            or not all(isinstance(n, dict) and "id" in n for n in data["nodes"])
+            or not all(isinstance(e, dict) and "source" in e and "target" in e for e in data.get(key, []))):
+        raise ValueError(_NODE_LINK)
+    seen: dict[tuple, object] = {}
+    for e in data.get(key, []):
+        pair = tuple(sorted((e["source"], e["target"]), key=str))
+        if pair in seen:
+            again = e.get("weight")
+            weights = f" with weights {seen[pair]} and {again}" if seen[pair] != again else ""
+            raise ValueError(f"edge {pair[0]}-{pair[1]} is listed twice{weights}; keep one entry per edge")
+        seen[pair] = e.get("weight")
     return nx.node_link_graph(data, edges=key)
 
 
@@ -172,6 +194,9 @@ def _as_int(node) -> int:
 
 
 def _load(path: Path) -> nx.Graph:
+    if path.is_dir():
+        raise TopologyError(f"topology {path} is a directory; pass a graph file ({', '.join(_FILE_TYPES)}) "
+                            f"or one of {', '.join(NAMES)}")
     if not path.is_file():
         raise TopologyError(f"topology file {path} does not exist; pass an existing file or one of {', '.join(NAMES)}")
     kind = _FILE_TYPES.get(path.suffix.lower())
@@ -186,12 +211,22 @@ def _load(path: Path) -> nx.Graph:
         graph = nx.Graph()
         graph.add_nodes_from(_as_int(v) for v in raw.nodes)
         for u, v, data in raw.edges(data=True):
-            attrs = {"weight": float(data["weight"])} if "weight" in data else {}
+            attrs = {"weight": _weight(data["weight"], u, v)} if "weight" in data else {}
             graph.add_edge(_as_int(u), _as_int(v), **attrs)
     except Exception as exc:  # parsers raise many unrelated types; all mean "unreadable file"
         detail = " ".join(str(exc).split())
-        raise TopologyError(f"cannot read topology file {path}: {type(exc).__name__}: {detail}") from None
+        kind_text = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
+        raise TopologyError(f"cannot read topology file {path}: {kind_text}{detail}") from None
+    if graph.number_of_nodes() == 0:
+        raise TopologyError(f"topology file {path} holds no graph (no nodes or edges); list one edge 'u v' per line")
     return graph
+
+
+def _weight(value, u, v) -> float:
+    weight = float(value)
+    if not math.isfinite(weight) or abs(weight) > _MAX_WEIGHT:
+        raise ValueError(f"edge {u}-{v} has weight {value}; mixing weights are finite fractions in (0, 1)")
+    return weight
 
 
 # ----------------------------------------------------------------------------- checks
@@ -241,6 +276,10 @@ def mixing_matrix(graph: nx.Graph, rule: WeightRule | str = "metropolis") -> np.
         if missing:
             raise TopologyError(f"edges {_short(missing, 4)} have no 'weight' attribute; add weights to the "
                                 f"topology file or use --weights metropolis")
+        absurd = [(u, v, w) for u, v, w in graph.edges(data="weight") if not abs(w) <= _MAX_WEIGHT]
+        if absurd:
+            u, v, w = absurd[0]
+            raise TopologyError(f"edge {u}-{v} has weight {w}; mixing weights are finite fractions in (0, 1)")
     max_deg = max(deg.values())
     W = np.zeros((n, n))
     for u, v, w in graph.edges(data="weight"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -11,17 +10,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from . import checkpoint, data, models, stopping
+from . import checkpoint, collectives, data, models, rundir, stopping
 from .device import decide_cuda_aware, local_rank, local_rank_from_comm, select_device
 from .transport import make_transport
 from .config import TrainConfig
-from .delay import DelayModel, Straggler
+from .delay import DelayModel, Straggler, link_delays
+from .config import Stop
 from .optimizer import NEVER, Algorithm, DistributedOptimizer, Mode
+from .roster import StopReason
 from .world import World, init
 
 
@@ -29,8 +29,9 @@ class SetupError(RuntimeError):
     """A problem with the configuration or the inputs, found before training started."""
 
 
-DEFAULT_STEPS = 500
+UNBOUNDED = 2**62
 BN_CALIBRATION_SAMPLES = 4096
+SETUP_TIMEOUT = 900.0
 
 
 def _warn(rank: int):
@@ -43,6 +44,7 @@ class _Setup:
     def __init__(self, cfg: TrainConfig, world: World, node_rank: int):
         self.cfg, self.world = cfg, world
         rank, size = world.rank, world.size
+        self.local_rank = node_rank
         self.device = select_device(cfg.device, node_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -51,8 +53,6 @@ class _Setup:
         bad = sorted(r for r in self.stragglers if r >= size)
         if bad:
             raise SetupError(f"--straggler names ranks {bad} but the job has {size} ranks")
-        if cfg.batch_size < 1:
-            raise SetupError(f"--batch-size must be >= 1, got {cfg.batch_size}")
         delay = DelayModel.parse(cfg.delay, seed=cfg.seed)
         if delay.max_delay > 0 and Mode(cfg.mode) is Mode.ASYNC:
             raise SetupError("--delay injects delays in --mode lockstep; in async mode use --straggler")
@@ -61,13 +61,19 @@ class _Setup:
         self.dataset = data.load(cfg.dataset, root=cfg.data_dir, seed=cfg.seed,
                                  synthetic_shape=tuple(cfg.synthetic_shape))
         shards = data.partition(self.dataset.y_train, size, cfg.partition, seed=cfg.seed)
+        smallest = min(range(size), key=lambda r: len(shards[r]))
+        if cfg.batch_size > len(shards[smallest]):
+            # Every rank sees every shard: all raise the same line, naming the smallest shard.
+            raise SetupError(f"--batch-size {cfg.batch_size} is larger than rank {smallest}'s shard of "
+                             f"{len(shards[smallest])} samples; use --batch-size {len(shards[smallest])} or less")
         self.sampler = data.ShardSampler(shards[rank], cfg.batch_size, cfg.seed, rank)
-        if cfg.steps is not None:
-            self.steps = cfg.steps
-        elif cfg.epochs is not None:
-            self.steps = max(1, int(np.ceil(cfg.epochs * len(self.dataset.y_train) / (size * cfg.batch_size))))
+        self.link_delays = link_delays(cfg.link_delay, size)
+        if cfg.duration is not None and Mode(cfg.mode) is not Mode.ASYNC:
+            raise SetupError("--duration is a shared wall-time stop for --mode async; in lockstep use --steps")
+        if cfg.duration is not None and cfg.steps is None and cfg.epochs is None:
+            self.steps = UNBOUNDED  # the wall-time budget ends the run
         else:
-            self.steps = DEFAULT_STEPS
+            self.steps = cfg.resolved_steps(len(self.dataset.y_train), size)
         if self.steps < 1:
             raise SetupError(f"--steps must be >= 1, got {self.steps}")
         self.model = models.build(cfg.model, self.dataset.input_shape, self.dataset.num_classes,
@@ -78,12 +84,15 @@ class _Setup:
             inner, self.model, world=world, algorithm=cfg.algorithm, mode=cfg.mode, theta=cfg.theta,
             lam=cfg.lam, lam_mode=cfg.lam_mode, tolerance=cfg.tolerance, horizon=cfg.horizon, delay=delay,
             timeout=cfg.timeout, fault_tolerant=cfg.fault_tolerant, warn=_warn(rank),
-            transport=make_transport(self.device, self.cuda_aware.cuda_aware))
+            transport=make_transport(self.device, self.cuda_aware.cuda_aware), slope=cfg.slope,
+            link_delay=self.link_delays.get(rank, 0.0), balance=cfg.balance)
 
 
 def _agree(comm: MPI.Comm, error: str | None, cfg_hash: str) -> None:
     """All ranks learn whether any rank failed its setup, and whether all run the same config."""
-    reports = comm.allgather((error, cfg_hash))
+    # Start-up may include compiling a kernel and loading data: a generous deadline, but a deadline.
+    reports = collectives.allgather_object(comm, (error, cfg_hash), time.monotonic() + SETUP_TIMEOUT,
+                                           "not every rank finished its set-up")
     for r, (err, _) in enumerate(reports):
         if err is not None:
             raise SetupError(err if comm.Get_size() == 1 else f"[rank {r}] {err}")
@@ -95,15 +104,18 @@ def _agree(comm: MPI.Comm, error: str | None, cfg_hash: str) -> None:
 
 
 def _output_dir(cfg: TrainConfig, comm: MPI.Comm) -> Path:
-    out = cfg.out
-    if comm.Get_rank() == 0 and out is None:
-        out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.algorithm}")
-    out = comm.bcast(out, root=0)
-    path = Path(out)
+    """Rank 0 picks the run directory and checks it by the run-directory rules; all ranks agree."""
+    out, error = cfg.out, None
     if comm.Get_rank() == 0:
-        (path / "metrics").mkdir(parents=True, exist_ok=True)
-    comm.Barrier()
-    return path
+        if out is None:
+            out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.algorithm}")
+        try:
+            rundir.prepare(out, cfg.checkpoint_dir, overwrite=cfg.overwrite, resume=cfg.resume)
+            (Path(out) / "metrics").mkdir(exist_ok=True)
+        except (rundir.RunDirError, OSError) as exc:
+            error = str(exc)
+    _agree(comm, error, cfg.config_hash())
+    return Path(comm.bcast(out, root=0))
 
 
 @torch.no_grad()
@@ -146,24 +158,21 @@ def run(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
         setup = _Setup(cfg, world, node_rank)
     except (ValueError, SetupError, OSError) as exc:
         error = str(exc)
-    if (error is None and cfg.out is not None and (Path(cfg.out) / "summary.json").exists()
-            and not (cfg.overwrite or cfg.resume)):
-        error = f"{cfg.out} already holds a finished run; choose another --out or pass --overwrite"
     _agree(comm, error, cfg.config_hash())
     out = _output_dir(cfg, comm)
     if rank == 0:
         import yaml
 
         # Repeat the run exactly (into a new directory) with: pcasgd-mpi train --config OUT/config.yaml
-        cfg_dict = {k.replace("_", "-"): v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "overwrite")}
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+        used = cfg.effective(steps=setup.steps, tolerance=setup.opt.tolerance)
+        (out / "config.yaml").write_text(yaml.safe_dump(used.to_file(), sort_keys=False, allow_unicode=True))
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out / "checkpoints"
     resumed_from = _resume(cfg, setup, ckpt_dir, comm) if cfg.resume else None
     return _Loop(cfg, setup, out, ckpt_dir, resumed_from).run()
 
 
 def _checkpoint_state(cfg: TrainConfig, setup: _Setup) -> dict:
-    return {"world_size": setup.world.size, "signature": setup.opt.flat.signature,
+    return {"world_size": setup.world.size, "signature": setup.opt.signature,
             "training_hash": cfg.training_hash(), "optimizer": setup.opt.state_dict(),
             "sampler": setup.sampler.state_dict(), "torch_rng": torch.get_rng_state()}
 
@@ -171,7 +180,8 @@ def _checkpoint_state(cfg: TrainConfig, setup: _Setup) -> dict:
 def _resume(cfg: TrainConfig, setup: _Setup, ckpt_dir: Path, comm: MPI.Comm) -> int | None:
     """Load the newest checkpoint step all ranks have (lockstep) or each rank's newest (async)."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    available = comm.allgather(checkpoint.steps_available(ckpt_dir, rank))
+    available = collectives.allgather_object(comm, checkpoint.steps_available(ckpt_dir, rank),
+                                             time.monotonic() + SETUP_TIMEOUT, "not every rank looked for checkpoints")
     if not all(available):
         missing = [r for r, steps in enumerate(available) if not steps]
         if rank == 0:
@@ -189,7 +199,7 @@ def _resume(cfg: TrainConfig, setup: _Setup, ckpt_dir: Path, comm: MPI.Comm) -> 
     error = None
     try:
         state = checkpoint.load(ckpt_dir, rank, step, {
-            "rank": rank, "world_size": size, "signature": setup.opt.flat.signature,
+            "rank": rank, "world_size": size, "signature": setup.opt.signature,
             "training_hash": cfg.training_hash()})
         setup.opt.load_state_dict(state["optimizer"])
         setup.sampler.load_state_dict(state["sampler"])
@@ -234,15 +244,16 @@ class _Loop:
         if self.rank == 0 and s.device.type != "cpu":
             print(f"pcasgd-mpi: device {s.device}; CUDA-aware MPI: {s.cuda_aware}", file=sys.stderr, flush=True)
         bar = _progress(cfg, s.steps, self.rank)
-        self.world.comm.Barrier()
+        collectives.barrier(self.world.comm, time.monotonic() + SETUP_TIMEOUT, "not every rank started training")
         t0 = time.perf_counter()
+        self.end_time = None if cfg.duration is None else time.monotonic() + cfg.duration
         first = opt.step_count
-        if bar is not None:
+        if bar is not None and first < s.steps:
             bar.update(first)
         stopping.install()
         for k in range(first, s.steps):
             self._step(k, bar, t0)
-            if self.stopped is not None:
+            if self._should_stop(k):
                 break
         wall = time.perf_counter() - t0
         if bar is not None:
@@ -251,7 +262,32 @@ class _Loop:
         if self.stopped is not None:
             self.metrics.close()
             return {"stopped_at": self.stopped, "checkpoint_dir": str(self.ckpt_dir)}
-        return self._finish(wall, s.steps, s.steps - first)
+        return self._finish(wall, opt.step_count, opt.step_count - first)
+
+    def _should_stop(self, k: int) -> bool:
+        """A stop every rank shares: a signal to any rank, or (async) a step or wall-time budget.
+
+        A signal makes every rank checkpoint and leave (continue with --resume); a budget ends the
+        run normally. In async mode without --stop each, the first rank to finish its --steps
+        ends the run for all, so no rank trains alone against neighbours that have stopped.
+        """
+        cfg, opt = self.cfg, self.opt
+        if stopping.received() is not None:
+            opt.request_stop(StopReason.SIGNAL)
+        elif Mode(cfg.mode) is Mode.ASYNC and opt.algorithm is not Algorithm.ALLREDUCE:
+            out_of_time = self.end_time is not None and time.monotonic() >= self.end_time
+            last = k + 1 >= self.s.steps and Stop(cfg.stop) is Stop.FIRST
+            if out_of_time or last:
+                opt.request_stop(StopReason.BUDGET)
+        if not opt.should_stop():
+            return False
+        if opt.stop_reason is StopReason.SIGNAL:
+            self._checkpoint()
+            self.stopped = k + 1
+            if self.rank == 0:
+                print(f"pcasgd-mpi: stopped by signal after step {k + 1}; checkpoint in {self.ckpt_dir}; "
+                      f"continue with --resume", file=sys.stderr, flush=True)
+        return True
 
     def _step(self, k: int, bar, t0: float) -> None:
         cfg, s, opt, model, ds = self.cfg, self.s, self.opt, self.model, self.s.dataset
@@ -275,6 +311,8 @@ class _Loop:
                 rec["choice"] = info.choice
             if info.thetas:
                 rec["theta"] = {str(n): round(t, 4) for n, t in info.thetas.items()}
+            if opt.scale != 1.0:
+                rec["scale"] = round(opt.scale, 4)
             self._log(rec)
         if cfg.eval_every and (k + 1) % cfg.eval_every == 0:
             self._eval(k + 1)
@@ -289,21 +327,8 @@ class _Loop:
                 if self.last_accuracy is not None:
                     post["acc"] = f"{self.last_accuracy:.3f}"
                 bar.set_postfix(post, refresh=False)
-        stop = self._stop_requested()
-        if (cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0) or stop:
+        if cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0:
             self._checkpoint()
-        if stop:
-            self.stopped = k + 1
-            if self.rank == 0:
-                print(f"pcasgd-mpi: stopped by signal after step {k + 1}; checkpoint in {self.ckpt_dir}; "
-                      f"continue with --resume", file=sys.stderr, flush=True)
-
-    def _stop_requested(self) -> bool:
-        signalled = stopping.received() is not None
-        if Mode(self.cfg.mode) is Mode.LOCKSTEP or self.opt.algorithm is Algorithm.ALLREDUCE:
-            # Every rank must stop after the same step, or the checkpoints would not fit together.
-            return bool(self.world.comm.allreduce(signalled, op=MPI.LOR))
-        return signalled
 
     def _eval(self, step: int) -> None:
         ds = self.s.dataset
@@ -323,15 +348,15 @@ class _Loop:
         avg = self.opt.average()
         self._last_consensus = self.opt.consensus_distance(avg)
         # Evaluation must leave training untouched: parameters, BatchNorm statistics and mode.
-        saved = self.opt.flat.data.clone()
+        saved = self.opt.parameters_vector.clone()
         buffers = [b.clone() for b in self.model.buffers()]
         was_training = self.model.training
-        self.opt.flat.data.copy_(avg)
+        self.opt.parameters_vector.copy_(avg)
         # BatchNorm statistics are local; the average model gets its own from training data.
         models.recalibrate_bn(self.model, self.s.dataset.x_train[:BN_CALIBRATION_SAMPLES].to(self.s.device))
         acc, loss = evaluate(self.model, self.s.dataset.x_test, self.s.dataset.y_test)
         digest = model_sha256(self.model)
-        self.opt.flat.data.copy_(saved)
+        self.opt.parameters_vector.copy_(saved)
         with torch.no_grad():
             for b, kept in zip(self.model.buffers(), buffers):
                 b.copy_(kept)
@@ -347,18 +372,21 @@ class _Loop:
         if self.board is not None:
             self.board.add_scalar("final/accuracy", acc, steps)
             self.board.close()
-        per_rank = comm.gather({
+        per_rank = collectives.allgather_object(comm, {
             "rank": self.rank, "steps": steps, "device": str(self.s.device),
+            # where the rank ran: a multi-node job's placement, and the local rank its device follows
+            "node": MPI.Get_processor_name(), "local_rank": self.s.local_rank,
             "cuda_aware": self.s.cuda_aware.to_dict(),
-            "transport": opt.exchange.transport.name if opt.exchange else None, "done": done, "wall_time_s": wall, "agent_accuracy": agent_acc,
+            "transport": opt.transport_name, "done": done, "wall_time_s": wall, "agent_accuracy": agent_acc,
             "staleness": {str(n): {str(t): c for t, c in sorted(h.items(), key=lambda kv: (kv[0] == NEVER, str(kv[0])))}
                           for n, h in opt.staleness_histogram.items()},
             "pv_wins": opt.pv_wins,
-            "exchange": dataclasses.asdict(opt.exchange.stats) if opt.exchange else None,
+            "beyond_horizon": _beyond_horizon(opt.staleness_histogram, opt.horizon),
+            "exchange": opt.exchange_stats(),
             "non_finite": {str(n): c for n, c in sorted(opt.non_finite.items())},
-            "av": {str(n): {"theta": t.theta, "e_p": t.e_p, "e_c": t.e_c, "measurements": t.measurements}
-                   for n, t in opt.trackers.items()} or None,
-        }, root=0)
+            "av": opt.av_state(),
+            "clock_offset_s": opt.clock_offset, "scale": opt.scale,
+        }, time.monotonic() + self.cfg.timeout, "not every rank reported its results")
         if comm.Get_rank() != 0:
             return {"failed_ranks": opt.failed_ranks} if opt.failed_ranks else None
         summary = {
@@ -372,12 +400,20 @@ class _Loop:
             "agent_accuracies": [p["agent_accuracy"] for p in per_rank],
             "consensus_distance": self._last_consensus,
             "staleness_histogram": {str(p["rank"]): p["staleness"] for p in per_rank},
+            # per rank and neighbour: the share of steps its copy was past the horizon (or missing)
+            "beyond_horizon": {str(p["rank"]): p["beyond_horizon"] for p in per_rank},
+            "slope": str(self.cfg.slope), "link_delay": list(self.cfg.link_delay), "balance": str(self.cfg.balance),
+            "stop": str(self.cfg.stop) if opt.mode is Mode.ASYNC else None, "duration": self.cfg.duration,
+            "step_scale": [p["scale"] for p in per_rank],
+            "clock_offsets_s": [p["clock_offset_s"] for p in per_rank],
             "pv_wins": {side: sum(p["pv_wins"][side] for p in per_rank) for side in ("predict", "clip")},
             "exchange": [p["exchange"] for p in per_rank],
             # per rank: how many steps each neighbour's message was left out for inf/NaN values
             "non_finite_left_out": [p["non_finite"] for p in per_rank],
             "model_sha256": digest,
             "devices": [p["device"] for p in per_rank],
+            "nodes": [p["node"] for p in per_rank],
+            "local_ranks": [p["local_rank"] for p in per_rank],
             "cuda_aware": per_rank[0]["cuda_aware"],
             "transports": [p["transport"] for p in per_rank],
             "out": str(self.out),
@@ -390,6 +426,15 @@ class _Loop:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _merge_metrics(self.out, [p["rank"] for p in per_rank])
         return summary
+
+
+def _beyond_horizon(histogram: dict, horizon: int) -> dict[str, float]:
+    out = {}
+    for n, h in histogram.items():
+        total = sum(h.values())
+        past = sum(c for t, c in h.items() if t == NEVER or t > horizon)
+        out[str(n)] = round(past / total, 4) if total else 0.0
+    return out
 
 
 def _set_threads(threads: int | None, comm: MPI.Comm) -> None:

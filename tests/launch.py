@@ -11,6 +11,8 @@ from pathlib import Path
 from pcasgd_mpi.launch import mpi_environment, mpirun_command
 
 ROOT = Path(__file__).resolve().parent.parent
+# conftest.py clears this during tests of the fast tier, which must not start MPI jobs.
+LAUNCH_ALLOWED = True
 
 
 def mpi_env(extra: dict | None = None) -> dict:
@@ -18,6 +20,9 @@ def mpi_env(extra: dict | None = None) -> dict:
 
 
 def mpirun_prefix(n: int) -> list[str]:
+    if not LAUNCH_ALLOWED:
+        raise AssertionError("this test starts mpirun: mark it @pytest.mark.mpi so that it runs in the mpi tier, "
+                             "not in the fast default one")
     return mpirun_command(n)
 
 
@@ -30,7 +35,8 @@ def run(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | str
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}")
+        raise AssertionError(
+            f"timed out after {timeout} s: {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

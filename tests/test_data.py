@@ -294,4 +294,91 @@ def test_sampler_rejects_mismatched_state():
 
 
 def test_module_constants():
-    assert data.DATASETS == ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
+    assert data.DATASETS == ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10", "mnist1d")
+
+
+# ---------------------------------------------------------------- mnist1d
+
+@pytest.fixture(scope="module")
+def mnist1d_cache(tmp_path_factory):
+    """A private cache folder holding one generated copy, so the tests generate once, not per test."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(folder))
+        ds = load("mnist1d")
+    return folder, ds
+
+
+@pytest.fixture
+def mnist1d(mnist1d_cache, monkeypatch):
+    folder, ds = mnist1d_cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder))
+    return ds
+
+
+def test_mnist1d_published_split_shape_and_standardisation(mnist1d):
+    ds = mnist1d
+    assert ds.name == "mnist1d" and ds.num_classes == 10
+    assert ds.input_shape == (1, 40)
+    assert ds.x_train.shape == (4000, 1, 40) and ds.x_test.shape == (1000, 1, 40)
+    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    # 500 signals per class before the 80/20 split: every class is present in both parts.
+    assert set(ds.y_train.tolist()) == set(range(10)) == set(ds.y_test.tolist())
+    assert abs(float(ds.x_train.mean())) < 1e-4
+    assert float(ds.x_train.std()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_mnist1d_generation_is_offline_deterministic_rng_neutral_and_replaces_a_bad_cache(
+    mnist1d_cache, tmp_path, monkeypatch
+):
+    import random
+
+    import mnist1d.data
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the download path was used")
+
+    folder, cached = mnist1d_cache
+    (name,) = [p.name for p in (folder / "pcasgd-mpi").glob("mnist1d-*.npz")]
+    (tmp_path / "pcasgd-mpi").mkdir()
+    (tmp_path / "pcasgd-mpi" / name).write_bytes(b"not an npz file")
+    monkeypatch.setattr(mnist1d.data, "get_dataset", forbidden)
+    monkeypatch.setattr(mnist1d.data.requests, "get", forbidden)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    np.random.seed(7)
+    random.seed(7)
+    expected = (np.random.rand(), random.random())
+    np.random.seed(7)
+    random.seed(7)
+    fresh = load("mnist1d")
+    # make_dataset reseeds the global generators; the loader must restore them.
+    assert (np.random.rand(), random.random()) == expected
+    assert torch.equal(fresh.x_train, cached.x_train) and torch.equal(fresh.y_test, cached.y_test)
+    # The bad file was replaced by a whole one, and the temporary file of the atomic write is gone.
+    assert [p.name for p in (tmp_path / "pcasgd-mpi").iterdir()] == [name]
+    with np.load(tmp_path / "pcasgd-mpi" / name) as f:
+        assert np.array_equal(f["y_test"], cached.y_test.numpy())
+
+
+def test_mnist1d_missing_package_is_one_clear_error(monkeypatch):
+    from importlib import metadata
+
+    def absent(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", absent)
+    with pytest.raises(DataError, match="pip install mnist1d"):
+        load("mnist1d")
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet:0.3"])
+def test_mnist1d_partitions_cover_the_train_set(mnist1d, scheme):
+    shards = partition(mnist1d.y_train, 8, scheme, seed=0)
+    assert len(shards) == 8 and all(len(s) > 0 for s in shards)
+    assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(4000))
+    again = partition(mnist1d.y_train, 8, scheme, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(shards, again))
+    if scheme != "iid":
+        # Label skew: some agent holds far more of its top class than the 10 % of an even split.
+        top = max(np.bincount(mnist1d.y_train[s].numpy(), minlength=10).max() / len(s) for s in shards)
+        assert top > 0.3

@@ -1,5 +1,7 @@
-"""Experiment grids: expansion, names, validation, aggregation, the report, and one small MPI job."""
+"""Experiment grids: expansion, names, validation, aggregation, the report, the paper's checks,
+and one small MPI job."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -8,7 +10,8 @@ import pytest
 import yaml
 
 from launch import ROOT, mpirun_prefix, run
-from pcasgd_mpi import cli, experiment as ex
+from pcasgd_mpi import aggregation, config, report, runner
+from pcasgd_mpi import grid as gridfile
 from test_plot import PNG_MAGIC, make_run
 
 GRIDS = ROOT / "benchmarks" / "grids"
@@ -16,7 +19,7 @@ GRIDS = ROOT / "benchmarks" / "grids"
 
 def grid_of(**raw):
     doc = {"ranks": 4, "steps": 10, "algorithms": ["dsgd"], "delays": ["none"], "seeds": [0]} | raw
-    return ex.parse_grid(doc, "g.yaml")
+    return gridfile.parse_grid(doc, "g.yaml")
 
 
 # ----------------------------------------------------------------------------- expansion and names
@@ -51,26 +54,29 @@ def test_exclude_removes_matching_runs_and_delays_are_canonical():
     assert combos == {("dsgd", "none"), ("dsgd", "fixed:2"), ("clip", "fixed:2"), ("allreduce", "none")}
 
 
-def test_algorithm_names_match_the_cli():
-    assert set(ex.ALGORITHMS) == set(cli.ALGORITHMS)
+def test_every_algorithm_of_the_trainer_can_be_a_grid_axis():
+    names = [a.value for a in config.Algorithm]
+    assert [a.label for a in grid_of(algorithms=names).algorithms] == [
+        "pc-asgd:0.5" if n == "pc-asgd" else n for n in names]
 
 
 def test_shipped_grids_parse_and_have_the_planned_size():
-    grids = {p.stem: ex.load_grid(p) for p in GRIDS.glob("*.yaml")}
+    grids = {p.stem: gridfile.load_grid(p) for p in GRIDS.glob("*.yaml")}
     assert {"digits", "digits-noniid", "tiny", "resnet20-synthetic"} <= set(grids)
     digits = grids["digits"]
     assert [a.label for a in digits.algorithms] == ["dsgd", "clip", "predict", "pc-asgd:0.25", "pc-asgd:0.5",
                                                      "pc-asgd:0.75", "pc-asgd-pv", "pc-asgd-av", "allreduce"]
     assert digits.delays == ["none", "fixed:2", "random:0.5:4", "ranks:0,2:8"] and digits.seeds == [0, 1, 2]
     noniid = grids["digits-noniid"]
-    assert {"dsgd", "clip", "predict", "pc-asgd:0.5", "pc-asgd-pv", "pc-asgd-av"} <= {a.label for a in noniid.algorithms}
+    labels = {a.label for a in noniid.algorithms}
+    assert {"dsgd", "clip", "predict", "pc-asgd:0.5", "pc-asgd-pv", "pc-asgd-av"} <= labels
     assert "dirichlet:0.3" in noniid.partitions and 0.5 in noniid.lrs
     tiny = grids["tiny"]
     assert tiny.ranks == 2 and len(tiny.runs()) == 2
 
 
 def test_importing_the_experiment_does_not_start_mpi():
-    code = "import sys, pcasgd_mpi.experiment; print('mpi4py' in sys.modules)"
+    code = "import sys, pcasgd_mpi.experiment, pcasgd_mpi.runner; print('mpi4py' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.stdout.strip() == "False", proc.stderr
 
@@ -90,7 +96,9 @@ def test_importing_the_experiment_does_not_start_mpi():
     ({"seeds": [1, 1]}, r"'seeds' lists 1 more than once"),
     ({"stepz": 5}, r"unknown key\(s\) 'stepz'"),
     ({"algorithm": "dsgd"}, r"'algorithm' is set by each run; list it under 'algorithms'"),
-    ({"steps": "many"}, r"'steps' must be int or None, got 'many'"),
+    ({"steps": "many"}, r"steps: must be a whole number >= 1, got 'many'"),
+    ({"mode": "sometimes"}, r"mode: .*sometimes"),
+    ({"steps": 5, "epochs": 1.0}, r"run dsgd__none__iid__lr0.1__s0: --steps and --epochs both given"),
     ({"lr": 0.1, "lrs": [0.1]}, r"both 'lr' and 'lrs' are given"),
     ({"exclude": [{"algorithm": "dsgd"}]}, r"'exclude' leaves no run"),
     ({"exclude": [{"colour": "red"}]}, r"exclude\[0\]: unknown key 'colour'"),
@@ -106,14 +114,14 @@ def test_bad_grid_is_one_clear_value_error_line(change, message):
 
 def test_missing_axis_and_bad_yaml(tmp_path):
     with pytest.raises(ValueError, match="missing 'delays'"):
-        ex.parse_grid({"algorithms": ["dsgd"], "seeds": [0]}, "g.yaml")
+        gridfile.parse_grid({"algorithms": ["dsgd"], "seeds": [0]}, "g.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("algorithms: [dsgd\n")
     with pytest.raises(ValueError, match=r"bad.yaml: not valid YAML at line \d+") as info:
-        ex.load_grid(bad)
+        gridfile.load_grid(bad)
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="no such grid file"):
-        ex.load_grid(tmp_path / "nope.yaml")
+        gridfile.load_grid(tmp_path / "nope.yaml")
 
 
 def test_command_line_reports_a_bad_grid_in_one_line_without_mpi(tmp_path):
@@ -151,7 +159,7 @@ def fabricated():
 
 def test_aggregate_mean_std_and_worst_case_gap():
     g, summaries = fabricated()
-    agg = ex.aggregate(g, summaries)
+    agg = aggregation.aggregate(g, summaries)
     key = "delay fixed:2 · iid · lr 0.1"
     cell = agg["table"]["clip"][key]["accuracy"]
     assert cell["mean"] == pytest.approx(0.86) and cell["std"] == pytest.approx(0.01) and cell["n"] == 3
@@ -166,9 +174,19 @@ def test_aggregate_mean_std_and_worst_case_gap():
     assert cons["mean"] == pytest.approx(0.02)
 
 
-def test_checks_are_computed_from_the_numbers():
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module (the directory is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_checks_are_computed_from_the_numbers():
+    checks = _benchmark("paper_checks").checks
     g, summaries = fabricated()
-    ch = ex.aggregate(g, summaries)["checks"]
+    ch = checks(aggregation.aggregate(g, summaries))
     # PV 0.85 vs best baseline clip 0.86 ± 0.01: exactly on the line, so it holds.
     assert ch["pv_vs_baselines"]["holds"] is True
     assert ch["pv_vs_baselines"]["rows"][0]["best"] == "clip"
@@ -180,29 +198,52 @@ def test_checks_are_computed_from_the_numbers():
             summaries[spec.name]["final_accuracy"] -= 0.05
         if spec.delay == "fixed:2" and spec.algorithm.label == "clip":
             summaries[spec.name]["final_accuracy"] += 0.05
-    ch = ex.aggregate(g, summaries)["checks"]
+    ch = checks(aggregation.aggregate(g, summaries))
     assert ch["pv_vs_baselines"]["holds"] is False
     assert ch["av_worst_case"]["best_of_variants"] is False and ch["av_worst_case"]["better_variants"] == ["clip"]
+
+
+def test_paper_checks_cannot_answer_without_the_algorithms():
+    checks = _benchmark("paper_checks").checks
+    g = grid_of(algorithms=["dsgd", "clip"], delays=["none", "fixed:2"])
+    summaries = {spec.name: {"final_accuracy": 0.9} for spec in g.runs()}
+    assert checks(aggregation.aggregate(g, summaries)) == {
+        "pv_vs_baselines": None, "pv_no_delay": None, "av_worst_case": None}
+
+
+def test_paper_checks_command_writes_its_answers_next_to_the_results(tmp_path, capsys):
+    paper_checks = _benchmark("paper_checks")
+    g, summaries = fabricated()
+    (tmp_path / "results.json").write_text(json.dumps(aggregation.aggregate(g, summaries)))
+    assert paper_checks.main([str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "checks.json").read_text())
+    assert saved["pv_vs_baselines"]["holds"] is True
+    text = (tmp_path / "checks.md").read_text()
+    assert text.startswith("# Checks: g") and "pc-asgd-av worst-case gap ≤ 3 pp: yes" in text
+    assert text in capsys.readouterr().out
+    assert paper_checks.main([str(tmp_path / "nowhere")]) == 2
+    assert "results.json: not found" in capsys.readouterr().err
 
 
 def test_missing_runs_are_left_out_and_reported():
     g, summaries = fabricated()
     gone = next(n for n in summaries if n.startswith("clip__fixed-2") and n.endswith("s2"))
     del summaries[gone]
-    agg = ex.aggregate(g, summaries)
+    agg = aggregation.aggregate(g, summaries)
     cell = agg["table"]["clip"]["delay fixed:2 · iid · lr 0.1"]
     assert cell["finished"] == 2 and cell["accuracy"]["mean"] == pytest.approx(0.855)
-    text = ex.render_markdown(agg)
+    text = report.render_markdown(agg)
     assert "1 run(s) have no summary yet" in text
 
 
 def test_markdown_has_the_tables_and_the_gap_row():
     g, summaries = fabricated()
-    text = ex.render_markdown(ex.aggregate(g, summaries))
+    text = report.render_markdown(aggregation.aggregate(g, summaries))
     assert "| delay | partition | lr | dsgd | clip | pc-asgd-pv | pc-asgd-av |" in text
     assert "| fixed:2 | iid | 0.1 | 82.0 ± 2.0 | 86.0 ± 1.0 | 85.0 ± 1.0 | 89.0 ± 1.0 |" in text
     assert "| **worst-case gap to dsgd, no delay (pp)** | | | +10.0 | +6.0 | +7.0 | +3.0 |" in text
     assert "Consensus distance" in text and "predict share" in text
+    assert "Checks" not in text, "the paper's claims are judged in benchmarks/paper_checks.py"
 
 
 def test_write_report_from_run_directories(tmp_path):
@@ -210,7 +251,7 @@ def test_write_report_from_run_directories(tmp_path):
     for i, spec in enumerate(g.runs()):
         make_run(tmp_path / "runs" / spec.name, algorithm=spec.algorithm.name, delay=spec.delay,
                  accuracy=0.9 - 0.01 * i, seed=spec.seed)
-    agg = ex.write_report(g, tmp_path)
+    agg = report.write_report(g, tmp_path)
     assert agg["table"]["dsgd"]["delay none · iid · lr 0.1"]["accuracy"]["mean"] == pytest.approx(0.895)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["worst_gap"].keys() == {"dsgd", "pc-asgd-pv"}
@@ -221,7 +262,20 @@ def test_write_report_from_run_directories(tmp_path):
         "curves__none__iid__lr0.1.png", "curves__fixed-2__iid__lr0.1.png", "consensus.png", "staleness.png"}
 
 
+def test_a_finished_run_is_skipped_and_one_with_other_settings_refused(tmp_path):
+    g = grid_of(ranks=2)
+    spec = g.runs()[0]
+    same, other = tmp_path / "same", tmp_path / "other"
+    make_run(same, algorithm="dsgd", delay="none", steps=10, eval_every=0)
+    make_run(other, algorithm="dsgd", delay="none", steps=20, eval_every=0)
+    assert runner._existing_run(tmp_path / "missing", spec.train_fields(g.base, tmp_path / "missing")) is None
+    assert runner._existing_run(same, spec.train_fields(g.base, same)) == "done"
+    with pytest.raises(gridfile.GridError, match=r"other settings \(steps: 20 there, 10 in the grid\)"):
+        runner._existing_run(other, spec.train_fields(g.base, other))
+
+
 # ----------------------------------------------------------------------------- end to end
+@pytest.mark.mpi
 def test_tiny_grid_under_mpirun_then_resumed_through_the_relaunch(tmp_path):
     grid, out = GRIDS / "tiny.yaml", tmp_path / "exp"
     cmd = [sys.executable, "-m", "pcasgd_mpi.experiment", str(grid), "--out", str(out)]
@@ -246,18 +300,8 @@ def test_tiny_grid_under_mpirun_then_resumed_through_the_relaunch(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the convex check
-def _convex():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convex_bench", ROOT / "benchmarks" / "convex.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_convex_check_runs_tiny_and_answers_from_its_data(tmp_path):
-    convex = _convex()
+    convex = _benchmark("convex")
     args = ["--agents", "4", "--dim", "4", "--rows", "8", "--batch", "2", "--steps", "60", "--tail", "20",
             "--seeds", "2", "--taus", "0,3", "--out", str(tmp_path)]
     assert convex.main(args) == 0

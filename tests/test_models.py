@@ -79,3 +79,69 @@ def test_recalibrate_bn_noop_without_batchnorm():
     before = [p.clone() for p in model.parameters()]
     recalibrate_bn(model, torch.randn(4, 1, 8, 8))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ---------------------------------------------------------------- 1-D signals (MNIST-1D)
+
+SIGNAL = (1, 40)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_signal_models_forward(name):
+    model = build(name, SIGNAL, 10).eval()
+    with torch.no_grad():
+        out = model(torch.randn(5, *SIGNAL))
+    assert out.shape == (5, 10)
+
+
+def test_signal_cnn_is_the_published_conv1d_net():
+    model = build("cnn", SIGNAL, 10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv1d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == [
+        (1, 25, 5, 2), (25, 25, 3, 2), (25, 25, 3, 2)]
+    # 40 -> 19 -> 10 -> 5 samples of 25 channels into the classifier.
+    assert model.classifier.in_features == 125
+    assert count_parameters(model) == 150 + 1900 + 1900 + 1260
+
+
+def test_signal_mlp_has_100_100_hidden_units_and_images_keep_64():
+    assert count_parameters(build("mlp", SIGNAL, 10)) == 40 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
+    assert count_parameters(build("mlp", (1, 8, 8), 10)) == 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+
+
+def test_signal_cnn_adapts_to_the_length():
+    assert build("cnn", (2, 100), 3)(torch.randn(2, 2, 100)).shape == (2, 3)
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        build("cnn", (1, 1), 10)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg11"])
+def test_image_only_models_reject_signals(name):
+    with pytest.raises(ValueError, match="C x H x W"):
+        build(name, SIGNAL, 10)
+
+
+@pytest.fixture(scope="module")
+def mnist1d(tmp_path_factory):
+    from pcasgd_mpi import data
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        return data.load("mnist1d")
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_signal_models_learn_mnist1d_in_a_few_steps(name, mnist1d):
+    ds = mnist1d
+    model = build(name, ds.input_shape, ds.num_classes, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = ds.x_train[:256], ds.y_train[:256]
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert losses[-1] < 0.8 * losses[0]

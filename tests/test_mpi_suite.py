@@ -3,8 +3,11 @@
 import json
 import sys
 
+import pytest
+
 from launch import ROOT, mpirun_prefix, run
 
+pytestmark = pytest.mark.mpi
 RANKS = 4
 
 

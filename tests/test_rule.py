@@ -345,7 +345,7 @@ HAT_1 = t64(1.0, 0.0, 0.0, 0.0)    # e_P = 1
 SELF_2 = t64(0.0, 2.0, 0.0, 0.0)   # e_C = 2
 
 
-def test_tracker_theta_from_known_errors_and_ema():
+def test_tracker_theta_from_known_errors_and_mean_squares():
     tr = SubstitutionTracker(beta=0.8)
     assert tr.theta == 0.5 and tr.e_p is None and tr.e_c is None and tr.measurements == 0
     assert tr.record(3, HAT_1, SELF_2)
@@ -353,11 +353,81 @@ def test_tracker_theta_from_known_errors_and_ema():
     assert tr.e_p == pytest.approx(1.0) and tr.e_c == pytest.approx(2.0)
     assert tr.theta == pytest.approx(4.0 / 5.0)
     assert tr.record(4, t64(0.0, 0.0, 3.0, 0.0), t64(0.0, 0.0, 0.0, -1.0))  # e_P = 3, e_C = 1
-    assert tr.observe(10, TRUTH)
-    assert tr.e_p == pytest.approx(0.8 * 1.0 + 0.2 * 3.0)
-    assert tr.e_c == pytest.approx(0.8 * 2.0 + 0.2 * 1.0)
-    assert tr.theta == pytest.approx(1.8 ** 2 / (1.4 ** 2 + 1.8 ** 2))
+    assert tr.observe(4, TRUTH)
+    e_p2, e_c2 = 0.8 * 1.0 + 0.2 * 9.0, 0.8 * 4.0 + 0.2 * 1.0  # averages of the squares
+    assert tr.e_p == pytest.approx(math.sqrt(e_p2)) and tr.e_c == pytest.approx(math.sqrt(e_c2))
+    assert tr.theta == pytest.approx(e_c2 / (e_p2 + e_c2))
     assert tr.measurements == 2
+
+
+def test_tracker_default_memory_is_long():
+    assert SubstitutionTracker().beta == 0.97
+
+
+def test_tracker_measures_each_record_against_the_message_of_its_own_step():
+    tr = SubstitutionTracker(beta=0.5)
+    truth = {t: torch.full((4,), float(t), dtype=F64) for t in range(10)}
+    for t in (5, 6, 7):  # substitutes for steps 5..7: x̂ off by t/10, own weights off by 1
+        assert tr.record(t, truth[t] + t / 10, truth[t] - 1.0)
+    assert tr.pending_steps == (5, 6, 7) and tr.pending_step == 5
+    assert not tr.observe(4, truth[4])  # no record of step 4; later ones stay
+    assert tr.pending_steps == (5, 6, 7)
+    assert tr.observe(6, truth[6])  # measures exactly step 6 and discards the older step 5
+    assert tr.pending_steps == (7,) and tr.measurements == 1
+    assert (tr.e_p, tr.e_c) == pytest.approx((0.6 * 2, 1.0 * 2))  # ‖·‖ of 4 equal entries
+    assert not tr.observe(6, truth[6])  # measured once only
+    assert tr.observe(7, truth[7]) and tr.pending_steps == ()
+    assert tr.e_p == pytest.approx(2 * math.sqrt(0.5 * 0.6 ** 2 + 0.5 * 0.7 ** 2))
+    assert not tr.observe(9, truth[9])
+    assert tr.measurements == 2
+
+
+def test_tracker_one_record_per_step():
+    tr = SubstitutionTracker()
+    assert tr.record(2, HAT_1, SELF_2)
+    assert not tr.record(2, t64(7.0, 7.0, 7.0, 7.0), t64(7.0, 7.0, 7.0, 7.0))  # the first stays
+    assert tr.observe(2, TRUTH)
+    assert (tr.e_p, tr.e_c) == pytest.approx((1.0, 2.0))
+
+
+def test_tracker_memory_bounded_by_horizon():
+    tr = SubstitutionTracker(horizon=3)
+    for t in range(10):
+        assert tr.record(t, HAT_1, SELF_2)
+        assert len(tr.pending_steps) <= 3
+    assert tr.pending_steps == (7, 8, 9)
+    assert not tr.record(6, HAT_1, SELF_2)  # as old as the horizon: could never be measured
+    assert tr.record(10, HAT_1, SELF_2) and tr.pending_steps == (8, 9, 10)
+    # a message exactly H steps behind the newest record still finds its record
+    assert tr.observe(8, TRUTH) and tr.measurements == 1
+
+
+def test_tracker_sketch_uses_one_coordinate_subset_for_every_vector():
+    n, m = 10_000, 500
+    gen = torch.Generator().manual_seed(3)
+    truth = torch.randn(n, generator=gen, dtype=F64)
+    d_p, d_c = torch.randn(n, generator=gen, dtype=F64), 3 * torch.randn(n, generator=gen, dtype=F64)
+    tr = SubstitutionTracker(sketch_size=m, seed=7)
+    tr.record(0, truth + d_p, truth + d_c)
+    # the sketch keeps m coordinates, not n, whatever the model size
+    assert all(v.numel() == m for v in tr.state_dict()["records"][0])
+    assert tr.observe(0, truth)
+    idx = tr.state_dict()["index"]
+    assert idx.numel() == m and idx.unique().numel() == m
+    scale = math.sqrt(n / m)
+    # exact on the subset: a different subset for the truth would leave ‖truth[S] − truth[S']‖ in it
+    assert tr.e_p == pytest.approx(scale * torch.linalg.vector_norm(d_p[idx]).item(), rel=1e-12)
+    assert tr.e_c == pytest.approx(scale * torch.linalg.vector_norm(d_c[idx]).item(), rel=1e-12)
+    # and an estimate of the full norms
+    assert tr.e_p == pytest.approx(torch.linalg.vector_norm(d_p).item(), rel=0.15)
+    assert tr.e_c == pytest.approx(torch.linalg.vector_norm(d_c).item(), rel=0.15)
+    # the same seed draws the same subset in another tracker (e.g. after a restart)
+    other = SubstitutionTracker(sketch_size=m, seed=7)
+    other.record(0, truth + d_p, truth + d_c)
+    other.observe(0, truth)
+    assert torch.equal(other.state_dict()["index"], idx) and other.e_p == tr.e_p
+    with pytest.raises(ValueError, match="elements"):
+        tr.record(1, truth[:10], truth[:10])
 
 
 def test_tracker_float32_norms_against_nonzero_truth():
@@ -369,25 +439,8 @@ def test_tracker_float32_norms_against_nonzero_truth():
     assert tr.e_c == pytest.approx(0.002 * math.sqrt(1000), rel=1e-3)
 
 
-def test_tracker_keeps_pending_record_until_checked():
-    tr = SubstitutionTracker()
-    assert tr.pending_step is None
-    assert tr.record(5, HAT_1, SELF_2)
-    assert not tr.record(6, t64(7.0, 7.0, 7.0, 7.0), t64(7.0, 7.0, 7.0, 7.0))
-    assert tr.pending_step == 5
-    assert not tr.observe(4, TRUTH)
-    assert tr.pending_step == 5 and tr.measurements == 0 and tr.theta == 0.5
-    assert tr.observe(5, TRUTH)
-    assert tr.pending_step is None
-    assert (tr.e_p, tr.e_c) == pytest.approx((1.0, 2.0))  # the ignored second record left no trace
-    assert not tr.observe(9, TRUTH)
-    assert tr.measurements == 1
-    assert tr.record(6, HAT_1, SELF_2) and tr.pending_step == 6
-
-
 def test_tracker_stores_copies():
     tr = SubstitutionTracker(beta=0.8)
-    # the second round reuses the buffers of the first; both must copy, never alias
     for step, (hat, own) in enumerate([(HAT_1, SELF_2), (SELF_2, HAT_1)]):
         x_hat, x_self, truth = hat.clone(), own.clone(), TRUTH.clone()
         tr.record(step, x_hat, x_self)
@@ -396,29 +449,35 @@ def test_tracker_stores_copies():
         tr.observe(step, truth)
         assert torch.equal(truth, TRUTH)
         assert torch.equal(x_hat, torch.full_like(x_hat, 100.0))
-    assert (tr.e_p, tr.e_c) == pytest.approx((0.8 + 0.4, 1.6 + 0.2))
+    assert (tr.e_p, tr.e_c) == pytest.approx((math.sqrt(0.8 + 0.8), math.sqrt(3.2 + 0.2)))
 
 
 def test_tracker_state_dict_round_trip():
-    tr = SubstitutionTracker(beta=0.6, eps=1e-9)
-    tr.record(1, HAT_1, SELF_2)
-    tr.observe(2, TRUTH)
-    tr.record(7, t64(0.0, 0.0, 3.0, 0.0), t64(0.0, 1.0, 0.0, 0.0))
+    n = 6000  # more than the sketch: the subset must survive the round trip
+    gen = torch.Generator().manual_seed(0)
+    vec = lambda: torch.randn(n, generator=gen, dtype=F64)  # noqa: E731
+    truth = vec()
+    tr = SubstitutionTracker(beta=0.6, eps=1e-9, horizon=5, sketch_size=100, seed=4)
+    tr.record(1, vec(), vec())
+    tr.observe(1, vec())
+    tr.record(7, vec(), vec())
+    tr.record(8, vec(), vec())
     buf = io.BytesIO()
     torch.save(tr.state_dict(), buf)
     buf.seek(0)
     clone = SubstitutionTracker()
     clone.load_state_dict(torch.load(buf))
-    assert (clone.beta, clone.eps, clone.pending_step, clone.measurements) == (0.6, 1e-9, 7, 1)
-    assert clone.theta == tr.theta
-    assert tr.observe(7, TRUTH) and clone.observe(7, TRUTH)
+    assert (clone.beta, clone.eps, clone.horizon, clone.sketch_size, clone.seed) == (0.6, 1e-9, 5, 100, 4)
+    assert clone.pending_steps == (7, 8) and clone.measurements == 1 and clone.theta == tr.theta
+    assert tr.observe(8, truth) and clone.observe(8, truth)
     assert (clone.e_p, clone.e_c, clone.theta) == (tr.e_p, tr.e_c, tr.theta)
-    assert clone.e_p == pytest.approx(0.6 * 1.0 + 0.4 * 3.0)
+    assert clone.pending_steps == tr.pending_steps == ()
 
 
-def test_tracker_rejects_bad_beta():
-    with pytest.raises(ValueError):
-        SubstitutionTracker(beta=1.0)
+def test_tracker_rejects_bad_arguments():
+    for kwargs in ({"beta": 1.0}, {"beta": -0.1}, {"horizon": 0}, {"sketch_size": 0}):
+        with pytest.raises(ValueError):
+            SubstitutionTracker(**kwargs)
 
 
 def test_tracker_ignores_non_finite_measurements():
@@ -428,19 +487,24 @@ def test_tracker_ignores_non_finite_measurements():
         truth = TRUTH.clone()
         truth[2] = bad
         assert not tr.observe(1, truth)
-        assert tr.pending_step is None and tr.measurements == 0
+        assert tr.pending_steps == () and tr.measurements == 0
         assert tr.e_p is None and tr.theta == 0.5
     assert tr.record(2, HAT_1, SELF_2) and tr.observe(2, TRUTH)
     nan_hat, inf_self = t64(float("nan"), 0.0, 0.0, 0.0), t64(0.0, float("-inf"), 0.0, 0.0)
-    for bad_hat, bad_self in ((nan_hat, SELF_2), (HAT_1, inf_self)):
-        assert tr.record(3, bad_hat, bad_self)
-        assert not tr.observe(3, TRUTH)
-        assert tr.pending_step is None
+    for t, (bad_hat, bad_self) in enumerate(((nan_hat, SELF_2), (HAT_1, inf_self)), start=3):
+        assert tr.record(t, bad_hat, bad_self)
+        assert not tr.observe(t, TRUTH)
+        assert tr.pending_steps == ()
     assert tr.measurements == 1 and (tr.e_p, tr.e_c) == pytest.approx((1.0, 2.0))
     assert math.isfinite(tr.e_p) and math.isfinite(tr.e_c) and 0.0 <= tr.theta <= 1.0
     overflow = t64(1e308, 0.0, 0.0, 0.0)  # finite vectors whose difference overflows
-    assert tr.record(4, overflow, SELF_2) and not tr.observe(4, -overflow)
+    assert tr.record(5, overflow, SELF_2) and not tr.observe(5, -overflow)
     assert tr.measurements == 1 and 0.0 <= tr.theta <= 1.0
+    # an error whose square overflows is left out too; a large one whose square fits counts
+    assert tr.record(6, t64(1e200, 0.0, 0.0, 0.0), SELF_2) and not tr.observe(6, TRUTH)
+    assert tr.measurements == 1
+    assert tr.record(7, t64(1e150, 0.0, 0.0, 0.0), SELF_2) and tr.observe(7, TRUTH)
+    assert math.isfinite(tr.e_p) and tr.theta < 1e-200
 
 
 # ---------------------------------------------------------------- out buffers

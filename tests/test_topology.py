@@ -66,8 +66,6 @@ def test_complete_and_star(n):
     (9, 18, {4}),      # 3x3
     (8, 12, {3}),      # 2x4: the length-2 dimension gives one neighbour, not two
     (4, 4, {2}),       # 2x2 is the 4-cycle
-    (7, 7, {2}),       # prime: ring
-    (13, 13, {2}),
 ])
 def test_torus(n, edges, degree_set):
     g = topo.build("torus", n)
@@ -81,8 +79,10 @@ def test_torus_4x4_neighbours_wrap_around():
     assert topo.neighbours(g, 5) == [1, 4, 6, 9]
 
 
-def test_torus_prime_is_the_ring():
-    assert nx.utils.graphs_equal(topo.build("torus", 11), topo.build("ring", 11))
+@pytest.mark.parametrize("n", [5, 7, 11, 13])
+def test_torus_on_a_prime_world_size_is_rejected_suggesting_ring(n):
+    with pytest.raises(TopologyError, match=rf"{n} is prime; use --topology ring, or launch {n - 1} or {n + 1}"):
+        topo.build("torus", n)
 
 
 @pytest.mark.parametrize("n, degree", [(1, 0), (2, 1), (3, 2), (4, 3), (8, 5), (16, 7), (5, 4), (6, 4)])
@@ -346,6 +346,84 @@ def test_edgelist_parse_error_names_the_line(tmp_path):
     path.write_text("0 1\n# ok\n1 two\n")
     with pytest.raises(TopologyError, match=r"line 3: .*'1 two'"):
         topo.build(str(path), 2)
+
+
+@pytest.mark.parametrize("second", ["0 1 0.4", "1 0 0.4", "1 0 0.25"])
+def test_edgelist_duplicate_edge_in_either_order_is_rejected_naming_it(tmp_path, second):
+    path = tmp_path / "g.txt"
+    path.write_text(f"0 1 0.25\n1 2 0.25\n{second}\n")
+    with pytest.raises(TopologyError) as info:
+        topo.build(str(path), 3)
+    message = str(info.value)
+    assert "line 3: edge" in message and "is listed twice" in message
+    conflict = second.endswith("0.4")
+    assert ("with weights 0.25 and 0.4" in message) == conflict
+
+
+def test_json_duplicate_edge_is_rejected_naming_it(tmp_path):
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({"nodes": [{"id": 0}, {"id": 1}, {"id": 2}],
+                                "edges": [{"source": 0, "target": 1, "weight": 0.25},
+                                          {"source": 1, "target": 2},
+                                          {"source": 1, "target": 0, "weight": 0.4}]}))
+    with pytest.raises(TopologyError, match=r"edge 0-1 is listed twice with weights 0.25 and 0.4"):
+        topo.build(str(path), 3)
+
+
+@pytest.mark.parametrize("doc", [[1, 2], {"graph": {}}, {"nodes": [0, 1]}, {"nodes": [{"id": 0}], "edges": [[0, 1]]},
+                                 "text"])
+def test_json_that_is_not_node_link_is_one_line(tmp_path, doc):
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(TopologyError) as info:
+        topo.build(str(path), 2)
+    message = str(info.value)
+    assert "expected networkx node-link JSON" in message and "\n" not in message
+    assert "KeyError" not in message and "AttributeError" not in message
+
+
+@pytest.mark.parametrize("weight", ["1e308", "inf", "nan", "-1e300"])
+def test_absurd_or_non_finite_weight_is_one_line_without_numpy_warnings(tmp_path, weight):
+    path = tmp_path / "g.txt"
+    path.write_text(f"0 1 {weight}\n1 2 0.25\n2 0 0.25\n")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow warning would fail here
+        with pytest.raises(TopologyError, match=r"edge 0-1 has weight .*finite fractions"):
+            graph = topo.build(str(path), 3)
+            topo.mixing_matrix(graph, "file")
+
+
+def test_absurd_weight_set_through_the_api_is_rejected_by_mixing_matrix():
+    g = nx.cycle_graph(3)
+    nx.set_edge_attributes(g, 0.25, "weight")
+    g.edges[0, 1]["weight"] = 1e308
+    with pytest.raises(TopologyError, match="edge 0-1 has weight 1e[+]?308"):
+        topo.mixing_matrix(g, "file")
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n\n"])
+def test_empty_topology_file_is_rejected(tmp_path, text):
+    path = tmp_path / "empty.edgelist"
+    path.write_text(text)
+    with pytest.raises(TopologyError, match="holds no graph"):
+        topo.build(str(path), 4)
+
+
+def test_graphml_with_parallel_edges_is_rejected(tmp_path):
+    g = nx.MultiGraph([(0, 1), (1, 2), (2, 0), (1, 0)])
+    path = tmp_path / "g.graphml"
+    nx.write_graphml(g, path)
+    with pytest.raises(TopologyError, match="directed or has parallel edges"):
+        topo.build(str(path), 3)
+
+
+def test_directory_as_topology_says_it_is_a_directory(tmp_path):
+    folder = tmp_path / "graphs"
+    folder.mkdir()
+    with pytest.raises(TopologyError, match=rf"topology {folder} is a directory; pass a graph file"):
+        topo.build(str(folder), 4)
 
 
 def test_missing_file_rejected(tmp_path):

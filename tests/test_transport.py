@@ -10,7 +10,7 @@ import torch
 
 from fake_cuda import Recorder
 from launch import ROOT, mpi_env
-from pcasgd_mpi.transport import (CudaAwareTransport, HostTransport, StagingTransport, make_transport)
+from pcasgd_mpi.transport import CudaAwareTransport, HostTransport, StagingTransport, make_transport
 
 HEADER = 64
 NUMEL = 1000

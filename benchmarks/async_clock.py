@@ -1,0 +1,175 @@
+"""Async mode with a slow rank and with slow links: is every rank kept in the mix, and does it pay?
+
+Every run is the command line users run (`mpirun -n 4 pcasgd-mpi train ...`, ring, digits, MLP):
+
+S  straggler: rank 3 is 4x slower (`--straggler 3:4`). Reference: lockstep dsgd without a straggler,
+   400 steps: accuracy A_ref and wall time W_ref. Then async runs with the straggler that stop all
+   ranks together after 0.6 x W_ref (`--duration`): pc-asgd-av, pc-asgd-pv, dsgd, and pc-asgd-av
+   with `--balance lr`. Reported: accuracy gap to A_ref, and how often the fast neighbours of the
+   straggler (ranks 0, 2) had its copy past the horizon (dropped).
+L  slow links: `--link-delay 0,2:MS` with MS about 6 step times, async, 400 steps (stop first):
+   pc-asgd-av against dsgd, and the staleness the receivers saw of ranks 0 and 2, in their steps.
+M  momentum 0.9, slow links as in L, pc-asgd-av: AV's measured prediction error E_P with
+   `--slope update` against `--slope gradient`, and against the clipping error E_C.
+Each for IID and dirichlet:0.3 (S), Dirichlet (L), seeds 0..2. Prints a markdown report and
+writes benchmarks/async_clock.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pcasgd_mpi.launch import mpi_environment, mpirun_command  # noqa: E402
+
+RANKS = 4
+
+
+def train(args: list[str], out: Path, timeout: float = 900) -> dict:
+    cmd = mpirun_command(RANKS) + [sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress",
+                                   "--out", str(out), *args]
+    proc = subprocess.run(cmd, env=mpi_environment(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads((out / "summary.json").read_text())
+
+
+def staleness_seen(summary: dict, receivers: list[str], senders: list[str]) -> dict:
+    """Mean and median staleness (in the senders' steps) of the senders' copies at their neighbours."""
+    values = []
+    for r in receivers:
+        for s, hist in summary["staleness_histogram"][r].items():
+            if s in senders:
+                values += [int(t) for t, c in hist.items() if t != "never" for _ in range(c)]
+    return {"mean": statistics.fmean(values), "median": statistics.median(values)} if values else {}
+
+
+def dropped(summary: dict, receivers: list[str], sender: str) -> float:
+    return max(summary["beyond_horizon"][r][sender] for r in receivers)
+
+
+def av_errors(summary: dict) -> tuple[float, float]:
+    e_p = [v["e_p"] for per in summary["av"].values() for v in per.values() if v["e_p"] is not None]
+    e_c = [v["e_c"] for per in summary["av"].values() for v in per.values() if v["e_c"] is not None]
+    return statistics.fmean(e_p), statistics.fmean(e_c)
+
+
+def part_s(tmp: Path, seeds: list[int], steps: int) -> list[dict]:
+    rows = []
+    for partition in ("iid", "dirichlet:0.3"):
+        for seed in seeds:
+            common = ["--partition", partition, "--seed", str(seed)]
+            ref = train([*common, "--mode", "lockstep", "--algorithm", "dsgd", "--steps", str(steps)],
+                        tmp / f"ref-{partition}-{seed}")
+            budget = 0.6 * ref["wall_time_s"]
+            for label, extra in (("pc-asgd-av", []), ("pc-asgd-pv", []), ("dsgd", []),
+                                 ("pc-asgd-av --balance lr", ["--balance", "lr"])):
+                algo = label.split()[0]
+                s = train([*common, "--algorithm", algo, "--straggler", "3:4", "--duration", f"{budget:.3f}", *extra],
+                          tmp / f"s-{label.replace(' ', '')}-{partition}-{seed}")
+                rows.append({"part": "S", "partition": partition, "seed": seed, "algorithm": label,
+                             "reference_accuracy": ref["final_accuracy"], "reference_wall_s": ref["wall_time_s"],
+                             "accuracy": s["final_accuracy"], "wall_s": s["wall_time_s"],
+                             "gap_pp": 100 * (ref["final_accuracy"] - s["final_accuracy"]),
+                             "steps": s["steps"], "straggler_dropped": dropped(s, ["0", "2"], "3")})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def part_l_m(tmp: Path, seeds: list[int], steps: int) -> list[dict]:
+    rows = []
+    for seed in seeds:
+        base = ["--partition", "dirichlet:0.3", "--seed", str(seed), "--steps", str(steps)]
+        probe = train([*base, "--algorithm", "dsgd", "--steps", "100"], tmp / f"probe-{seed}")
+        step_ms = 1000.0 / statistics.median(probe["steps_per_second"])
+        ms = round(6 * step_ms, 1)
+        delay = ["--link-delay", f"0,2:{ms}"]
+        for algo in ("pc-asgd-av", "dsgd"):
+            s = train([*base, "--algorithm", algo, *delay], tmp / f"l-{algo}-{seed}")
+            rows.append({"part": "L", "seed": seed, "algorithm": algo, "link_delay_ms": ms, "step_ms": step_ms,
+                         "accuracy": s["final_accuracy"],
+                         "staleness_of_delayed": staleness_seen(s, ["1", "3"], ["0", "2"]),
+                         "staleness_of_others": staleness_seen(s, ["0", "2"], ["1", "3"])})
+            print(json.dumps(rows[-1]), flush=True)
+        for slope in ("update", "gradient"):
+            s = train([*base, "--algorithm", "pc-asgd-av", "--momentum", "0.9", "--lr", "0.02", "--slope", slope,
+                       *delay], tmp / f"m-{slope}-{seed}")
+            e_p, e_c = av_errors(s)
+            rows.append({"part": "M", "seed": seed, "slope": slope, "e_p": e_p, "e_c": e_c,
+                         "accuracy": s["final_accuracy"]})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def report(rows: list[dict]) -> str:
+    lines = []
+    s_rows = [r for r in rows if r["part"] == "S"]
+    if s_rows:
+        lines += ["| partition | algorithm | gap to lockstep dsgd without straggler, pp (per seed) | wall / W_ref "
+                  "| straggler dropped by ranks 0, 2 (max share) |", "|---|---|---|---|---|"]
+        keys = sorted({(r["partition"], r["algorithm"]) for r in s_rows})
+        for part, algo in keys:
+            sel = [r for r in s_rows if r["partition"] == part and r["algorithm"] == algo]
+            gaps = ", ".join(f"{r['gap_pp']:+.1f}" for r in sel)
+            mean_gap = statistics.fmean(r["gap_pp"] for r in sel)
+            ratio = statistics.fmean(r["wall_s"] / r["reference_wall_s"] for r in sel)
+            drop = max(r["straggler_dropped"] for r in sel)
+            lines.append(f"| {part} | {algo} | mean {mean_gap:+.1f} ({gaps}) | {ratio:.2f} | {100 * drop:.1f} % |")
+    l_rows = [r for r in rows if r["part"] == "L"]
+    if l_rows:
+        lines += ["", "| algorithm | accuracy (per seed) | link delay ms (step ms) | staleness of ranks 0, 2 at "
+                  "their neighbours: mean / median | of ranks 1, 3 |", "|---|---|---|---|---|"]
+        for algo in ("pc-asgd-av", "dsgd"):
+            sel = [r for r in l_rows if r["algorithm"] == algo]
+            accs = ", ".join(f"{r['accuracy']:.3f}" for r in sel)
+            delays = ", ".join(f"{r['link_delay_ms']:g} ({r['step_ms']:.1f})" for r in sel)
+            st = ", ".join(f"{r['staleness_of_delayed'].get('mean', 0):.1f} / {r['staleness_of_delayed'].get('median', 0):g}"
+                           for r in sel)
+            ot = ", ".join(f"{r['staleness_of_others'].get('mean', 0):.1f}" for r in sel)
+            lines.append(f"| {algo} | mean {statistics.fmean(r['accuracy'] for r in sel):.3f} ({accs}) | {delays} "
+                         f"| {st} | {ot} |")
+    m_rows = [r for r in rows if r["part"] == "M"]
+    if m_rows:
+        lines += ["", "| slope | E_P (per seed) | E_C (per seed) | accuracy |", "|---|---|---|---|"]
+        for slope in ("update", "gradient"):
+            sel = [r for r in m_rows if r["slope"] == slope]
+            lines.append(f"| {slope} | {', '.join(f'{r['e_p']:.4f}' for r in sel)} | "
+                         f"{', '.join(f'{r['e_c']:.4f}' for r in sel)} | "
+                         f"{', '.join(f'{r['accuracy']:.3f}' for r in sel)} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="S,L", help="S (straggler) and/or L (slow links, with M)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=400)
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    started, load = time.time(), os.getloadavg()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if "S" in args.parts:
+            rows += part_s(Path(tmp), seeds, args.steps)
+        if "L" in args.parts:
+            rows += part_l_m(Path(tmp), seeds, args.steps)
+    meta = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "nproc": os.cpu_count(),
+            "load_average_start": load, "load_average_end": os.getloadavg(), "minutes": (time.time() - started) / 60}
+    (ROOT / "benchmarks" / "async_clock.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(json.dumps(meta))
+    print(report(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

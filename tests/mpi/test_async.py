@@ -1,0 +1,106 @@
+"""Async mode across ranks: staleness in the sender's steps, slopes, slow links, a shared stop."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+from pcasgd_mpi.exchange import Exchange
+from pcasgd_mpi.trainer import TrainConfig, run
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+
+
+def _shared_dir(tmp_path) -> str:
+    return comm.bcast(str(tmp_path), root=0)
+
+
+@pytest.mark.mpi(min_size=4)
+def test_a_four_times_slower_rank_stays_in_the_mix(tmp_path):
+    """Its neighbours see its copies as at most a few of its own steps old and never drop them."""
+    out = _shared_dir(tmp_path)
+    summary = run(TrainConfig(out=out, algorithm="pc-asgd-av", steps=150, straggler=["3:4"], progress=False,
+                              timeout=60))
+    if rank == 0:
+        hist = summary["staleness_histogram"]
+        for r in ("0", "2"):
+            per = hist[r]["3"]
+            beyond = sum(c for t, c in per.items() if t == "never" or int(t) > 16)
+            assert beyond <= 2, (r, per)  # only the very first steps, before its first message
+            assert summary["beyond_horizon"][r]["3"] <= 0.05
+        steps = summary["steps"]
+        # the shared stop: one rank did all its steps, the straggler far fewer, nobody trained on alone
+        assert max(steps) == 150 and steps[3] < 150, steps
+
+
+@pytest.mark.mpi(min_size=4)
+def test_update_slope_is_the_gradient_bit_for_bit_under_plain_sgd(tmp_path):
+    out = Path(_shared_dir(tmp_path))
+    common = dict(mode="lockstep", algorithm="pc-asgd", delay="ranks:0,2:3", steps=25, progress=False)
+    a = run(TrainConfig(out=str(out / "update"), slope="update", **common))
+    b = run(TrainConfig(out=str(out / "gradient"), slope="gradient", **common))
+    c = run(TrainConfig(out=str(out / "momentum"), slope="update", momentum=0.9, **common))
+    d = run(TrainConfig(out=str(out / "momentum-g"), slope="gradient", momentum=0.9, **common))
+    if rank == 0:
+        assert a["model_sha256"] == b["model_sha256"]
+        assert c["model_sha256"] != d["model_sha256"], "with momentum the update is not the gradient"
+
+
+@pytest.mark.mpi(min_size=4)
+def test_velocity_slope_sends_half_the_bytes(tmp_path):
+    out = Path(_shared_dir(tmp_path))
+    common = dict(algorithm="pc-asgd", steps=40, progress=False, stop="each")
+    v = run(TrainConfig(out=str(out / "velocity"), slope="velocity", **common))
+    u = run(TrainConfig(out=str(out / "update"), slope="update", **common))
+    if rank == 0:
+        per_msg = lambda s: s["exchange"][0]["bytes_sent"] / s["exchange"][0]["sent"]  # noqa: E731
+        assert per_msg(v) < 0.55 * per_msg(u)
+        assert 0.0 <= v["final_accuracy"] <= 1.0
+
+
+@pytest.mark.mpi(min_size=2)
+def test_link_delay_delays_delivery_and_never_blocks_the_sender():
+    hold = 1.5
+    peers = [1] if rank == 0 else ([0] if rank == 1 else [])
+    ex = Exchange(comm, peers, 16, torch.float32, with_grad=False, hold=hold if rank == 0 else 0.0)
+    if rank == 0:
+        made = time.time()
+        started = time.monotonic()
+        for step in range(5):
+            ex.send(step, torch.full((16,), float(step)), made_at=time.time())
+        returned = time.monotonic() - started
+        assert returned < hold / 2, "sending must not wait for the link delay"
+        assert ex.stats.sent == 0, "nothing leaves before the delay is over"
+        comm.bcast(made, root=0)
+        deadline = time.monotonic() + 30
+        while ex.stats.sent == 0 and time.monotonic() < deadline:
+            ex.send_ready()  # progress: releases the held messages once their delay is over
+            time.sleep(0.001)
+        assert ex.stats.sent >= 1
+    elif rank == 1:
+        made = comm.bcast(None, root=0)
+        arrivals = {}
+        deadline = time.monotonic() + 30
+        while len(arrivals) < 1 and time.monotonic() < deadline:
+            ex.poll(lambda m: arrivals.setdefault(m.step, time.time()))
+            time.sleep(0.001)
+        assert arrivals, "the delayed message never arrived"
+        first = min(arrivals.values())
+        assert first - made >= hold - 0.05, f"a delayed message arrived {first - made:.3f} s after it was made"
+    else:
+        comm.bcast(None, root=0)
+    ex.close(time.monotonic() + 30)
+
+
+@pytest.mark.mpi(min_size=4)
+def test_duration_stops_every_rank_together(tmp_path):
+    out = _shared_dir(tmp_path)
+    summary = run(TrainConfig(out=out, algorithm="dsgd", duration=2.0, straggler=["1:3"], progress=False))
+    if rank == 0:
+        steps = summary["steps"]
+        assert all(s > 0 for s in steps) and steps[1] < max(steps), steps
+        assert np.isfinite(summary["final_accuracy"])

@@ -1,0 +1,154 @@
+"""Signals and frozen ranks under mpirun: one rank's signal reaches all, a frozen rank is named."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import ROOT, mpi_env, mpirun_prefix
+from pcasgd_mpi import checkpoint
+
+pytestmark = pytest.mark.mpi
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _descends(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        pid = _parent(pid)
+    return False
+
+
+def _rank_pids(root_pid: int) -> dict[int, int]:
+    """MPI rank -> pid of the processes this mpirun started (read from their environment)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"pcasgd_mpi.cli" not in cmdline or not _descends(int(entry.name), root_pid):
+            continue
+        for item in env:
+            if item.startswith(b"OMPI_COMM_WORLD_RANK="):
+                found[int(item.split(b"=", 1)[1])] = int(entry.name)
+    return found
+
+
+def _start(out: Path, args: list[str]) -> subprocess.Popen:
+    cmd = mpirun_prefix(4) + [sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress", "--out", str(out),
+                              *args]
+    return subprocess.Popen(cmd, env=mpi_env(), cwd=ROOT, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_training(proc: subprocess.Popen, out: Path, size: int = 4, lines: int = 20) -> dict[int, int]:
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "training did not start"
+        files = [out / "metrics" / f"rank-{r}.jsonl" for r in range(size)]
+        if all(f.exists() and f.read_text().count("\n") >= lines for f in files):
+            pids = _rank_pids(proc.pid)
+            if len(pids) == size:
+                return pids
+        time.sleep(0.1)
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"the job hung: still running {timeout} s after the fault\n{err[-3000:]}")
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("victim", [2, 0])
+def test_sigterm_to_one_rank_in_async_mode_stops_every_rank_with_a_checkpoint(tmp_path, victim):
+    out = tmp_path / "run"
+    slow = [a for r in range(4) for a in ("--straggler", f"{r}:3")]
+    proc = _start(out, ["--steps", "100000", "--timeout", "30", *slow])
+    try:
+        pids = _wait_training(proc, out)
+        os.kill(pids[victim], signal.SIGTERM)
+        code, err = _finish(proc, 90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 0, err[-3000:]
+    assert "continue with --resume" in err
+    steps = [checkpoint.steps_available(out / "checkpoints", r) for r in range(4)]
+    assert all(steps), f"every rank must checkpoint: {steps}"
+    assert not (out / "summary.json").exists()
+
+
+def test_sigstop_of_one_rank_in_lockstep_ends_the_job_naming_it(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, ["--mode", "lockstep", "--steps", "100000", "--timeout", "10", "--straggler", "0:2"])
+    try:
+        pids = _wait_training(proc, out)
+        os.kill(pids[2], signal.SIGSTOP)
+        code, err = _finish(proc, 120)
+    finally:
+        for pid in _rank_pids(proc.pid).values():
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code != 0
+    ours = [line for line in err.splitlines() if line.startswith("pcasgd-mpi")]
+    # The first line comes from a neighbour of the frozen rank, which waits on it first.
+    assert ours and "rank 2 " in ours[0] and "frozen" in ours[0], err[-3000:]
+    assert "Traceback" not in err
+
+
+def test_sigstop_of_one_rank_in_async_mode_is_named_at_the_end(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, ["--steps", "600", "--timeout", "10"])
+    try:
+        pids = _wait_training(proc, out)
+        os.kill(pids[3], signal.SIGSTOP)
+        code, err = _finish(proc, 120)
+    finally:
+        for pid in _rank_pids(proc.pid).values():
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code != 0
+    ours = [line for line in err.splitlines() if line.startswith("pcasgd-mpi")]
+    assert ours and "rank 3 did not reach the end of training" in ours[0], err[-3000:]
+    assert not (out / "summary.json").exists()
+
+
+def test_a_diverging_run_stops_with_one_line_and_a_failure_status(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, ["--mode", "lockstep", "--steps", "300", "--lr", "1e6", "--algorithm", "dsgd"])
+    code, err = _finish(proc, 180)
+    assert code != 0
+    ours = [line for line in err.splitlines() if line.startswith("pcasgd-mpi")]
+    assert ours and "became inf or NaN" in ours[0] and "lower --lr" in ours[0], err[-3000:]
+    assert not (out / "summary.json").exists()
+    for line in (out / "metrics" / "rank-0.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"metrics hold a bare {c}"))
