@@ -159,6 +159,12 @@ def machine() -> dict:
             "platform": platform.platform(), **versions}
 
 
+def _percent(cell: dict) -> str:
+    # One seed has no spread to show; a "± 0.0" would claim one.
+    text = f"{100 * cell['mean']:.1f}"
+    return text if cell["n"] < 2 else f"{text} ± {100 * cell['std']:.1f}"
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [BEGIN, "", "## 5. MNIST-1D: reference checks against the published table", "",
@@ -186,7 +192,7 @@ def markdown(report: dict) -> str:
         launch = ", ".join("—" if r.get("launch_wall_s") is None else f"{r['launch_wall_s']:.0f}" for r in runs)
         load = ", ".join(f"{r['load_average_before'][0]:.1f}" if "load_average_before" in r else "—" for r in runs)
         lines.append(f"| {check.algorithm} {check.model.upper()} {check.topology if check.algorithm == 'dsgd' else ''}"
-                     f" | {', '.join(str(r['seed']) for r in runs)} | {100 * t['mean']:.1f} ± {100 * t['std']:.1f} "
+                     f" | {', '.join(str(r['seed']) for r in runs)} | {_percent(t)} "
                      f"| {train} | {launch} | {load} |")
     lines += ["", "| check | measured (pp) | holds |", "|---|---|---|"]
     for c in report["checks"]:

@@ -137,6 +137,7 @@ class Exchange:
         self.with_grad = with_grad
         self.stats = ExchangeStats()
         self.failed: set[int] = set()
+        self.revoked = False
         self._warn = warn or (lambda msg: None)
         self._warned: set[str] = set()
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -325,6 +326,9 @@ class Exchange:
     def _peer_error(self, source: int, exc: MPI.Exception) -> None:
         if exc.Get_error_class() == MPI.ERR_PROC_FAILED:
             self.failed.add(source)
+            return
+        if exc.Get_error_class() == getattr(MPI, "ERR_REVOKED", -1):
+            self.revoked = True  # another rank saw a failure and revoked the communicator (ULFM)
             return
         if source in self.failed:
             return  # a request to or from a failed peer may be reported as invalid once it errored

@@ -120,9 +120,15 @@ class DistributedOptimizer:
         self._stop_at: int | None = None  # lockstep: the step after which every rank stops
         self.scale = 1.0  # --balance lr: this rank's step-size factor
         self.trackers = {}
+        self.repairs: list = []  # --fault-tolerant: the graph repairs made after ranks died
+        self.on_repair: Callable | None = None  # called with each Repair (the trainer adopts shards)
+        self._original = (world.comm.Get_group(), list(range(world.size)))
+        self._graph0 = world.graph
+        self.names = list(range(world.size))  # rank in the current communicator -> original rank
+        self._link_delay, self._av_beta = link_delay, av_beta
         self._setup_exchange(link_delay, av_beta)
 
-    def _setup_exchange(self, link_delay: float, av_beta: float) -> None:
+    def _setup_exchange(self, link_delay: float, av_beta: float, measure_clock: bool = True) -> None:
         wire_slope = self.algorithm.sends_gradient and self.slope is not Slope.VELOCITY
         self.exchange = Exchange(self.world.comm, self.neighbours, self.flat.numel, self.flat.dtype,
                                  signature=self.flat.signature, with_grad=wire_slope, warn=self._warn,
@@ -135,8 +141,9 @@ class DistributedOptimizer:
             self._diameter = nx.diameter(self.world.graph) if self.world.size > 1 else 0
             self.clock = None
         else:
-            offset = clock_offset(self.world.comm, deadline) if self.world.size > 1 else 0.0
-            self.clock_offset = offset
+            if measure_clock:
+                self.clock_offset = clock_offset(self.world.comm, deadline) if self.world.size > 1 else 0.0
+            offset = self.clock_offset
             self.clock = SenderClock(self.neighbours, now=lambda: time.time() + offset)
             self.view = AsyncNeighbours(self.exchange, weights, self.clock, self.slope is Slope.VELOCITY)
         if self.algorithm is Algorithm.PC_ASGD_AV:
@@ -210,9 +217,12 @@ class DistributedOptimizer:
                 torch.div(self._delta, -self.lr, out=grad)
             self._send(k)
         view = self._view(k)
+        if self.fault_tolerant and (self.exchange.failed or self.exchange.revoked):
+            self._repair(k)
+            view = self._view(k)
         info = StepInfo(k, {n: (None if nb.x is None else nb.staleness) for n, nb in zip(self.neighbours, view.neighbours)})
         for n, tau in info.staleness.items():
-            self.staleness_histogram[n][NEVER if tau is None else tau] += 1
+            self.staleness_histogram.setdefault(self.names[n], Counter())[NEVER if tau is None else tau] += 1
         self._update_checked(x_k, view, closure, info)
         if info.choice is not None:
             self.pv_wins[info.choice] += 1
@@ -424,7 +434,58 @@ class DistributedOptimizer:
         self.roster.free()
         if self.fault_tolerant:
             self.collective_comm = survivors
-            self.failed_ranks = self.exchange.failed_world_ranks(survivors)
+            late = [self.names[r] for r in self.exchange.failed_world_ranks(survivors)]
+            self.failed_ranks = sorted(set(self.failed_ranks) | set(late))
+
+    def _repair(self, k: int) -> None:
+        """ULFM: the survivors agree on who is left, join the holes in the graph and go on.
+
+        The rank that notices first revokes the exchange's communicator, so every survivor's next
+        exchange call fails and brings it here too; they shrink it (a collective among survivors),
+        rebuild the graph without the dead (repair.py), and start a new
+        exchange and roster on the new communicator. The old exchange is kept (MPI may still own
+        its buffers) but never used again.
+        """
+        from . import repair
+        from . import topology as topo
+        from .world import World
+
+        old = self.exchange
+        if not old.revoked:
+            old.comm.Revoke()
+        # Blocking: this Open MPI's nonblocking shrink fails with an internal error. Every survivor
+        # gets here at its next step (the revoked communicator fails its calls), so it completes.
+        new_comm = old.comm.Shrink()
+        alive = MPI.Group.Translate_ranks(new_comm.Get_group(), list(range(new_comm.Get_size())), self._original[0])
+        survivors = [int(r) for r in alive]
+        failed = sorted(set(self._original[1]) - set(survivors) - set(self.failed_ranks))
+        graph, added = repair.repair_graph(self._graph_original(), failed)
+        self._repaired_graph = graph
+        relabelled = repair.relabel(graph, survivors)
+        rule_name = self.world.weight_rule if self.world.weight_rule != "file" else "metropolis"
+        W = topo.mixing_matrix(relabelled, rule_name)
+        self._abandoned = getattr(self, "_abandoned", []) + [old, self.roster]
+        self.world = World(new_comm, new_comm.Get_rank(), new_comm.Get_size(), relabelled, W,
+                           self.world.topology, rule_name)
+        self.names = survivors  # new rank -> original rank
+        self.neighbours = self.world.neighbours
+        self.failed_ranks = sorted(set(self.failed_ranks) | set(failed))
+        self.collective_comm = new_comm
+        stop = self.roster.stop_reason
+        self.roster = Roster(new_comm)
+        if stop is not None:
+            self.roster.request_stop(stop)
+        self._bad_step = {n: -1 for n in self.neighbours}
+        self._setup_exchange(self._link_delay, self._av_beta, measure_clock=False)
+        record = repair.Repair(k, failed, survivors, added)
+        self.repairs.append(record)
+        self._warn(f"ranks {failed} failed at step {k}; training goes on among {survivors}"
+                   + (f" with edges {added} added" if added else ""))
+        if self.on_repair is not None:
+            self.on_repair(record)
+
+    def _graph_original(self):
+        return getattr(self, "_repaired_graph", None) or self._graph0
 
     def _keep_flowing(self) -> None:
         # Neighbours that are still training may wait on this rank's messages (lockstep).

@@ -10,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from . import checkpoint, collectives, data, models, rundir, stopping
+from . import checkpoint, collectives, data, models, repair, rundir, stopping
 from .device import decide_cuda_aware, local_rank, local_rank_from_comm, select_device
 from .transport import make_transport
 from .config import TrainConfig
@@ -66,6 +67,7 @@ class _Setup:
             # Every rank sees every shard: all raise the same line, naming the smallest shard.
             raise SetupError(f"--batch-size {cfg.batch_size} is larger than rank {smallest}'s shard of "
                              f"{len(shards[smallest])} samples; use --batch-size {len(shards[smallest])} or less")
+        self.shards = shards  # a survivor of a failed rank takes over part of its shard (repair.py)
         self.sampler = data.ShardSampler(shards[rank], cfg.batch_size, cfg.seed, rank)
         self.link_delays = link_delays(cfg.link_delay, size)
         if cfg.duration is not None and Mode(cfg.mode) is not Mode.ASYNC:
@@ -248,6 +250,7 @@ class _Loop:
         t0 = time.perf_counter()
         self.end_time = None if cfg.duration is None else time.monotonic() + cfg.duration
         first = opt.step_count
+        opt.on_repair = self._adopt
         if bar is not None and first < s.steps:
             bar.update(first)
         stopping.install()
@@ -263,6 +266,15 @@ class _Loop:
             self.metrics.close()
             return {"stopped_at": self.stopped, "checkpoint_dir": str(self.ckpt_dir)}
         return self._finish(wall, opt.step_count, opt.step_count - first)
+
+    def _adopt(self, record) -> None:
+        """A rank died: take over this rank's part of its data shard, so no data is lost."""
+        extra = repair.adopted_indices(self.s.shards, record.failed, record.survivors, self.rank)
+        if len(extra):
+            s = self.s
+            s.sampler = data.ShardSampler(np.concatenate([s.sampler.indices, extra]), self.cfg.batch_size,
+                                          self.cfg.seed, self.rank)
+        record.adopted = int(len(extra))
 
     def _should_stop(self, k: int) -> bool:
         """A stop every rank shares: a signal to any rank, or (async) a step or wall-time budget.
@@ -386,6 +398,7 @@ class _Loop:
             "non_finite": {str(n): c for n, c in sorted(opt.non_finite.items())},
             "av": opt.av_state(),
             "clock_offset_s": opt.clock_offset, "scale": opt.scale,
+            "repairs": [r.to_dict() for r in opt.repairs],
         }, time.monotonic() + self.cfg.timeout, "not every rank reported its results")
         if comm.Get_rank() != 0:
             return {"failed_ranks": opt.failed_ranks} if opt.failed_ranks else None
@@ -421,6 +434,11 @@ class _Loop:
         if opt.fault_tolerant:
             summary["survivors"] = [p["rank"] for p in per_rank]
             summary["failed_ranks"] = opt.failed_ranks
+            # per repair: who died at which step, the edges that closed the holes, and the samples
+            # of the dead ranks' shards each survivor took over
+            summary["repairs"] = [dict(r, adopted_samples={str(p["rank"]): p["repairs"][i]["adopted_samples"]
+                                                         for p in per_rank if i < len(p["repairs"])})
+                                  for i, r in enumerate(per_rank[0]["repairs"])]
         if opt.algorithm is Algorithm.PC_ASGD_AV:
             summary["av"] = {str(p["rank"]): p["av"] for p in per_rank}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

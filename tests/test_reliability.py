@@ -134,7 +134,7 @@ ULFM = ["--with-ft", "ulfm"]
 
 def _die_on_rank_2(out, extra_mpirun=(), extra=()):
     cmd = mpirun_prefix(4) + [*extra_mpirun, sys.executable, str(ROOT / "tests" / "scripts" / "die_on_rank.py"),
-                              "train", "--no-progress", "--steps", "800", "--out", str(out), *extra]
+                              "train", "--no-progress", "--steps", "800", "--stop", "each", "--out", str(out), *extra]
     return run(cmd, timeout=240, env={"DIE_RANK": "2", "DIE_STEP": "400"})
 
 
@@ -142,11 +142,14 @@ def _die_on_rank_2(out, extra_mpirun=(), extra=()):
 def test_with_ulfm_the_survivors_of_a_killed_rank_finish_and_report(tmp_path):
     clean = tmp_path / "clean"
     cmd = mpirun_prefix(4) + [*ULFM, sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress",
-                              "--fault-tolerant", "--steps", "800", "--out", str(clean)]
+                              "--fault-tolerant", "--steps", "800", "--stop", "each", "--out", str(clean)]
     assert run(cmd, timeout=240).returncode == 0
     out = tmp_path / "failed"
     proc = _die_on_rank_2(out, ULFM, ["--fault-tolerant"])
     assert (out / "summary.json").exists(), proc.stderr[-5000:]
+    # The console and the exit status say that the job lost a rank.
+    assert proc.returncode != 0
+    assert "pcasgd-mpi: rank 2 failed during training; the survivors finished (exit status 3)" in proc.stderr
     summary, reference = _summary(out), _summary(clean)
     assert summary["survivors"] == [0, 1, 3] and summary["failed_ranks"] == [2]
     assert summary["steps"] == [800, 800, 800]
@@ -161,3 +164,25 @@ def test_without_ulfm_a_killed_rank_stops_the_job_with_its_name(tmp_path):
     assert proc.returncode != 0
     assert "rank 2" in proc.stderr and "signal 9" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.mpi
+def test_with_ulfm_the_survivors_repair_the_graph_and_adopt_the_dead_hubs_shard(tmp_path):
+    from pcasgd_mpi import data
+
+    out = tmp_path / "star"
+    cmd = mpirun_prefix(4) + [*ULFM, sys.executable, str(ROOT / "tests" / "scripts" / "die_on_rank.py"), "train",
+                              "--no-progress", "--fault-tolerant", "--topology", "star", "--steps", "300",
+                              "--stop", "each", "--partition", "dirichlet:0.3", "--out", str(out)]
+    proc = run(cmd, timeout=240, env={"DIE_RANK": "0", "DIE_STEP": "30"})
+    assert proc.returncode == 3, proc.stderr[-5000:]
+    summary = _summary(out)
+    assert summary["survivors"] == [1, 2, 3] and summary["failed_ranks"] == [0]
+    (repair,) = summary["repairs"]
+    assert repair["failed"] == [0] and repair["survivors"] == [1, 2, 3]
+    assert repair["added_edges"] == [[1, 2], [1, 3], [2, 3]], "the hub's leaves are joined in a ring"
+    ds = data.load("digits", seed=0)
+    hub_shard = data.partition(ds.y_train, 4, "dirichlet:0.3", seed=0)[0]
+    assert sum(repair["adopted_samples"].values()) == len(hub_shard), "no sample of the dead rank is lost"
+    # the leaves mixed with each other after the repair, not only with the dead hub
+    assert set(summary["staleness_histogram"]["1"]) >= {"0", "2", "3"}

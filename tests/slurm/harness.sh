@@ -218,6 +218,20 @@ node_states() {
     timeout 10 sinfo -h -N -o '%N=%T' 2>/dev/null | sort -u | tr '\n' ' ' || true
 }
 
+# munged refuses a socket that not everyone can reach: every folder above it needs o+x.
+socket_reachable() {
+    local d
+    d=$(cd "$(dirname "$SOCK")" && pwd -P)
+    while [[ $d != / ]]; do
+        if [[ $(stat -c %A "$d") != *[xt] ]]; then
+            log "munged needs execute permission for all on every folder above its socket, and $d is" \
+                "$(stat -c %A "$d"): chmod o+x $d (/tmp is normally drwxrwxrwt), or set PCASGD_SLURM_DIR elsewhere"
+            exit 1
+        fi
+        d=$(dirname "$d")
+    done
+}
+
 start() {
     mkdir -p "$DIR"/{state,spool,log,run,munge}
     lock
@@ -235,6 +249,7 @@ start() {
         stop_daemons slurmd "${SLURMDS[@]}" slurmctld
     fi
 
+    socket_reachable
     launch munged munged -F --socket="$SOCK" --key-file="$DIR/munge/munge.key" \
         --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/seed"
     for _ in $(seq 50); do [[ -S $SOCK ]] && break; sleep 0.1; done
