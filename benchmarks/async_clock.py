@@ -143,9 +143,9 @@ def report(rows: list[dict]) -> str:
         lines += ["", "| slope | E_P (per seed) | E_C (per seed) | accuracy |", "|---|---|---|---|"]
         for slope in ("update", "gradient"):
             sel = [r for r in m_rows if r["slope"] == slope]
-            lines.append(f"| {slope} | {', '.join(f'{r['e_p']:.4f}' for r in sel)} | "
-                         f"{', '.join(f'{r['e_c']:.4f}' for r in sel)} | "
-                         f"{', '.join(f'{r['accuracy']:.3f}' for r in sel)} |")
+            lines.append(f"| {slope} | {', '.join(format(r['e_p'], '.4f') for r in sel)} | "
+                         f"{', '.join(format(r['e_c'], '.4f') for r in sel)} | "
+                         f"{', '.join(format(r['accuracy'], '.3f') for r in sel)} |")
     return "\n".join(lines)
 
 

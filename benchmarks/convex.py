@@ -138,7 +138,7 @@ def simulate(p: Problem, cfg: Config, algorithm: str, tau: int) -> dict:
                     tr = trackers[j][l]
                     if nb.x is not None:
                         tr.observe(k - nb.staleness, nb.x)
-                    if rule.classify(nb, tol, hor) is rule.Status.STALE and tr.pending_step is None:
+                    if rule.classify(nb, tol, hor) is rule.Status.STALE:
                         tr.record(k, rule.predict_weights(nb.x, nb.grad, nb.staleness, cfg.lr, cfg.lam), X[j])
                     thetas.append(tr.theta)
                 new[j] = rule.mix(X[j], delta, w_self, nbs, thetas, **kw)

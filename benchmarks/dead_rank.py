@@ -65,8 +65,8 @@ def main() -> int:
     for topology, victim in (("ring", 2), ("star", 0)):
         for partition in ("iid", "dirichlet:0.3"):
             sel = [r for r in rows if r["topology"] == topology and r["partition"] == partition]
-            print(f"| {topology} (rank {victim}) | {partition} | {', '.join(f'{r['clean']:.3f}' for r in sel)} | "
-                  f"{', '.join(f'{r['survivors']:.3f}' for r in sel)} | "
+            print(f"| {topology} (rank {victim}) | {partition} | {', '.join(format(r['clean'], '.3f') for r in sel)} | "
+                  f"{', '.join(format(r['survivors'], '.3f') for r in sel)} | "
                   f"{statistics.fmean(r['gap_pp'] for r in sel):+.2f}, {max(r['gap_pp'] for r in sel):+.2f} |")
     return 0
 

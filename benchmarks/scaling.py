@@ -48,6 +48,7 @@ GRAPHS = ("ring", "exponential")
 PHASES = ("launcher", "python", "torch", "torch_optim", "mpi4py", "mpi_init", "project_imports", "data", "setup",
           "first_step")
 OWN = ("project_imports", "data", "setup")  # the project's own share of start-up
+SRUN_BLOCK_MAX = 4  # ranks per node placed in blocks under srun: the virtual nodes' CPUs
 
 
 def process_age() -> float:
@@ -219,8 +220,12 @@ def launch_command(launcher: str, ranks: int) -> list[str]:
     if launcher == "srun":
         if ranks % 2:
             raise SystemExit(f"--launcher srun splits the ranks over 2 nodes: {ranks} is odd; pick even counts")
-        # -O: more tasks than a virtual node's CPUs, as --oversubscribe does for mpirun
-        return ["srun", "-N2", f"--ntasks-per-node={ranks // 2}", "-O", "--mpi=pmix", "--kill-on-bad-exit=1"]
+        # -O: more tasks than CPUs, as --oversubscribe does for mpirun. Slurm refuses
+        # --ntasks-per-node above a node's CPUs even with -O; -m cyclic splits the ranks evenly
+        # then, alternating nodes (so every ring edge crosses them).
+        per_node = ranks // 2
+        place = [f"--ntasks-per-node={per_node}"] if per_node <= SRUN_BLOCK_MAX else ["-n", str(ranks), "-m", "cyclic"]
+        return ["srun", "-N2", *place, "-O", "--mpi=pmix", "--kill-on-bad-exit=1"]
     from pcasgd_mpi.launch import mpirun_command
 
     return mpirun_command(ranks)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import networkx as nx
 import torch
@@ -20,12 +19,12 @@ from . import collectives, rule
 from .config import Algorithm, Balance, Mode, Slope, TrainConfig, check_rule_settings
 from .delay import DelayModel
 from .exchange import Exchange
-from .finite import all_finite, left_out, message_finite
 from .flat import FlatParameters
 from .neighbours import AsyncNeighbours, LockstepNeighbours, View
 from .roster import Roster, StopReason
 from .staleness import SenderClock, clock_offset
 from .transport import CudaAwareTransport, Transport, make_transport
+from .update import Diverged, RuleStep, StepInfo  # noqa: F401  (Diverged: part of this module's API)
 from .world import World
 
 _D = TrainConfig()  # the defaults are defined once, there
@@ -33,19 +32,7 @@ NEVER = "never"  # staleness histogram key for a neighbour that has not sent any
 BALANCE_CAP = 8.0  # the largest factor a slow rank's step is scaled by (--balance lr)
 
 
-class Diverged(RuntimeError):
-    """This agent's own weights became inf or NaN."""
-
-
-@dataclass
-class StepInfo:
-    step: int
-    staleness: dict[int, int | None]  # None: nothing received yet
-    choice: str | None = None  # PV: "predict" or "clip" when a neighbour was stale
-    thetas: dict[int, float] | None = None  # AV: θ_l of each stale neighbour
-
-
-class DistributedOptimizer:
+class DistributedOptimizer(RuleStep):
     """Decentralized training step over MPI with the PC-ASGD family of rules (ALGORITHM.md).
 
     Call `step(closure)` once per iteration after `loss.backward()`; `closure()` must return the
@@ -77,7 +64,7 @@ class DistributedOptimizer:
         delay: DelayModel | str | None = None,
         timeout: float = _D.timeout,
         check_finite: bool = True,
-        av_beta: float = 0.8,
+        av_beta: float = 0.97,
         fault_tolerant: bool = False,
         warn: Callable[[str], None] | None = None,
         transport: Transport | None = None,
@@ -122,8 +109,8 @@ class DistributedOptimizer:
         self.trackers = {}
         self.repairs: list = []  # --fault-tolerant: the graph repairs made after ranks died
         self.on_repair: Callable | None = None  # called with each Repair (the trainer adopts shards)
-        self._original = (world.comm.Get_group(), list(range(world.size)))
-        self._graph0 = world.graph
+        self._original_group = world.comm.Get_group()
+        self._graph = world.graph  # named by original ranks; repaired when ranks die
         self.names = list(range(world.size))  # rank in the current communicator -> original rank
         self._link_delay, self._av_beta = link_delay, av_beta
         self._setup_exchange(link_delay, av_beta)
@@ -147,7 +134,7 @@ class DistributedOptimizer:
             self.clock = SenderClock(self.neighbours, now=lambda: time.time() + offset)
             self.view = AsyncNeighbours(self.exchange, weights, self.clock, self.slope is Slope.VELOCITY)
         if self.algorithm is Algorithm.PC_ASGD_AV:
-            self.trackers = {n: rule.SubstitutionTracker(beta=av_beta) for n in self.neighbours}
+            self.trackers = {n: rule.SubstitutionTracker(beta=av_beta, horizon=self.horizon) for n in self.neighbours}
         if self.algorithm.sends_gradient:
             # at set-up, not in the middle of training when the first neighbour turns stale
             rule.prepare(self.flat.data, self.lam, self.lam_mode)
@@ -262,106 +249,6 @@ class DistributedOptimizer:
             return view
         return self.view.at(k, self.lr, self._now())
 
-    def _rule_kwargs(self) -> dict:
-        lam = 0.0 if self.slope is Slope.VELOCITY else self.lam  # the velocity is a plain extrapolation
-        if self.algorithm is Algorithm.DSGD:
-            # Consensus SGD uses whatever arrived as it is: nothing is ever stale or too old.
-            return dict(lr=self.lr, lam=lam, tolerance=_FOREVER, horizon=_FOREVER, lam_mode=self.lam_mode,
-                        segments=self.flat.sizes)
-        return dict(lr=self.lr, lam=lam, tolerance=self.tolerance, horizon=self.horizon,
-                    lam_mode=self.lam_mode, segments=self.flat.sizes)
-
-    def _update_checked(self, x_k: torch.Tensor, view: View, closure, info: StepInfo) -> None:
-        """The update, with neighbours whose message holds an inf or NaN left out (as if dropped).
-
-        Messages are not checked on arrival: most are replaced by a newer one before they are
-        used. Instead the result is checked, one read per step; only when it is not finite are
-        the neighbours' messages checked, and the update is made again without the bad ones.
-        If the result is still not finite, this agent itself diverged: `Diverged` is raised.
-        """
-        if not self.check_finite:
-            self._update(x_k, view, closure, info)
-            return
-        nbs = [left_out(nb) if s is not None and s == self._bad_step[n] else nb
-               for n, nb, s in zip(self.neighbours, view.neighbours, view.steps)]
-        view.neighbours = nbs
-        self._update(x_k, view, closure, info)
-        if all_finite(self.flat.data):
-            return
-        bad = [i for i, nb in enumerate(nbs) if nb.x is not None and not message_finite(nb)]
-        for i in bad:
-            n = self.neighbours[i]
-            self._bad_step[n] = view.steps[i]
-            if not self.non_finite[n]:
-                self._warn(f"left out the message of step {view.steps[i]} from rank {n}: it holds non-finite "
-                           "values (later ones are counted in non_finite, not reported)")
-            self.non_finite[n] += 1
-            nbs[i] = left_out(nbs[i])
-        if bad:
-            info.choice = None
-            self._update(x_k, view, closure, info)
-        if not all_finite(self.flat.data):
-            raise Diverged(f"rank {self.world.rank}: the model's weights became inf or NaN at step "
-                           f"{self.step_count}; lower --lr (now {self.lr:g}) or --momentum")
-
-    def _update(self, x_k: torch.Tensor, view: View, closure, info: StepInfo) -> None:
-        """Writes x^j_{k+1} into the parameters (ALGORITHM.md "The two candidates and the update")."""
-        x, delta, w_self, nbs = self.flat.data, self._delta, self.world.self_weight, view.neighbours
-        kw = self._rule_kwargs()
-        stale = [rule.classify(nb, kw["tolerance"], kw["horizon"]) is rule.Status.STALE for nb in nbs]
-        if self.algorithm is Algorithm.PC_ASGD_PV and any(stale):
-            x_p, x_c = rule.candidates(x_k, delta, w_self, nbs, out=self._candidate_buffers(), **kw)
-            loss_p = self._loss_at(x_p, closure)
-            loss_c = self._loss_at(x_c, closure)  # leaves x^C in the parameters
-            keep_p = rule.pv_choose(loss_p, loss_c)
-            info.choice = "predict" if keep_p else "clip"
-            if keep_p:
-                x.copy_(x_p)
-            return
-        on_predict = None
-        if self.algorithm is Algorithm.PC_ASGD_AV:
-            thetas, on_predict = self._av_thetas(view, x_k)
-            info.thetas = {n: t for n, t, s in zip(self.neighbours, thetas, stale) if s}
-        else:
-            # PV without a stale neighbour: both candidates are x^C, the θ = 0 mix.
-            theta = {Algorithm.CLIP: 0.0, Algorithm.PREDICT: 1.0,
-                     Algorithm.PC_ASGD_PV: 0.0}.get(self.algorithm, self.theta)
-            thetas = [theta] * len(nbs)
-        rule.mix(x_k, delta, w_self, nbs, thetas, on_predict=on_predict, out=x, **kw)
-
-    def _candidate_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._pv_buffers is None:
-            self._pv_buffers = (torch.empty_like(self.flat.data), torch.empty_like(self.flat.data))
-        return self._pv_buffers
-
-    def _av_thetas(self, view: View, x_k):
-        """θ_l from each tracker; measure the substitutes of earlier steps against what arrived.
-
-        Records are keyed by the sender's step: the substitute made now stands for the sender's
-        weights at its current (estimated) step, and is measured against its message of that step.
-        """
-        trackers = [self.trackers[n] for n in self.neighbours]
-        for tracker, nb, s in zip(trackers, view.neighbours, view.steps):
-            if nb.x is not None:
-                tracker.observe(s, nb.x)
-        thetas = [t.theta for t in trackers]
-
-        def record(i: int, x_hat: torch.Tensor) -> None:
-            if view.sender_steps[i] is not None:
-                trackers[i].record(view.sender_steps[i], x_hat, x_k)
-
-        return thetas, record
-
-    @torch.no_grad()
-    def _loss_at(self, vec: torch.Tensor, closure) -> float:
-        # Forward passes for the PV check must not move BatchNorm statistics.
-        buffers = [b.clone() for b in self.model.buffers()]
-        self.flat.data.copy_(vec)
-        loss = float(closure())
-        for b, saved in zip(self.model.buffers(), buffers):
-            b.copy_(saved)
-        return loss
-
     # ------------------------------------------------------------- stopping
     def request_stop(self, reason: StopReason = StopReason.SIGNAL) -> None:
         """Ask every rank to stop: in async after its current step, in lockstep all after one
@@ -438,54 +325,30 @@ class DistributedOptimizer:
             self.failed_ranks = sorted(set(self.failed_ranks) | set(late))
 
     def _repair(self, k: int) -> None:
-        """ULFM: the survivors agree on who is left, join the holes in the graph and go on.
+        """ULFM: the survivors agree on who is left, close the holes in the graph and go on
+        (survivors.py); a new exchange and roster start on the survivors' communicator."""
+        from .repair import Repair
+        from .survivors import shrink_and_repair
 
-        The rank that notices first revokes the exchange's communicator, so every survivor's next
-        exchange call fails and brings it here too; they shrink it (a collective among survivors),
-        rebuild the graph without the dead (repair.py), and start a new
-        exchange and roster on the new communicator. The old exchange is kept (MPI may still own
-        its buffers) but never used again.
-        """
-        from . import repair
-        from . import topology as topo
-        from .world import World
-
-        old = self.exchange
-        if not old.revoked:
-            old.comm.Revoke()
-        # Blocking: this Open MPI's nonblocking shrink fails with an internal error. Every survivor
-        # gets here at its next step (the revoked communicator fails its calls), so it completes.
-        new_comm = old.comm.Shrink()
-        alive = MPI.Group.Translate_ranks(new_comm.Get_group(), list(range(new_comm.Get_size())), self._original[0])
-        survivors = [int(r) for r in alive]
-        failed = sorted(set(self._original[1]) - set(survivors) - set(self.failed_ranks))
-        graph, added = repair.repair_graph(self._graph_original(), failed)
-        self._repaired_graph = graph
-        relabelled = repair.relabel(graph, survivors)
-        rule_name = self.world.weight_rule if self.world.weight_rule != "file" else "metropolis"
-        W = topo.mixing_matrix(relabelled, rule_name)
-        self._abandoned = getattr(self, "_abandoned", []) + [old, self.roster]
-        self.world = World(new_comm, new_comm.Get_rank(), new_comm.Get_size(), relabelled, W,
-                           self.world.topology, rule_name)
+        self._abandoned = getattr(self, "_abandoned", []) + [self.exchange, self.roster]
+        self.world, survivors, failed, added, self._graph = shrink_and_repair(
+            self.exchange, self._original_group, self._graph, self.world, self.failed_ranks)
         self.names = survivors  # new rank -> original rank
         self.neighbours = self.world.neighbours
         self.failed_ranks = sorted(set(self.failed_ranks) | set(failed))
-        self.collective_comm = new_comm
+        self.collective_comm = self.world.comm
         stop = self.roster.stop_reason
-        self.roster = Roster(new_comm)
+        self.roster = Roster(self.world.comm)
         if stop is not None:
             self.roster.request_stop(stop)
         self._bad_step = {n: -1 for n in self.neighbours}
         self._setup_exchange(self._link_delay, self._av_beta, measure_clock=False)
-        record = repair.Repair(k, failed, survivors, added)
+        record = Repair(k, failed, survivors, added)
         self.repairs.append(record)
         self._warn(f"ranks {failed} failed at step {k}; training goes on among {survivors}"
                    + (f" with edges {added} added" if added else ""))
         if self.on_repair is not None:
             self.on_repair(record)
-
-    def _graph_original(self):
-        return getattr(self, "_repaired_graph", None) or self._graph0
 
     def _keep_flowing(self) -> None:
         # Neighbours that are still training may wait on this rank's messages (lockstep).
@@ -514,7 +377,6 @@ class DistributedOptimizer:
         return total / comm.Get_size()
 
 
-_FOREVER = 2**62
 
 
 def _is_plain_sgd(opt: torch.optim.Optimizer) -> bool:

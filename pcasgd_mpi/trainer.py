@@ -16,13 +16,12 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from . import checkpoint, collectives, data, models, repair, rundir, stopping
-from .device import decide_cuda_aware, local_rank, local_rank_from_comm, select_device
-from .transport import make_transport
-from .config import TrainConfig
+from .config import Stop, TrainConfig
 from .delay import DelayModel, Straggler, link_delays
-from .config import Stop
+from .device import decide_cuda_aware, local_rank, local_rank_from_comm, select_device
 from .optimizer import NEVER, Algorithm, DistributedOptimizer, Mode
 from .roster import StopReason
+from .transport import make_transport
 from .world import World, init
 
 

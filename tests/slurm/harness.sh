@@ -249,7 +249,7 @@ start() {
         stop_daemons slurmd "${SLURMDS[@]}" slurmctld
     fi
 
-    socket_reachable
+    ourpid munged >/dev/null || socket_reachable
     launch munged munged -F --socket="$SOCK" --key-file="$DIR/munge/munge.key" \
         --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/seed"
     for _ in $(seq 50); do [[ -S $SOCK ]] && break; sleep 0.1; done

@@ -1,0 +1,131 @@
+"""How x^j_{k+1} is made from x^j_k, the local step Δ and the neighbours (ALGORITHM.md "The two
+candidates and the update"): the rule applied per algorithm, PV's choice, AV's θ_l, and the check
+that the result is finite. A part of DistributedOptimizer, kept apart to keep each file to one job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import rule
+from .config import Algorithm, Slope
+from .finite import all_finite, left_out, message_finite
+from .neighbours import View
+
+_FOREVER = 2**62
+
+
+@dataclass
+class StepInfo:
+    step: int
+    staleness: dict[int, int | None]  # None: nothing received yet
+    choice: str | None = None  # PV: "predict" or "clip" when a neighbour was stale
+    thetas: dict[int, float] | None = None  # AV: θ_l of each stale neighbour
+
+
+class Diverged(RuntimeError):
+    """This agent's own weights became inf or NaN."""
+
+
+class RuleStep:
+    def _rule_kwargs(self) -> dict:
+        lam = 0.0 if self.slope is Slope.VELOCITY else self.lam  # the velocity is a plain extrapolation
+        if self.algorithm is Algorithm.DSGD:
+            # Consensus SGD uses whatever arrived as it is: nothing is ever stale or too old.
+            return dict(lr=self.lr, lam=lam, tolerance=_FOREVER, horizon=_FOREVER, lam_mode=self.lam_mode,
+                        segments=self.flat.sizes)
+        return dict(lr=self.lr, lam=lam, tolerance=self.tolerance, horizon=self.horizon,
+                    lam_mode=self.lam_mode, segments=self.flat.sizes)
+
+    def _update_checked(self, x_k: torch.Tensor, view: View, closure, info: StepInfo) -> None:
+        """The update, with neighbours whose message holds an inf or NaN left out (as if dropped).
+
+        Messages are not checked on arrival: most are replaced by a newer one before they are
+        used. Instead the result is checked, one read per step; only when it is not finite are
+        the neighbours' messages checked, and the update is made again without the bad ones.
+        If the result is still not finite, this agent itself diverged: `Diverged` is raised.
+        """
+        if not self.check_finite:
+            self._update(x_k, view, closure, info)
+            return
+        nbs = [left_out(nb) if s is not None and s == self._bad_step[n] else nb
+               for n, nb, s in zip(self.neighbours, view.neighbours, view.steps)]
+        view.neighbours = nbs
+        self._update(x_k, view, closure, info)
+        if all_finite(self.flat.data):
+            return
+        bad = [i for i, nb in enumerate(nbs) if nb.x is not None and not message_finite(nb)]
+        for i in bad:
+            n = self.neighbours[i]
+            self._bad_step[n] = view.steps[i]
+            if not self.non_finite[n]:
+                self._warn(f"left out the message of step {view.steps[i]} from rank {n}: it holds non-finite "
+                           "values (later ones are counted in non_finite, not reported)")
+            self.non_finite[n] += 1
+            nbs[i] = left_out(nbs[i])
+        if bad:
+            info.choice = None
+            self._update(x_k, view, closure, info)
+        if not all_finite(self.flat.data):
+            raise Diverged(f"rank {self.world.rank}: the model's weights became inf or NaN at step "
+                           f"{self.step_count}; lower --lr (now {self.lr:g}) or --momentum")
+
+    def _update(self, x_k: torch.Tensor, view: View, closure, info: StepInfo) -> None:
+        """Writes x^j_{k+1} into the parameters (ALGORITHM.md "The two candidates and the update")."""
+        x, delta, w_self, nbs = self.flat.data, self._delta, self.world.self_weight, view.neighbours
+        kw = self._rule_kwargs()
+        stale = [rule.classify(nb, kw["tolerance"], kw["horizon"]) is rule.Status.STALE for nb in nbs]
+        if self.algorithm is Algorithm.PC_ASGD_PV and any(stale):
+            x_p, x_c = rule.candidates(x_k, delta, w_self, nbs, out=self._candidate_buffers(), **kw)
+            loss_p = self._loss_at(x_p, closure)
+            loss_c = self._loss_at(x_c, closure)  # leaves x^C in the parameters
+            keep_p = rule.pv_choose(loss_p, loss_c)
+            info.choice = "predict" if keep_p else "clip"
+            if keep_p:
+                x.copy_(x_p)
+            return
+        on_predict = None
+        if self.algorithm is Algorithm.PC_ASGD_AV:
+            thetas, on_predict = self._av_thetas(view, x_k)
+            info.thetas = {n: t for n, t, s in zip(self.neighbours, thetas, stale) if s}
+        else:
+            # PV without a stale neighbour: both candidates are x^C, the θ = 0 mix.
+            theta = {Algorithm.CLIP: 0.0, Algorithm.PREDICT: 1.0,
+                     Algorithm.PC_ASGD_PV: 0.0}.get(self.algorithm, self.theta)
+            thetas = [theta] * len(nbs)
+        rule.mix(x_k, delta, w_self, nbs, thetas, on_predict=on_predict, out=x, **kw)
+
+    def _candidate_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pv_buffers is None:
+            self._pv_buffers = (torch.empty_like(self.flat.data), torch.empty_like(self.flat.data))
+        return self._pv_buffers
+
+    def _av_thetas(self, view: View, x_k):
+        """θ_l from each tracker; measure the substitutes of earlier steps against what arrived.
+
+        Records are keyed by the sender's step: the substitute made now stands for the sender's
+        weights at its current (estimated) step, and is measured against its message of that step.
+        """
+        trackers = [self.trackers[n] for n in self.neighbours]
+        for tracker, nb, s in zip(trackers, view.neighbours, view.steps):
+            if nb.x is not None:
+                tracker.observe(s, nb.x)
+        thetas = [t.theta for t in trackers]
+
+        def record(i: int, x_hat: torch.Tensor) -> None:
+            if view.sender_steps[i] is not None:
+                trackers[i].record(view.sender_steps[i], x_hat, x_k)
+
+        return thetas, record
+
+    @torch.no_grad()
+    def _loss_at(self, vec: torch.Tensor, closure) -> float:
+        # Forward passes for the PV check must not move BatchNorm statistics.
+        buffers = [b.clone() for b in self.model.buffers()]
+        self.flat.data.copy_(vec)
+        loss = float(closure())
+        for b, saved in zip(self.model.buffers(), buffers):
+            b.copy_(saved)
+        return loss
