@@ -54,7 +54,7 @@ def main(steps: int = 300, algorithm: str = "pc-asgd-pv", mode: str = "async") -
         opt.step(closure=lambda: loss_fn(model(xb), yb))
     opt.finalize()
     with torch.no_grad():
-        opt.flat.data.copy_(opt.average())  # the average model, on every rank
+        opt.load_average()  # the average model, into the model on every rank
         accuracy = float((model(x_all).argmax(1) == y_all).float().mean())
     if world.rank == 0:
         print(f"accuracy of the average model: {accuracy:.3f}")

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from . import __version__
 from .config import Algorithm, Choice, Flag, Group, TrainConfig, WeightRule, flag_of
-from .launch import env_rank
+from .launch import abort_job, env_rank
 
 # Derived, for callers that want the names as text; the one list is config.Algorithm.
 ALGORITHMS = tuple(a.value for a in Algorithm)
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             traceback.print_exc()
         print(f"pcasgd-mpi [rank {_rank()}]: error: {exc}", file=sys.stderr, flush=True)
-        _abort_if_parallel(2)
+        abort_job(2)
         return 2
     except Exception as exc:  # noqa: BLE001 - the last line of defence: report once, end the job
         if getattr(args, "debug", False):
@@ -251,18 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         # Our own run-time errors say what happened in their message; anything else names its type.
         kind = "" if type(exc).__name__ in ("Timeout", "Diverged") else f"{type(exc).__name__}: "
         print(f"pcasgd-mpi [rank {rank}]: error: {kind}{exc}", file=sys.stderr, flush=True)
-        _abort_if_parallel(1)
+        abort_job(1)
         return 1
 
 
 EXIT_RANKS_FAILED = 3  # fault-tolerant run: the survivors finished without some ranks
-
-
-def _abort_if_parallel(code: int) -> None:
-    """Other ranks may be waiting on this one: take the whole job down instead of leaving them hanging."""
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
-        mpi.COMM_WORLD.Abort(code)
 
 
 if __name__ == "__main__":

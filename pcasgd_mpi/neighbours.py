@@ -96,7 +96,8 @@ class LockstepNeighbours:
             self.stop_at = msg.stop_at
 
     def _check_done(self, k: int) -> None:
-        early = {n: s for n, s in self.done_steps.items() if n in self.weights and s <= k}
+        # Any rank, not only a neighbour: a rank that stopped early holds up the whole graph.
+        early = {n: s for n, s in self.done_steps.items() if s <= k}
         if early:
             n, s = next(iter(early.items()))
             raise ValueError(f"rank {n} finished after {s} steps while this rank waits for its step {k}: "

@@ -104,3 +104,32 @@ def test_duration_stops_every_rank_together(tmp_path):
         steps = summary["steps"]
         assert all(s > 0 for s in steps) and steps[1] < max(steps), steps
         assert np.isfinite(summary["final_accuracy"])
+
+
+@pytest.mark.mpi(min_size=3)
+def test_lockstep_ranks_with_unequal_step_counts_are_told_so():
+    import torch.nn.functional as F
+
+    from pcasgd_mpi import data, models
+    from pcasgd_mpi.optimizer import DistributedOptimizer
+    from pcasgd_mpi.world import init
+
+    ds = data.load("digits")
+    model = models.build("mlp", ds.input_shape, ds.num_classes, seed=0)
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, world=init("ring", comm=comm),
+                               algorithm="dsgd", mode="lockstep", timeout=60)
+    error = None
+    try:
+        for _ in range(5 if rank == 1 else 10):
+            loss = F.cross_entropy(model(ds.x_train[:32]), ds.y_train[:32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    except ValueError as exc:
+        error = str(exc)
+    opt.finalize()
+    if rank == 1:
+        assert error is None
+    else:
+        assert error is not None and "rank 1 finished after 5 steps" in error, error
+        assert "same number of steps" in error
