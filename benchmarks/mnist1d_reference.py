@@ -47,6 +47,7 @@ SETTINGS = {
     "mlp": {"steps": 1000, "lr": 0.1, "momentum": 0.9, "batch_size": 32},
 }
 EVAL_EVERY = 100
+LAUNCH_FILE = "launch.json"
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,12 @@ def run_one(check: Check, seed: int, runs_dir: Path, launcher: list[str], timeou
     cmd = command(check, seed, out, launcher)
     summary_path = out / "summary.json"
     record = {"check": check.name, "seed": seed, "command": shlex.join(cmd)}
+    # The launch's own measurements live next to the run, so a later invocation reports them too.
+    launch_path = out / LAUNCH_FILE
     if summary_path.exists():
-        record["launch_wall_s"] = None  # read from an earlier invocation
+        record["launch_wall_s"] = None
+        if launch_path.exists():
+            record.update(json.loads(launch_path.read_text()))
     else:
         load_before = os.getloadavg()
         t0 = time.perf_counter()
@@ -97,6 +102,8 @@ def run_one(check: Check, seed: int, runs_dir: Path, launcher: list[str], timeou
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             raise SystemExit(f"mnist1d_reference: {check.name} seed {seed} failed "
                              f"(exit {proc.returncode}): {' | '.join(tail)}")
+        launch = {k: record[k] for k in ("launch_wall_s", "load_average_before", "load_average_after")}
+        launch_path.write_text(json.dumps(launch) + "\n")
     summary = json.loads(summary_path.read_text())
     curve = []
     metrics = out / "metrics.jsonl"
@@ -182,7 +189,7 @@ def markdown(report: dict) -> str:
                      f"batch {s['batch_size']} per agent; published {PUBLISHED[model]:.0%} "
                      "(Adam, 6000 steps of batch 100, one process).")
     lines += ["", "| run | seeds | test accuracy (%) | training time per run (s) | launch to exit (s) | "
-              "load average (1 min) |", "|---|---|---|---|---|---|"]
+              "load average (1 min) at launch |", "|---|---|---|---|---|---|"]
     for check in CHECKS:
         runs = [r for r in report["runs"] if r["check"] == check.name]
         if not runs:

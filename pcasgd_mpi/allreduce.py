@@ -23,6 +23,7 @@ class AllreduceOptimizer(DistributedOptimizer):
         self.clock = None
         self.neighbours = []
         self.staleness_histogram, self._bad_step, self.non_finite = {}, {}, Counter()
+        self._reason = StopReason.SIGNAL
 
     @property
     def transport_name(self) -> str | None:
@@ -35,12 +36,14 @@ class AllreduceOptimizer(DistributedOptimizer):
         k = self.step_count
         grad = self.flat.gather_grad()
         if self.world.size > 1:
-            # A stop request rides along: every rank learns the earliest requested stop step at once.
-            mine = -float(self._stop_at) if self._stop_at is not None else _NO_STOP
+            # A stop request rides along: every rank learns the earliest requested stop step (and
+            # why: a signal wins over a budget at the same step) in the same step.
+            mine = -float(self._stop_at * 4 + self._reason) if self._stop_at is not None else _NO_STOP
             latest = mean_in_rank_order(self.world.comm, grad, self._deadline(), on_device=self._device_collectives,
-                                     extra=mine)
+                                        extra=mine)
             if latest > _NO_STOP / 2:
-                self._stop_at = int(-latest)
+                self._stop_at, reason = divmod(int(round(-latest)), 4)
+                self._reason = StopReason(reason)
             self.flat.scatter_grad()
         self.inner.step()
         self.step_count += 1
@@ -48,15 +51,15 @@ class AllreduceOptimizer(DistributedOptimizer):
 
     def request_stop(self, reason: StopReason = StopReason.SIGNAL) -> None:
         target = self.step_count + 1
-        if self._stop_at is None or target < self._stop_at:
-            self._stop_at = target
+        if self._stop_at is None or (target, reason) < (self._stop_at, self._reason):
+            self._stop_at, self._reason = target, reason
 
     def should_stop(self) -> bool:
         return self._stop_at is not None and self.step_count >= self._stop_at
 
     @property
     def stop_reason(self) -> StopReason | None:
-        return StopReason.SIGNAL if self._stop_at is not None else None
+        return self._reason if self._stop_at is not None else None
 
     def finalize(self) -> None:
         self.roster.finish(self._deadline(), step=self.step_count)

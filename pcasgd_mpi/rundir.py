@@ -18,7 +18,7 @@ from pathlib import Path
 
 MARKER = ".pcasgd-run"
 # What a run writes into its directory; --overwrite removes these and nothing else.
-OUTPUTS = ("config.yaml", "metrics.jsonl", "metrics", "summary.json", "checkpoints", "tensorboard")
+OUTPUTS = ("config.yaml", "metrics.jsonl", "metrics", "summary.json", "stopped.json", "checkpoints", "tensorboard")
 _CHECKPOINT = re.compile(r"^rank-\d+$")
 
 

@@ -285,7 +285,7 @@ class _Loop:
         cfg, opt = self.cfg, self.opt
         if stopping.received() is not None:
             opt.request_stop(StopReason.SIGNAL)
-        elif Mode(cfg.mode) is Mode.ASYNC and opt.algorithm is not Algorithm.ALLREDUCE:
+        elif Mode(cfg.mode) is Mode.ASYNC:
             out_of_time = self.end_time is not None and time.monotonic() >= self.end_time
             last = k + 1 >= self.s.steps and Stop(cfg.stop) is Stop.FIRST
             if out_of_time or last:
@@ -296,6 +296,10 @@ class _Loop:
             self._checkpoint()
             self.stopped = k + 1
             if self.rank == 0:
+                # Also on disk: a launcher that was itself signalled may drop the ranks' last output.
+                (self.out / "stopped.json").write_text(json.dumps({
+                    "stopped_after_step": k + 1, "signal": stopping.received(), "checkpoint_dir": str(self.ckpt_dir),
+                    "continue_with": "--resume"}) + "\n")
                 print(f"pcasgd-mpi: stopped by signal after step {k + 1}; checkpoint in {self.ckpt_dir}; "
                       f"continue with --resume", file=sys.stderr, flush=True)
         return True
@@ -441,6 +445,7 @@ class _Loop:
         if opt.algorithm is Algorithm.PC_ASGD_AV:
             summary["av"] = {str(p["rank"]): p["av"] for p in per_rank}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (self.out / "stopped.json").unlink(missing_ok=True)  # a resumed run that finished
         _merge_metrics(self.out, [p["rank"] for p in per_rank])
         return summary
 
