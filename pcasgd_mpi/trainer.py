@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,6 +18,7 @@ from . import checkpoint, collectives, data, models, repair, rundir, stopping
 from .config import Stop, TrainConfig
 from .delay import DelayModel, Straggler, link_delays
 from .device import decide_cuda_aware, local_rank, local_rank_from_comm, select_device
+from .metrics import beyond_horizon, evaluate, merge_metrics, metrics_before, model_sha256, progress
 from .optimizer import NEVER, Algorithm, DistributedOptimizer, Mode
 from .roster import StopReason
 from .transport import make_transport
@@ -119,32 +119,6 @@ def _output_dir(cfg: TrainConfig, comm: MPI.Comm) -> Path:
     return Path(comm.bcast(out, root=0))
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of the model on (x, y), in eval mode."""
-    was_training = model.training
-    model.eval()
-    correct, loss = 0, 0.0
-    device = next(model.parameters()).device
-    for i in range(0, len(y), batch):
-        xb, yb = x[i:i + batch].to(device), y[i:i + batch].to(device)
-        logits = model(xb)
-        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    model.train(was_training)
-    return correct / len(y), loss / len(y)
-
-
-def model_sha256(model: torch.nn.Module) -> str:
-    """sha256 of the parameters as little-endian float32 bytes in state_dict order."""
-    h = hashlib.sha256()
-    params = dict(model.named_parameters())
-    for name in model.state_dict():
-        if name in params:
-            h.update(params[name].detach().cpu().float().numpy().astype("<f4").tobytes())
-    return h.hexdigest()
-
-
 def run(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
     """Train on every rank; returns the summary on rank 0 (None elsewhere)."""
     comm = comm if comm is not None else MPI.COMM_WORLD
@@ -217,7 +191,7 @@ class _Loop:
         self.world, self.opt, self.model = setup.world, setup.opt, setup.model
         self.rank = self.world.rank
         path = out / "metrics" / f"rank-{self.rank}.jsonl"
-        kept = _metrics_before(path, resumed_from) if resumed_from is not None else ""
+        kept = metrics_before(path, resumed_from) if resumed_from is not None else ""
         self.metrics = open(path, "w")
         self.metrics.write(kept)
         self.board = None
@@ -244,7 +218,7 @@ class _Loop:
         self.stopped: int | None = None
         if self.rank == 0 and s.device.type != "cpu":
             print(f"pcasgd-mpi: device {s.device}; CUDA-aware MPI: {s.cuda_aware}", file=sys.stderr, flush=True)
-        bar = _progress(cfg, s.steps, self.rank)
+        bar = progress(cfg, s.steps, self.rank)
         collectives.barrier(self.world.comm, time.monotonic() + SETUP_TIMEOUT, "not every rank started training")
         t0 = time.perf_counter()
         self.end_time = None if cfg.duration is None else time.monotonic() + cfg.duration
@@ -396,7 +370,7 @@ class _Loop:
             "staleness": {str(n): {str(t): c for t, c in sorted(h.items(), key=lambda kv: (kv[0] == NEVER, str(kv[0])))}
                           for n, h in opt.staleness_histogram.items()},
             "pv_wins": opt.pv_wins,
-            "beyond_horizon": _beyond_horizon(opt.staleness_histogram, opt.horizon),
+            "beyond_horizon": beyond_horizon(opt.staleness_histogram, opt.horizon),
             "exchange": opt.exchange_stats(),
             "non_finite": {str(n): c for n, c in sorted(opt.non_finite.items())},
             "av": opt.av_state(),
@@ -446,17 +420,8 @@ class _Loop:
             summary["av"] = {str(p["rank"]): p["av"] for p in per_rank}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (self.out / "stopped.json").unlink(missing_ok=True)  # a resumed run that finished
-        _merge_metrics(self.out, [p["rank"] for p in per_rank])
+        merge_metrics(self.out, [p["rank"] for p in per_rank])
         return summary
-
-
-def _beyond_horizon(histogram: dict, horizon: int) -> dict[str, float]:
-    out = {}
-    for n, h in histogram.items():
-        total = sum(h.values())
-        past = sum(c for t, c in h.items() if t == NEVER or t > horizon)
-        out[str(n)] = round(past / total, 4) if total else 0.0
-    return out
 
 
 def _set_threads(threads: int | None, comm: MPI.Comm) -> None:
@@ -466,33 +431,3 @@ def _set_threads(threads: int | None, comm: MPI.Comm) -> None:
         threads = max(1, (os.cpu_count() or 1) // local.Get_size())
         local.Free()
     torch.set_num_threads(threads)
-
-
-def _metrics_before(path: Path, step: int) -> str:
-    """The metric lines of steps before `step`: a resumed run redoes the later ones."""
-    if not path.exists():
-        return ""
-    keep = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and _before(json.loads(line), step)]
-    return "".join(keep)
-
-
-def _before(record: dict, step: int) -> bool:
-    # An eval line of step e was written after step e - 1 finished.
-    return record.get("step", 0) <= step if "eval" in record else record.get("step", 0) < step
-
-
-def _merge_metrics(out: Path, ranks: list[int]) -> None:
-    with open(out / "metrics.jsonl", "w") as merged:
-        for r in ranks:
-            with open(out / "metrics" / f"rank-{r}.jsonl") as part:
-                merged.write(part.read())
-
-
-def _progress(cfg: TrainConfig, total: int, rank: int):
-    if rank != 0 or not cfg.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"{cfg.algorithm} [{cfg.mode}] rank 0", unit="step", dynamic_ncols=True,
-                mininterval=0.5, file=sys.stderr)
