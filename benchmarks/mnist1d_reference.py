@@ -198,8 +198,8 @@ def markdown(report: dict) -> str:
         train = ", ".join(f"{r['train_wall_s']:.0f}" for r in runs)
         launch = ", ".join("—" if r.get("launch_wall_s") is None else f"{r['launch_wall_s']:.0f}" for r in runs)
         load = ", ".join(f"{r['load_average_before'][0]:.1f}" if "load_average_before" in r else "—" for r in runs)
-        lines.append(f"| {check.algorithm} {check.model.upper()} {check.topology if check.algorithm == 'dsgd' else ''}"
-                     f" | {', '.join(str(r['seed']) for r in runs)} | {_percent(t)} "
+        label = f"{check.algorithm} {check.model.upper()} {check.topology if check.algorithm == 'dsgd' else ''}".strip()
+        lines.append(f"| {label} | {', '.join(str(r['seed']) for r in runs)} | {_percent(t)} "
                      f"| {train} | {launch} | {load} |")
     lines += ["", "| check | measured (pp) | holds |", "|---|---|---|"]
     for c in report["checks"]:
