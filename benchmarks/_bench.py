@@ -65,8 +65,7 @@ class Pairs:
         return spread(self.ratios(inverse=inverse)) | {"order": self.order}
 
 
-def interleave(side_a: Callable[[], float], side_b: Callable[[], float], pairs: int, *,
-               warmup: int = 1) -> Pairs:
+def interleave(side_a: Callable[[], float], side_b: Callable[[], float], pairs: int, *, warmup: int = 1) -> Pairs:
     """Runs A then B, ``pairs`` times after ``warmup`` untimed pairs. A side returns the seconds
     it measured itself, so that it can leave its set-up out (see ``timed``)."""
     for _ in range(warmup):
@@ -98,5 +97,11 @@ def spread(values: list[float]) -> dict:
     """Median, quartiles, extremes and count: the ratio and how far single pairs strayed."""
     # inclusive: the quartiles stay within the measured range, also for a handful of pairs
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
-    return {"median": median(values), "q1": float(q1), "q3": float(q3), "min": float(min(values)),
-            "max": float(max(values)), "pairs": len(values)}
+    return {
+        "median": median(values),
+        "q1": float(q1),
+        "q3": float(q3),
+        "min": float(min(values)),
+        "max": float(max(values)),
+        "pairs": len(values),
+    }

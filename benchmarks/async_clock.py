@@ -36,8 +36,16 @@ RANKS = 4
 
 
 def train(args: list[str], out: Path, timeout: float = 900) -> dict:
-    cmd = mpirun_command(RANKS) + [sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress",
-                                   "--out", str(out), *args]
+    cmd = mpirun_command(RANKS) + [
+        sys.executable,
+        "-m",
+        "pcasgd_mpi.cli",
+        "train",
+        "--no-progress",
+        "--out",
+        str(out),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=mpi_environment(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
@@ -69,19 +77,37 @@ def part_s(tmp: Path, seeds: list[int], steps: int) -> list[dict]:
     for partition in ("iid", "dirichlet:0.3"):
         for seed in seeds:
             common = ["--partition", partition, "--seed", str(seed)]
-            ref = train([*common, "--mode", "lockstep", "--algorithm", "dsgd", "--steps", str(steps)],
-                        tmp / f"ref-{partition}-{seed}")
+            ref = train(
+                [*common, "--mode", "lockstep", "--algorithm", "dsgd", "--steps", str(steps)],
+                tmp / f"ref-{partition}-{seed}",
+            )
             budget = 0.6 * ref["wall_time_s"]
-            for label, extra in (("pc-asgd-av", []), ("pc-asgd-pv", []), ("dsgd", []),
-                                 ("pc-asgd-av --balance lr", ["--balance", "lr"])):
+            for label, extra in (
+                ("pc-asgd-av", []),
+                ("pc-asgd-pv", []),
+                ("dsgd", []),
+                ("pc-asgd-av --balance lr", ["--balance", "lr"]),
+            ):
                 algo = label.split()[0]
-                s = train([*common, "--algorithm", algo, "--straggler", "3:4", "--duration", f"{budget:.3f}", *extra],
-                          tmp / f"s-{label.replace(' ', '')}-{partition}-{seed}")
-                rows.append({"part": "S", "partition": partition, "seed": seed, "algorithm": label,
-                             "reference_accuracy": ref["final_accuracy"], "reference_wall_s": ref["wall_time_s"],
-                             "accuracy": s["final_accuracy"], "wall_s": s["wall_time_s"],
-                             "gap_pp": 100 * (ref["final_accuracy"] - s["final_accuracy"]),
-                             "steps": s["steps"], "straggler_dropped": dropped(s, ["0", "2"], "3")})
+                s = train(
+                    [*common, "--algorithm", algo, "--straggler", "3:4", "--duration", f"{budget:.3f}", *extra],
+                    tmp / f"s-{label.replace(' ', '')}-{partition}-{seed}",
+                )
+                rows.append(
+                    {
+                        "part": "S",
+                        "partition": partition,
+                        "seed": seed,
+                        "algorithm": label,
+                        "reference_accuracy": ref["final_accuracy"],
+                        "reference_wall_s": ref["wall_time_s"],
+                        "accuracy": s["final_accuracy"],
+                        "wall_s": s["wall_time_s"],
+                        "gap_pp": 100 * (ref["final_accuracy"] - s["final_accuracy"]),
+                        "steps": s["steps"],
+                        "straggler_dropped": dropped(s, ["0", "2"], "3"),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -96,17 +122,28 @@ def part_l_m(tmp: Path, seeds: list[int], steps: int) -> list[dict]:
         delay = ["--link-delay", f"0,2:{ms}"]
         for algo in ("pc-asgd-av", "dsgd"):
             s = train([*base, "--algorithm", algo, *delay], tmp / f"l-{algo}-{seed}")
-            rows.append({"part": "L", "seed": seed, "algorithm": algo, "link_delay_ms": ms, "step_ms": step_ms,
-                         "accuracy": s["final_accuracy"],
-                         "staleness_of_delayed": staleness_seen(s, ["1", "3"], ["0", "2"]),
-                         "staleness_of_others": staleness_seen(s, ["0", "2"], ["1", "3"])})
+            rows.append(
+                {
+                    "part": "L",
+                    "seed": seed,
+                    "algorithm": algo,
+                    "link_delay_ms": ms,
+                    "step_ms": step_ms,
+                    "accuracy": s["final_accuracy"],
+                    "staleness_of_delayed": staleness_seen(s, ["1", "3"], ["0", "2"]),
+                    "staleness_of_others": staleness_seen(s, ["0", "2"], ["1", "3"]),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
         for slope in ("update", "gradient"):
-            s = train([*base, "--algorithm", "pc-asgd-av", "--momentum", "0.9", "--lr", "0.02", "--slope", slope,
-                       *delay], tmp / f"m-{slope}-{seed}")
+            s = train(
+                [*base, "--algorithm", "pc-asgd-av", "--momentum", "0.9", "--lr", "0.02", "--slope", slope, *delay],
+                tmp / f"m-{slope}-{seed}",
+            )
             e_p, e_c = av_errors(s)
-            rows.append({"part": "M", "seed": seed, "slope": slope, "e_p": e_p, "e_c": e_c,
-                         "accuracy": s["final_accuracy"]})
+            rows.append(
+                {"part": "M", "seed": seed, "slope": slope, "e_p": e_p, "e_c": e_c, "accuracy": s["final_accuracy"]}
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -115,8 +152,11 @@ def report(rows: list[dict]) -> str:
     lines = []
     s_rows = [r for r in rows if r["part"] == "S"]
     if s_rows:
-        lines += ["| partition | algorithm | gap to lockstep dsgd without straggler, pp (per seed) | wall / W_ref "
-                  "| straggler dropped by ranks 0, 2 (max share) |", "|---|---|---|---|---|"]
+        lines += [
+            "| partition | algorithm | gap to lockstep dsgd without straggler, pp (per seed) | wall / W_ref "
+            "| straggler dropped by ranks 0, 2 (max share) |",
+            "|---|---|---|---|---|",
+        ]
         keys = sorted({(r["partition"], r["algorithm"]) for r in s_rows})
         for part, algo in keys:
             sel = [r for r in s_rows if r["partition"] == part and r["algorithm"] == algo]
@@ -127,25 +167,35 @@ def report(rows: list[dict]) -> str:
             lines.append(f"| {part} | {algo} | mean {mean_gap:+.1f} ({gaps}) | {ratio:.2f} | {100 * drop:.1f} % |")
     l_rows = [r for r in rows if r["part"] == "L"]
     if l_rows:
-        lines += ["", "| algorithm | accuracy (per seed) | link delay ms (step ms) | staleness of ranks 0, 2 at "
-                  "their neighbours: mean / median | of ranks 1, 3 |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| algorithm | accuracy (per seed) | link delay ms (step ms) | staleness of ranks 0, 2 at "
+            "their neighbours: mean / median | of ranks 1, 3 |",
+            "|---|---|---|---|---|",
+        ]
         for algo in ("pc-asgd-av", "dsgd"):
             sel = [r for r in l_rows if r["algorithm"] == algo]
             accs = ", ".join(f"{r['accuracy']:.3f}" for r in sel)
             delays = ", ".join(f"{r['link_delay_ms']:g} ({r['step_ms']:.1f})" for r in sel)
-            st = ", ".join(f"{r['staleness_of_delayed'].get('mean', 0):.1f} / {r['staleness_of_delayed'].get('median', 0):g}"
-                           for r in sel)
+            st = ", ".join(
+                f"{r['staleness_of_delayed'].get('mean', 0):.1f} / {r['staleness_of_delayed'].get('median', 0):g}"
+                for r in sel
+            )
             ot = ", ".join(f"{r['staleness_of_others'].get('mean', 0):.1f}" for r in sel)
-            lines.append(f"| {algo} | mean {statistics.fmean(r['accuracy'] for r in sel):.3f} ({accs}) | {delays} "
-                         f"| {st} | {ot} |")
+            lines.append(
+                f"| {algo} | mean {statistics.fmean(r['accuracy'] for r in sel):.3f} ({accs}) | {delays} "
+                f"| {st} | {ot} |"
+            )
     m_rows = [r for r in rows if r["part"] == "M"]
     if m_rows:
         lines += ["", "| slope | E_P (per seed) | E_C (per seed) | accuracy |", "|---|---|---|---|"]
         for slope in ("update", "gradient"):
             sel = [r for r in m_rows if r["slope"] == slope]
-            lines.append(f"| {slope} | {', '.join(format(r['e_p'], '.4f') for r in sel)} | "
-                         f"{', '.join(format(r['e_c'], '.4f') for r in sel)} | "
-                         f"{', '.join(format(r['accuracy'], '.3f') for r in sel)} |")
+            lines.append(
+                f"| {slope} | {', '.join(format(r['e_p'], '.4f') for r in sel)} | "
+                f"{', '.join(format(r['e_c'], '.4f') for r in sel)} | "
+                f"{', '.join(format(r['accuracy'], '.3f') for r in sel)} |"
+            )
     return "\n".join(lines)
 
 
@@ -163,8 +213,13 @@ def main() -> int:
             rows += part_s(Path(tmp), seeds, args.steps)
         if "L" in args.parts:
             rows += part_l_m(Path(tmp), seeds, args.steps)
-    meta = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "nproc": os.cpu_count(),
-            "load_average_start": load, "load_average_end": os.getloadavg(), "minutes": (time.time() - started) / 60}
+    meta = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "nproc": os.cpu_count(),
+        "load_average_start": load,
+        "load_average_end": os.getloadavg(),
+        "minutes": (time.time() - started) / 60,
+    }
     (ROOT / "benchmarks" / "async_clock.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(json.dumps(meta))
     print(report(rows))

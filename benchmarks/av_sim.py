@@ -60,7 +60,7 @@ class PendingTracker:
     def theta(self) -> float:
         if self.e_p is None:
             return 0.5
-        return self.e_c ** 2 / (self.e_p ** 2 + self.e_c ** 2 + self.eps)
+        return self.e_c**2 / (self.e_p**2 + self.e_c**2 + self.eps)
 
     def record(self, t, x_hat, x_self) -> bool:
         if self._step is not None:
@@ -72,8 +72,11 @@ class PendingTracker:
         if self._step is None or s < self._step:
             return False
         self._step = None
-        _ema(self, torch.linalg.vector_norm(self._x_hat - x_true).item(),
-             torch.linalg.vector_norm(self._x_self - x_true).item())
+        _ema(
+            self,
+            torch.linalg.vector_norm(self._x_hat - x_true).item(),
+            torch.linalg.vector_norm(self._x_self - x_true).item(),
+        )
         return True
 
 
@@ -83,8 +86,11 @@ class OracleTracker(PendingTracker):
     truth: torch.Tensor | None = None
 
     def record(self, t, x_hat, x_self) -> bool:
-        _ema(self, torch.linalg.vector_norm(x_hat - self.truth).item(),
-             torch.linalg.vector_norm(x_self - self.truth).item())
+        _ema(
+            self,
+            torch.linalg.vector_norm(x_hat - self.truth).item(),
+            torch.linalg.vector_norm(x_self - self.truth).item(),
+        )
         return True
 
     def observe(self, s, x_true) -> bool:
@@ -126,8 +132,16 @@ def make_tracker(spec: str, args):
     raise ValueError(f"unknown tracker {spec!r}; use step, step-norms, pending or oracle[:BETA]")
 
 
-def run(algorithm: str, tracker: str | None, delay_spec: str, partition: str, lr: float, seed: int,
-        args, trace: list | None = None) -> dict:
+def run(
+    algorithm: str,
+    tracker: str | None,
+    delay_spec: str,
+    partition: str,
+    lr: float,
+    seed: int,
+    args,
+    trace: list | None = None,
+) -> dict:
     """One lockstep run; returns the final test accuracy of the average model and AV's θ."""
     ds = data.load("digits")
     n = args.agents
@@ -180,22 +194,31 @@ def run(algorithm: str, tracker: str | None, delay_spec: str, partition: str, lr
                         trs[i].truth = msgs[l][0]
                     if trace is not None and j == 0:
                         truth = msgs[l][0]
-                        trace.append({"k": k, "l": l, "theta": trs[i].theta, "E_P": trs[i].e_p,
-                                      "E_C": trs[i].e_c,
-                                      "e_P": torch.linalg.vector_norm(x_hat - truth).item(),
-                                      "e_C": torch.linalg.vector_norm(x_k - truth).item()})
+                        trace.append(
+                            {
+                                "k": k,
+                                "l": l,
+                                "theta": trs[i].theta,
+                                "E_P": trs[i].e_p,
+                                "E_C": trs[i].e_c,
+                                "e_P": torch.linalg.vector_norm(x_hat - truth).item(),
+                                "e_C": torch.linalg.vector_norm(x_k - truth).item(),
+                            }
+                        )
                     trs[i].record(k, x_hat, x_k)
             else:
                 thetas = [theta_fixed] * len(nbs)
-            new.append(rule.mix(x_k, -lr * g_k, float(W[j, j]), nbs, thetas, on_predict=on_predict,
-                                **kw))
+            new.append(rule.mix(x_k, -lr * g_k, float(W[j, j]), nbs, thetas, on_predict=on_predict, **kw))
         xs = new
     vector_to_parameters(torch.stack(xs).mean(0), params)
     with torch.no_grad():
         acc = (model(ds.x_test).argmax(1) == ds.y_test).float().mean().item()
     thetas = [t.theta for per in trackers for t in per.values() if t.measurements] if av else []
-    return {"accuracy": acc, "theta": statistics.fmean(thetas) if thetas else None,
-            "measurements": sum(t.measurements for per in trackers for t in per.values()) if av else None}
+    return {
+        "accuracy": acc,
+        "theta": statistics.fmean(thetas) if thetas else None,
+        "measurements": sum(t.measurements for per in trackers for t in per.values()) if av else None,
+    }
 
 
 def _fmt(theta: float | None) -> str:
@@ -204,10 +227,12 @@ def _fmt(theta: float | None) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trackers", default="step,step-norms,pending",
-                    help="comma list of step, step-norms, pending, oracle, each optionally KIND:BETA")
-    ap.add_argument("--delays", default="ranks:0,2:6;random:0.5:4;fixed:8",
-                    help="semicolon list of delay specs")
+    ap.add_argument(
+        "--trackers",
+        default="step,step-norms,pending",
+        help="comma list of step, step-norms, pending, oracle, each optionally KIND:BETA",
+    )
+    ap.add_argument("--delays", default="ranks:0,2:6;random:0.5:4;fixed:8", help="semicolon list of delay specs")
     ap.add_argument("--partitions", default="iid;dirichlet:0.3")
     ap.add_argument("--lrs", default="0.1,0.5")
     ap.add_argument("--seeds", default="0,1,2")
@@ -233,28 +258,39 @@ def main(argv=None) -> int:
         for lr in lrs:
             ref = [run("dsgd", None, "none", partition, lr, s, args)["accuracy"] for s in seeds]
             ref_mean = statistics.fmean(ref)
-            results.append({"algorithm": "dsgd", "delay": "none", "partition": partition, "lr": lr,
-                            "accs": ref})
+            results.append({"algorithm": "dsgd", "delay": "none", "partition": partition, "lr": lr, "accs": ref})
             print(f"{partition:14s} lr {lr:<4} dsgd none: {100 * ref_mean:.1f}", flush=True)
             for delay in delays:
                 for tr in trackers:
                     trace = [] if args.trace else None
-                    outs = [run("pc-asgd-av", tr, delay, partition, lr, s, args,
-                                trace if s == seeds[0] else None) for s in seeds]
+                    outs = [
+                        run("pc-asgd-av", tr, delay, partition, lr, s, args, trace if s == seeds[0] else None)
+                        for s in seeds
+                    ]
                     accs = [o["accuracy"] for o in outs]
                     gap = 100 * (ref_mean - statistics.fmean(accs))
-                    results.append({"algorithm": "pc-asgd-av", "tracker": tr, "delay": delay,
-                                    "partition": partition, "lr": lr, "accs": accs, "gap_pp": gap,
-                                    "theta": [o["theta"] for o in outs],
-                                    "measurements": [o["measurements"] for o in outs]})
-                    print(f"{partition:14s} lr {lr:<4} {delay:12s} av/{tr:13s} "
-                          f"{' '.join(f'{100 * a:.1f}' for a in accs)}  gap {gap:+.1f} pp  θ "
-                          f"{' '.join(_fmt(o['theta']) for o in outs)}",
-                          flush=True)
+                    results.append(
+                        {
+                            "algorithm": "pc-asgd-av",
+                            "tracker": tr,
+                            "delay": delay,
+                            "partition": partition,
+                            "lr": lr,
+                            "accs": accs,
+                            "gap_pp": gap,
+                            "theta": [o["theta"] for o in outs],
+                            "measurements": [o["measurements"] for o in outs],
+                        }
+                    )
+                    print(
+                        f"{partition:14s} lr {lr:<4} {delay:12s} av/{tr:13s} "
+                        f"{' '.join(f'{100 * a:.1f}' for a in accs)}  gap {gap:+.1f} pp  θ "
+                        f"{' '.join(_fmt(o['theta']) for o in outs)}",
+                        flush=True,
+                    )
                     if trace:
-                        for row in trace[::max(1, len(trace) // 40)]:
-                            print("   ", {key: (round(v, 3) if isinstance(v, float) else v)
-                                          for key, v in row.items()})
+                        for row in trace[:: max(1, len(trace) // 40)]:
+                            print("   ", {key: (round(v, 3) if isinstance(v, float) else v) for key, v in row.items()})
     print("\nworst-case gap to dsgd without delay (pp), per tracker:")
     for tr in trackers:
         rows = [r for r in results if r.get("tracker") == tr]

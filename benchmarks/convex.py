@@ -105,8 +105,11 @@ def simulate(p: Problem, cfg: Config, algorithm: str, tau: int) -> dict:
     X = torch.zeros(n, d, dtype=torch.float64)
     hist_x, hist_g = [], []  # the last τ + 1 messages of every agent, oldest first
     tol, hor = (FOREVER, FOREVER) if algorithm == "dsgd" else (cfg.tolerance, cfg.horizon)
-    trackers = [{l: rule.SubstitutionTracker() for l in p.neighbours[j]} for j in range(n)] \
-        if algorithm == "pc-asgd-av" else None
+    trackers = (
+        [{l: rule.SubstitutionTracker() for l in p.neighbours[j]} for j in range(n)]
+        if algorithm == "pc-asgd-av"
+        else None
+    )
     pv_wins = {"predict": 0, "clip": 0}
     err_sum, err_n = 0.0, 0
     for k in range(cfg.steps):
@@ -120,8 +123,12 @@ def simulate(p: Problem, cfg: Config, algorithm: str, tau: int) -> dict:
         new = torch.empty_like(X)
         for j in range(n):
             delta = -cfg.lr * G[j]
-            nbs = [rule.Neighbour(float(p.W[j, l]), hist_x[0][l] if s >= 0 else None,
-                                  hist_g[0][l] if s >= 0 else None, tau) for l in p.neighbours[j]]
+            nbs = [
+                rule.Neighbour(
+                    float(p.W[j, l]), hist_x[0][l] if s >= 0 else None, hist_g[0][l] if s >= 0 else None, tau
+                )
+                for l in p.neighbours[j]
+            ]
             kw = dict(lr=cfg.lr, lam=cfg.lam, tolerance=tol, horizon=hor)
             w_self = float(p.W[j, j])
             if algorithm == "pc-asgd-pv":
@@ -166,8 +173,11 @@ def run_benchmark(cfg: Config, log=print) -> dict:
         for algo in ALGORITHMS:
             runs = [simulate(p, cfg, algo, tau) for p in problems]
             errs = [r["error"] for r in runs]
-            cell = {"mean": float(np.mean(errs)), "std": float(np.std(errs, ddof=1)) if len(errs) > 1 else 0.0,
-                    "values": errs}
+            cell = {
+                "mean": float(np.mean(errs)),
+                "std": float(np.std(errs, ddof=1)) if len(errs) > 1 else 0.0,
+                "values": errs,
+            }
             for key in ("pv_predict_share", "av_theta"):
                 vals = [r[key] for r in runs if r.get(key) is not None]
                 if vals:
@@ -190,19 +200,30 @@ def evaluate_checks(errors: dict, taus) -> dict:
     growth = {}
     for algo in ("pc-asgd", "pc-asgd-pv", "pc-asgd-av"):
         seq = [e(algo, t) for t in taus]
-        growth[algo] = {"errors": seq,
-                        "non_decreasing": all(b >= a for a, b in zip(seq, seq[1:])),
-                        "largest_over_smallest_tau": seq[-1] / seq[0] if seq[0] > 0 else math.inf}
+        growth[algo] = {
+            "errors": seq,
+            "non_decreasing": all(b >= a for a, b in zip(seq, seq[1:])),
+            "largest_over_smallest_tau": seq[-1] / seq[0] if seq[0] > 0 else math.inf,
+        }
     a = growth["pc-asgd"]
     pv_rows = []
     for t in taus:
         worse = max(e("clip", t), e("predict", t))
-        pv_rows.append({"tau": t, "pv": e("pc-asgd-pv", t), "clip": e("clip", t), "predict": e("predict", t),
-                        "relative_excess": (e("pc-asgd-pv", t) - worse) / worse if worse > 0 else 0.0,
-                        "holds": e("pc-asgd-pv", t) <= worse})
+        pv_rows.append(
+            {
+                "tau": t,
+                "pv": e("pc-asgd-pv", t),
+                "clip": e("clip", t),
+                "predict": e("predict", t),
+                "relative_excess": (e("pc-asgd-pv", t) - worse) / worse if worse > 0 else 0.0,
+                "holds": e("pc-asgd-pv", t) <= worse,
+            }
+        )
     return {
-        "a_error_grows_with_tau": {"holds": a["non_decreasing"] and a["largest_over_smallest_tau"] > 1,
-                                   "detail": growth},
+        "a_error_grows_with_tau": {
+            "holds": a["non_decreasing"] and a["largest_over_smallest_tau"] > 1,
+            "detail": growth,
+        },
         "b_pv_not_worse_than_worse_of_clip_predict": {"holds": all(r["holds"] for r in pv_rows), "rows": pv_rows},
     }
 
@@ -210,14 +231,18 @@ def evaluate_checks(errors: dict, taus) -> dict:
 def render(result: dict, png_name: str | None) -> str:
     cfg, errors, ch = result["config"], result["errors"], result["checks"]
     taus = [str(t) for t in cfg["taus"]]
-    lines = ["# Convex check: steady-state error ‖x̄ − x*‖² versus delay", "",
-             f"Least squares, {cfg['agents']} agents on a ring (Metropolis weights), dimension {cfg['dim']}, "
-             f"{cfg['rows']} rows per agent, minibatch {cfg['batch']}, step size {cfg['lr']}, λ = {cfg['lam']}, "
-             f"tolerance {cfg['tolerance']}, horizon {cfg['horizon']}, heterogeneity {cfg['heterogeneity']}, "
-             f"noise {cfg['noise']}; {cfg['steps']} steps, error averaged over the last {cfg['tail']} and over "
-             f"{cfg['seeds']} seeds (mean ± sample std). Every message is τ steps old (lockstep).", "",
-             "| algorithm | " + " | ".join(f"τ = {t}" for t in taus) + " |",
-             "|---|" + "---|" * len(taus)]
+    lines = [
+        "# Convex check: steady-state error ‖x̄ − x*‖² versus delay",
+        "",
+        f"Least squares, {cfg['agents']} agents on a ring (Metropolis weights), dimension {cfg['dim']}, "
+        f"{cfg['rows']} rows per agent, minibatch {cfg['batch']}, step size {cfg['lr']}, λ = {cfg['lam']}, "
+        f"tolerance {cfg['tolerance']}, horizon {cfg['horizon']}, heterogeneity {cfg['heterogeneity']}, "
+        f"noise {cfg['noise']}; {cfg['steps']} steps, error averaged over the last {cfg['tail']} and over "
+        f"{cfg['seeds']} seeds (mean ± sample std). Every message is τ steps old (lockstep).",
+        "",
+        "| algorithm | " + " | ".join(f"τ = {t}" for t in taus) + " |",
+        "|---|" + "---|" * len(taus),
+    ]
     for algo in ALGORITHMS:
         cells = [f"{errors[algo][t]['mean']:.3g} ± {errors[algo][t]['std']:.1g}" for t in taus]
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
@@ -227,18 +252,26 @@ def render(result: dict, png_name: str | None) -> str:
     lines.append("| *AV mean final θ_l* | " + " | ".join("—" if v is None else f"{v:.2f}" for v in av) + " |")
     a, b = ch["a_error_grows_with_tau"], ch["b_pv_not_worse_than_worse_of_clip_predict"]
     ratio = a["detail"]["pc-asgd"]["largest_over_smallest_tau"]
-    lines += ["", "## Checks (computed from the table)", "",
-              f"- (a) the error of pc-asgd (θ = 0.5) grows with τ: **{a['holds']}** "
-              f"(non-decreasing over τ: {a['detail']['pc-asgd']['non_decreasing']}; "
-              f"error at the largest τ / at the smallest: {ratio:.3g})"]
+    lines += [
+        "",
+        "## Checks (computed from the table)",
+        "",
+        f"- (a) the error of pc-asgd (θ = 0.5) grows with τ: **{a['holds']}** "
+        f"(non-decreasing over τ: {a['detail']['pc-asgd']['non_decreasing']}; "
+        f"error at the largest τ / at the smallest: {ratio:.3g})",
+    ]
     for algo in ("pc-asgd-pv", "pc-asgd-av"):
         det = a["detail"][algo]
-        lines.append(f"  - for comparison, {algo}: non-decreasing {det['non_decreasing']}, "
-                     f"ratio {det['largest_over_smallest_tau']:.3g}")
+        lines.append(
+            f"  - for comparison, {algo}: non-decreasing {det['non_decreasing']}, "
+            f"ratio {det['largest_over_smallest_tau']:.3g}"
+        )
     lines.append(f"- (b) pc-asgd-pv is never worse than the worse of clip and predict: **{b['holds']}**")
     for r in b["rows"]:
-        lines.append(f"  - τ = {r['tau']}: PV {r['pv']:.6g}, clip {r['clip']:.6g}, predict {r['predict']:.6g}; "
-                     f"(PV − worse) / worse = {r['relative_excess']:+.2e} → {'holds' if r['holds'] else 'fails'}")
+        lines.append(
+            f"  - τ = {r['tau']}: PV {r['pv']:.6g}, clip {r['clip']:.6g}, predict {r['predict']:.6g}; "
+            f"(PV − worse) / worse = {r['relative_excess']:+.2e} → {'holds' if r['holds'] else 'fails'}"
+        )
     if png_name:
         lines += ["", f"![error versus τ]({png_name})"]
     return "\n".join(lines) + "\n"
@@ -259,10 +292,22 @@ def plot(result: dict, path: Path) -> None:
         mean = np.array([c["mean"] for c in cells])
         std = np.array([c["std"] for c in cells])
         marker, dash = styles[algo]
-        ax.errorbar(taus, mean, yerr=std, marker=marker, linestyle=dash, capsize=3, label=algo,
-                    markersize=8 if marker == "x" else 5)
-    ax.set(xlabel="delay τ of every message (steps)", ylabel="steady-state ‖x̄ − x*‖²", yscale="log",
-           title="strongly convex least squares on a ring")
+        ax.errorbar(
+            taus,
+            mean,
+            yerr=std,
+            marker=marker,
+            linestyle=dash,
+            capsize=3,
+            label=algo,
+            markersize=8 if marker == "x" else 5,
+        )
+    ax.set(
+        xlabel="delay τ of every message (steps)",
+        ylabel="steady-state ‖x̄ − x*‖²",
+        yscale="log",
+        title="strongly convex least squares on a ring",
+    )
     ax.set_xticks(taus)
     ax.legend(fontsize="small")
     fig.savefig(path, dpi=110)
@@ -277,8 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{name}", type=type(value), default=value)
     p.add_argument("--taus", default=",".join(map(str, defaults.taus)), help="comma-separated delays")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "fidelity"))
-    p.add_argument("--replot", action="store_true",
-                   help="redo the checks, table and figure from OUT/convex.json without simulating")
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="redo the checks, table and figure from OUT/convex.json without simulating",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.replot:

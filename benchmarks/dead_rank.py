@@ -26,8 +26,20 @@ from pcasgd_mpi.launch import mpi_environment, mpirun_command  # noqa: E402
 
 def run(args: list[str], out: Path, die: tuple[int, int] | None) -> dict:
     script = [str(ROOT / "tests" / "scripts" / "die_on_rank.py")] if die else ["-m", "pcasgd_mpi.cli"]
-    cmd = mpirun_command(4) + ["--with-ft", "ulfm", sys.executable, *script, "train", "--no-progress",
-                               "--fault-tolerant", "--stop", "each", "--out", str(out), *args]
+    cmd = mpirun_command(4) + [
+        "--with-ft",
+        "ulfm",
+        sys.executable,
+        *script,
+        "train",
+        "--no-progress",
+        "--fault-tolerant",
+        "--stop",
+        "each",
+        "--out",
+        str(out),
+        *args,
+    ]
     env = mpi_environment({"DIE_RANK": str(die[0]), "DIE_STEP": str(die[1])} if die else {})
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     if not (out / "summary.json").exists():
@@ -46,18 +58,39 @@ def main() -> int:
         for topology, victim in (("ring", 2), ("star", 0)):
             for partition in ("iid", "dirichlet:0.3"):
                 for seed in seeds:
-                    common = ["--topology", topology, "--partition", partition, "--seed", str(seed),
-                              "--steps", str(args.steps)]
+                    common = [
+                        "--topology",
+                        topology,
+                        "--partition",
+                        partition,
+                        "--seed",
+                        str(seed),
+                        "--steps",
+                        str(args.steps),
+                    ]
                     tag = f"{topology}-{partition}-{seed}"
                     clean = run(common, Path(tmp) / f"clean-{tag}", None)
                     hurt = run(common, Path(tmp) / f"dead-{tag}", (victim, args.steps // 10))
-                    rows.append({"topology": topology, "partition": partition, "seed": seed, "victim": victim,
-                                 "clean": clean["final_accuracy"], "survivors": hurt["final_accuracy"],
-                                 "gap_pp": 100 * (clean["final_accuracy"] - hurt["final_accuracy"]),
-                                 "repairs": hurt.get("repairs")})
+                    rows.append(
+                        {
+                            "topology": topology,
+                            "partition": partition,
+                            "seed": seed,
+                            "victim": victim,
+                            "clean": clean["final_accuracy"],
+                            "survivors": hurt["final_accuracy"],
+                            "gap_pp": 100 * (clean["final_accuracy"] - hurt["final_accuracy"]),
+                            "repairs": hurt.get("repairs"),
+                        }
+                    )
                     print(json.dumps(rows[-1]), flush=True)
-    meta = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "nproc": os.cpu_count(),
-            "load_average_start": load, "load_average_end": os.getloadavg(), "minutes": (time.time() - started) / 60}
+    meta = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "nproc": os.cpu_count(),
+        "load_average_start": load,
+        "load_average_end": os.getloadavg(),
+        "minutes": (time.time() - started) / 60,
+    }
     (ROOT / "benchmarks" / "dead_rank.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(json.dumps(meta))
     print("| topology (killed) | partition | clean (per seed) | survivors (per seed) | gap pp: mean, worst |")
@@ -65,9 +98,11 @@ def main() -> int:
     for topology, victim in (("ring", 2), ("star", 0)):
         for partition in ("iid", "dirichlet:0.3"):
             sel = [r for r in rows if r["topology"] == topology and r["partition"] == partition]
-            print(f"| {topology} (rank {victim}) | {partition} | {', '.join(format(r['clean'], '.3f') for r in sel)} | "
-                  f"{', '.join(format(r['survivors'], '.3f') for r in sel)} | "
-                  f"{statistics.fmean(r['gap_pp'] for r in sel):+.2f}, {max(r['gap_pp'] for r in sel):+.2f} |")
+            print(
+                f"| {topology} (rank {victim}) | {partition} | {', '.join(format(r['clean'], '.3f') for r in sel)} | "
+                f"{', '.join(format(r['survivors'], '.3f') for r in sel)} | "
+                f"{statistics.fmean(r['gap_pp'] for r in sel):+.2f}, {max(r['gap_pp'] for r in sel):+.2f} |"
+            )
     return 0
 
 

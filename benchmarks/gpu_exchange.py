@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     aware = comm.allreduce(decision.cuda_aware, op=MPI.LAND)
     sizes = [int(float(s) * 2**20) for s in args.sizes_mib.split(",") if s.strip()]
     if rank == 0:
-        print(f"{size} rank(s); rank 0 on {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
-              f"{MPI.Get_library_version().splitlines()[0]}")
+        print(
+            f"{size} rank(s); rank 0 on {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
+            f"{MPI.Get_library_version().splitlines()[0]}"
+        )
         for r, d in enumerate(decisions):
             print(f"  rank {r}: {d}")
         if not aware:
@@ -126,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'transport':<12}{'MiB':>8}{'D->H ms':>10}{'GB/s':>8}{'H->D ms':>10}{'GB/s':>8}")
         for nbytes in sizes:
             out_s, in_s = _copies_only(transports[0], device, nbytes, args.repeats, args.warmup)
-            print(f"{'staging':<12}{nbytes / 2**20:>8.1f}{out_s * 1e3:>10.3f}{nbytes / out_s / 1e9:>8.2f}"
-                  f"{in_s * 1e3:>10.3f}{nbytes / in_s / 1e9:>8.2f}")
+            print(
+                f"{'staging':<12}{nbytes / 2**20:>8.1f}{out_s * 1e3:>10.3f}{nbytes / out_s / 1e9:>8.2f}"
+                f"{in_s * 1e3:>10.3f}{nbytes / in_s / 1e9:>8.2f}"
+            )
         print("run with mpirun -n 2 to time whole messages between ranks")
         return 0
 
@@ -139,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             for nbytes in sizes:
                 one_way = _ping_pong(pair, t, device, nbytes, args.repeats, args.warmup)
                 if rank == 0:
-                    print(f"{t.name:<12}{nbytes / 2**20:>8.1f}{one_way * 1e3:>12.3f}"
-                          f"{(nbytes + HEADER_BYTES) / one_way / 1e9:>8.2f}", flush=True)
+                    print(
+                        f"{t.name:<12}{nbytes / 2**20:>8.1f}{one_way * 1e3:>12.3f}"
+                        f"{(nbytes + HEADER_BYTES) / one_way / 1e9:>8.2f}",
+                        flush=True,
+                    )
         pair.Free()
     comm.Barrier()
     return 0

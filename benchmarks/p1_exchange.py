@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import time
 
-import _bench
-
 import numpy as np
 import torch
 from mpi4py import MPI
 
+import _bench
 from pcasgd_mpi.exchange import Exchange
 
 comm = MPI.COMM_WORLD
@@ -40,8 +39,12 @@ def bare(trips: int) -> float:
     state = bare.state
     if state is None:
         send_buf, recv_buf = np.ones(NBYTES, np.uint8), np.empty(NBYTES, np.uint8)
-        state = bare.state = {"send": send_buf, "recv_buf": recv_buf,
-                              "recv": comm.Irecv(recv_buf, source=peer, tag=TAG), "sent": None}
+        state = bare.state = {
+            "send": send_buf,
+            "recv_buf": recv_buf,
+            "recv": comm.Irecv(recv_buf, source=peer, tag=TAG),
+            "sent": None,
+        }
 
     def send() -> None:
         if state["sent"] is not None:
@@ -142,17 +145,20 @@ def main() -> None:
         return round(2 * trips * NBYTES / _bench.median(seconds) / 1e9, 3)
 
     summary = goal.summary(inverse=True)  # bandwidth ratio = bare time / exchange time
-    _bench.emit({
-        "part": "P1",
-        "ratio": summary["median"],
-        "pairs": summary,
-        "detail": {
-            "payload_bytes": NBYTES, "round_trips_per_side": trips,
-            "pattern": "ping-pong, 2 ranks, receive pre-posted, Test spun until complete",
-            "median_GBps": {"bare": gbps(goal.a), "exchange": gbps(goal.b), "exchange-copy": gbps(copy.b)},
-            "ratio_exchange_copy": copy.summary(inverse=True),
-        },
-    })
+    _bench.emit(
+        {
+            "part": "P1",
+            "ratio": summary["median"],
+            "pairs": summary,
+            "detail": {
+                "payload_bytes": NBYTES,
+                "round_trips_per_side": trips,
+                "pattern": "ping-pong, 2 ranks, receive pre-posted, Test spun until complete",
+                "median_GBps": {"bare": gbps(goal.a), "exchange": gbps(goal.b), "exchange-copy": gbps(copy.b)},
+                "ratio_exchange_copy": copy.summary(inverse=True),
+            },
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import time
 
-import _bench
-
 import networkx as nx
 import numpy as np
 import torch
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
+import _bench
 from pcasgd_mpi import world as world_mod
 from pcasgd_mpi.optimizer import DistributedOptimizer
 
@@ -45,8 +44,9 @@ LR = 0.05
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
-                         nn.Linear(HIDDEN, CLASSES))
+    return nn.Sequential(
+        nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES)
+    )
 
 
 def make_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,13 +70,15 @@ class Leg:
         self.inner = torch.optim.SGD(self.model.parameters(), lr=LR)
         self.opt = None
         if mode == "no-edges":
-            self.opt = DistributedOptimizer(self.inner, self.model, world=edgeless_world(), algorithm="pc-asgd",
-                                            mode="async")
+            self.opt = DistributedOptimizer(
+                self.inner, self.model, world=edgeless_world(), algorithm="pc-asgd", mode="async"
+            )
         elif mode in ("async", "async-pv"):
             algorithm = "pc-asgd-pv" if mode == "async-pv" else "pc-asgd"
             # Its own communicator: legs alive at the same time must not take each other's messages.
-            self.opt = DistributedOptimizer(self.inner, self.model, world=world_mod.init("ring", comm=comm.Dup()),
-                                            algorithm=algorithm, mode="async")
+            self.opt = DistributedOptimizer(
+                self.inner, self.model, world=world_mod.init("ring", comm=comm.Dup()), algorithm=algorithm, mode="async"
+            )
         self.gen = torch.Generator().manual_seed(rank)
         self.pv_evaluations = 0
 
@@ -109,10 +111,15 @@ class Leg:
         if opt is not None:
             opt.finalize()
             if opt.exchange is not None and opt.neighbours:
-                out["exchange"] = {"sent": opt.exchange.stats.sent, "skipped": opt.exchange.stats.skipped,
-                                   "received": opt.exchange.stats.received}
-                out["staleness"] = {str(t): c for t, c in sorted(opt.staleness_histogram[opt.neighbours[0]].items(),
-                                                                 key=lambda kv: str(kv[0]))}
+                out["exchange"] = {
+                    "sent": opt.exchange.stats.sent,
+                    "skipped": opt.exchange.stats.skipped,
+                    "received": opt.exchange.stats.received,
+                }
+                out["staleness"] = {
+                    str(t): c
+                    for t, c in sorted(opt.staleness_histogram[opt.neighbours[0]].items(), key=lambda kv: str(kv[0]))
+                }
         return out
 
 
@@ -132,23 +139,30 @@ def main() -> None:
         return
     params = sum(p.numel() for p in make_model().parameters())
     summary = goal.summary()
-    _bench.emit({
-        "part": "P2",
-        "ratio": summary["median"],
-        "pairs": summary,
-        "detail": {
-            "parameters": params, "batch": BATCH, "steps_per_side": steps,
-            "message_bytes": 64 + 2 * 4 * params,
-            "median_step_ms": {"compute": _bench.ms(_bench.median(goal.a)), "async": _bench.ms(_bench.median(goal.b)),
-                               "no-edges": _bench.ms(_bench.median(no_edges.b)),
-                               "async-pv": _bench.ms(_bench.median(pv.b))},
-            "async_overhead_ms_per_step": _bench.ms(_bench.median([b - a for a, b in zip(goal.a, goal.b)])),
-            "ratio_no_edges_vs_compute": no_edges.summary(),
-            "ratio_async_pv_vs_compute": pv.summary(),
-            "async_rank0": {k: finished["async"].get(k) for k in ("exchange", "staleness")},
-            "async_pv_rank0_pv_evaluations": finished["async-pv"]["pv_evaluations"],
-        },
-    })
+    _bench.emit(
+        {
+            "part": "P2",
+            "ratio": summary["median"],
+            "pairs": summary,
+            "detail": {
+                "parameters": params,
+                "batch": BATCH,
+                "steps_per_side": steps,
+                "message_bytes": 64 + 2 * 4 * params,
+                "median_step_ms": {
+                    "compute": _bench.ms(_bench.median(goal.a)),
+                    "async": _bench.ms(_bench.median(goal.b)),
+                    "no-edges": _bench.ms(_bench.median(no_edges.b)),
+                    "async-pv": _bench.ms(_bench.median(pv.b)),
+                },
+                "async_overhead_ms_per_step": _bench.ms(_bench.median([b - a for a, b in zip(goal.a, goal.b)])),
+                "ratio_no_edges_vs_compute": no_edges.summary(),
+                "ratio_async_pv_vs_compute": pv.summary(),
+                "async_rank0": {k: finished["async"].get(k) for k in ("exchange", "staleness")},
+                "async_pv_rank0_pv_evaluations": finished["async-pv"]["pv_evaluations"],
+            },
+        }
+    )
 
 
 if __name__ == "__main__":

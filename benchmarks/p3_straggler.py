@@ -32,13 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import _bench
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
+import _bench
 from pcasgd_mpi import data, models
 from pcasgd_mpi import world as world_mod
 from pcasgd_mpi.optimizer import DistributedOptimizer
@@ -73,16 +72,19 @@ class Runs:
 
 def fast_rank_stalls(out: str) -> dict:
     """Per-step times of the fast ranks and the straggler's period, from the per-step log."""
+
     def steps(r: int) -> np.ndarray:
         lines = (Path(out) / "metrics" / f"rank-{r}.jsonl").read_text().splitlines()
         t = np.array([json.loads(line)["t"] for line in lines if '"eval"' not in line])
         return np.diff(t)
 
     fast = np.concatenate([steps(r) for r in range(1, size)])
-    return {"fast_step_ms_median": _bench.ms(float(np.median(fast))),
-            "fast_step_ms_p99": _bench.ms(float(np.percentile(fast, 99))),
-            "fast_step_ms_max": _bench.ms(float(fast.max())),
-            "straggler_period_ms_median": _bench.ms(float(np.median(steps(0))))}
+    return {
+        "fast_step_ms_median": _bench.ms(float(np.median(fast))),
+        "fast_step_ms_p99": _bench.ms(float(np.percentile(fast, 99))),
+        "fast_step_ms_max": _bench.ms(float(fast.max())),
+        "straggler_period_ms_median": _bench.ms(float(np.median(steps(0)))),
+    }
 
 
 class DDP:
@@ -97,8 +99,12 @@ class DDP:
                 port = s.getsockname()[1]
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(comm.bcast(port, root=0))
-        dist.init_process_group("gloo", init_method="env://", rank=int(os.environ["OMPI_COMM_WORLD_RANK"]),
-                                world_size=int(os.environ["OMPI_COMM_WORLD_SIZE"]))
+        dist.init_process_group(
+            "gloo",
+            init_method="env://",
+            rank=int(os.environ["OMPI_COMM_WORLD_RANK"]),
+            world_size=int(os.environ["OMPI_COMM_WORLD_SIZE"]),
+        )
 
     def steps_per_second(self, steps: int, seed: int) -> float:
         from torch.nn.parallel import DistributedDataParallel
@@ -140,8 +146,9 @@ def async_curve(seed: int, budget: float) -> dict:
     sampler = data.ShardSampler(shards[rank], BATCH, seed, rank)
     model = models.build("mlp", ds.input_shape, ds.num_classes, seed=seed)
     world = world_mod.init("ring", comm=comm, seed=seed)
-    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model, world=world,
-                               algorithm="pc-asgd-pv", mode="async")
+    opt = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=LR), model, world=world, algorithm="pc-asgd-pv", mode="async"
+    )
     marks = [f * budget for f in FRACTIONS]
     snaps: list[torch.Tensor] = []
     steps = 0
@@ -171,12 +178,18 @@ def async_curve(seed: int, budget: float) -> dict:
         opt.flat.data.copy_(torch.from_numpy(avg / size))
         models.recalibrate_bn(model, ds.x_train[:4096])
         accs.append(evaluate(model, ds.x_test, ds.y_test)[0])
-    info = comm.gather({"steps": steps, "wall": wall,
-                        "hist": buckets(opt.staleness_histogram.get(0, {})) if rank == 1 else None}, root=0)
+    info = comm.gather(
+        {"steps": steps, "wall": wall, "hist": buckets(opt.staleness_histogram.get(0, {})) if rank == 1 else None},
+        root=0,
+    )
     if rank != 0:
         return {}
-    return {"accuracy": accs, "steps_per_rank": [i["steps"] for i in info],
-            "wall_s": max(i["wall"] for i in info), "rank1_staleness_of_rank0": info[1]["hist"]}
+    return {
+        "accuracy": accs,
+        "steps_per_rank": [i["steps"] for i in info],
+        "wall_s": max(i["wall"] for i in info),
+        "rank1_staleness_of_rank0": info[1]["hist"],
+    }
 
 
 def main() -> None:
@@ -225,29 +238,34 @@ def main() -> None:
     reached = [f for f, a in zip(FRACTIONS, mean_curve) if a >= ref_acc - 0.01]
     time_to_acc = reached[0] if reached else None
     p3_detail = {
-        "steps_per_rank": steps, "rounds": rounds, "straggler": STRAGGLER,
+        "steps_per_rank": steps,
+        "rounds": rounds,
+        "straggler": STRAGGLER,
         "fast_ranks_steps_per_s": {k: [round(x, 2) for x in v] for k, v in sps.items()},
         "async_fast_rank_step_times": stalls,
         "async_skipped_sends_per_rank": skipped,
     }
     _bench.emit({"part": "P3", "ratio": ratio("lockstep"), "ratio_ddp": ratio("ddp"), "detail": p3_detail})
-    _bench.emit({
-        "part": "A",
-        "ratio": time_to_acc,
-        "detail": {
-            "seeds": seeds, "reference_steps": ref_steps,
-            "reference_accuracy": [round(a, 4) for a, _ in refs],
-            "reference_wall_s": [round(w, 3) for _, w in refs],
-            "reference_accuracy_mean": round(ref_acc, 4),
-            "fractions_of_reference_wall": FRACTIONS,
-            "async_accuracy_mean": [round(float(a), 4) for a in mean_curve],
-            "async_accuracy_per_seed": [[round(a, 4) for a in c["accuracy"]] for c in curves],
-            "async_final_gap_pp": round(100 * (float(mean_curve[-1]) - ref_acc), 2),
-            "async_steps_per_rank": [c["steps_per_rank"] for c in curves],
-            "async_wall_s": [round(c["wall_s"], 3) for c in curves],
-            "rank1_staleness_of_rank0": [c["rank1_staleness_of_rank0"] for c in curves],
-        },
-    })
+    _bench.emit(
+        {
+            "part": "A",
+            "ratio": time_to_acc,
+            "detail": {
+                "seeds": seeds,
+                "reference_steps": ref_steps,
+                "reference_accuracy": [round(a, 4) for a, _ in refs],
+                "reference_wall_s": [round(w, 3) for _, w in refs],
+                "reference_accuracy_mean": round(ref_acc, 4),
+                "fractions_of_reference_wall": FRACTIONS,
+                "async_accuracy_mean": [round(float(a), 4) for a in mean_curve],
+                "async_accuracy_per_seed": [[round(a, 4) for a in c["accuracy"]] for c in curves],
+                "async_final_gap_pp": round(100 * (float(mean_curve[-1]) - ref_acc), 2),
+                "async_steps_per_rank": [c["steps_per_rank"] for c in curves],
+                "async_wall_s": [round(c["wall_s"], 3) for c in curves],
+                "rank1_staleness_of_rank0": [c["rank1_staleness_of_rank0"] for c in curves],
+            },
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,10 @@ from __future__ import annotations
 import resource
 import time
 
-import _bench
-
 import numpy as np
 import torch
 
+import _bench
 from pcasgd_mpi import fused, models, rule
 
 LR, LAM = 0.1, 0.04
@@ -95,6 +94,7 @@ def main() -> None:
 
     def counting_faults(name: str, f):
         """f, also counting its page faults (outside its own timing: read before and after)."""
+
         def run() -> float:
             f0 = faults()
             t0 = time.perf_counter()
@@ -102,6 +102,7 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             faults_per_call[name] = faults_per_call.get(name, 0) + faults() - f0
             return seconds
+
         return run
 
     sgd_step = counting_faults("sgd", sgd.step)
@@ -110,22 +111,32 @@ def main() -> None:
     tau2 = _bench.interleave(sgd_step, _bench.timed(lambda: update(common)), side, warmup=3)
     tau8_12 = _bench.interleave(sgd_step, _bench.timed(lambda: update(older)), side, warmup=3)
     summary = goal.summary()
-    _bench.emit({
-        "part": "P4",
-        "ratio": summary["median"],
-        "pairs": summary,
-        "detail": {
-            "parameters": n, "parameter_tensors": len(params), "torch_threads": 1,
-            "median_us": {"sgd": round(_bench.median(goal.a) * 1e6, 1), "pv": round(_bench.median(goal.b) * 1e6, 1),
-                          "pv_tau2": round(_bench.median(tau2.b) * 1e6, 1),
-                          "pv_tau8_12": round(_bench.median(tau8_12.b) * 1e6, 1)},
-            "ratio_tau_2_2": tau2.summary(),
-            "ratio_tau_8_12": tau8_12.summary(),
-            "fused_kernel": kernel_calls > 0, "kernel_calls_per_update": kernel_calls,
-            "page_faults_per_call": {"sgd": round(faults_per_call["sgd"] / (reps + 10), 1),
-                                     "pv": round(faults_per_call["pv"] / (reps + 10), 1)},
-        },
-    })
+    _bench.emit(
+        {
+            "part": "P4",
+            "ratio": summary["median"],
+            "pairs": summary,
+            "detail": {
+                "parameters": n,
+                "parameter_tensors": len(params),
+                "torch_threads": 1,
+                "median_us": {
+                    "sgd": round(_bench.median(goal.a) * 1e6, 1),
+                    "pv": round(_bench.median(goal.b) * 1e6, 1),
+                    "pv_tau2": round(_bench.median(tau2.b) * 1e6, 1),
+                    "pv_tau8_12": round(_bench.median(tau8_12.b) * 1e6, 1),
+                },
+                "ratio_tau_2_2": tau2.summary(),
+                "ratio_tau_8_12": tau8_12.summary(),
+                "fused_kernel": kernel_calls > 0,
+                "kernel_calls_per_update": kernel_calls,
+                "page_faults_per_call": {
+                    "sgd": round(faults_per_call["sgd"] / (reps + 10), 1),
+                    "pv": round(faults_per_call["pv"] / (reps + 10), 1),
+                },
+            },
+        }
+    )
 
 
 if __name__ == "__main__":

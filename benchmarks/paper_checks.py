@@ -54,33 +54,62 @@ def checks(agg: dict) -> dict:
                 ds = acc(REFERENCE_ALGORITHM, st)
                 if ds is not None:
                     diff = pv["mean"] - ds["mean"]
-                    no_delay.append({"setting": st.key, "pv": pv["mean"], "dsgd": ds["mean"], "difference": diff,
-                                     "holds": abs(diff) <= PV_NO_DELAY_TOLERANCE})
+                    no_delay.append(
+                        {
+                            "setting": st.key,
+                            "pv": pv["mean"],
+                            "dsgd": ds["mean"],
+                            "difference": diff,
+                            "holds": abs(diff) <= PV_NO_DELAY_TOLERANCE,
+                        }
+                    )
                 continue
             base = {b: acc(b, st) for b in PV_BASELINES if acc(b, st) is not None}
             if not base:
                 continue
             best = max(base, key=lambda b: base[b]["mean"])
             b = base[best]
-            rows.append({"setting": st.key, "pv": pv["mean"], "pv_std": pv["std"], "best": best,
-                         "best_mean": b["mean"], "best_std": b["std"], "margin": pv["mean"] - b["mean"],
-                         "holds": pv["mean"] >= b["mean"] - b["std"],
-                         "holds_with_pv_std": pv["mean"] >= b["mean"] - pv["std"]})
+            rows.append(
+                {
+                    "setting": st.key,
+                    "pv": pv["mean"],
+                    "pv_std": pv["std"],
+                    "best": best,
+                    "best_mean": b["mean"],
+                    "best_std": b["std"],
+                    "margin": pv["mean"] - b["mean"],
+                    "holds": pv["mean"] >= b["mean"] - b["std"],
+                    "holds_with_pv_std": pv["mean"] >= b["mean"] - pv["std"],
+                }
+            )
         if rows:
-            out["pv_vs_baselines"] = {"rows": rows, "holds": all(r["holds"] for r in rows),
-                                      "holds_with_pv_std": all(r["holds_with_pv_std"] for r in rows)}
+            out["pv_vs_baselines"] = {
+                "rows": rows,
+                "holds": all(r["holds"] for r in rows),
+                "holds_with_pv_std": all(r["holds_with_pv_std"] for r in rows),
+            }
         if no_delay:
-            out["pv_no_delay"] = {"rows": no_delay, "holds": all(r["holds"] for r in no_delay),
-                                  "tolerance": PV_NO_DELAY_TOLERANCE}
+            out["pv_no_delay"] = {
+                "rows": no_delay,
+                "holds": all(r["holds"] for r in no_delay),
+                "tolerance": PV_NO_DELAY_TOLERANCE,
+            }
     worst = agg["worst_gap"]
     if "pc-asgd-av" in worst:
         av = worst["pc-asgd-av"]["gap"]
-        others = {lab: w["gap"] for lab, w in worst.items()
-                  if lab != "pc-asgd-av" and lab.partition(":")[0] in STALE_AWARE}
+        others = {
+            lab: w["gap"] for lab, w in worst.items() if lab != "pc-asgd-av" and lab.partition(":")[0] in STALE_AWARE
+        }
         better = sorted(lab for lab, g in others.items() if g < av)
-        out["av_worst_case"] = {"av_gap": av, "av_setting": worst["pc-asgd-av"]["setting"],
-                                "within": av <= AV_MAX_GAP, "max_gap": AV_MAX_GAP, "others": others,
-                                "better_variants": better, "best_of_variants": not better}
+        out["av_worst_case"] = {
+            "av_gap": av,
+            "av_setting": worst["pc-asgd-av"]["setting"],
+            "within": av <= AV_MAX_GAP,
+            "max_gap": AV_MAX_GAP,
+            "others": others,
+            "better_variants": better,
+            "best_of_variants": not better,
+        }
     return out
 
 
@@ -93,28 +122,35 @@ def render(ch: dict) -> list[str]:
     lines = []
     pv = ch.get("pv_vs_baselines")
     if pv:
-        lines += [f"- PV mean ≥ (best of dsgd/clip/predict) − (that one's std) under every delay: "
-                  f"{_yes(pv['holds'])} (with PV's own std instead: {_yes(pv['holds_with_pv_std'])})", ""]
+        lines += [
+            f"- PV mean ≥ (best of dsgd/clip/predict) − (that one's std) under every delay: "
+            f"{_yes(pv['holds'])} (with PV's own std instead: {_yes(pv['holds_with_pv_std'])})",
+            "",
+        ]
         lines += ["  | setting | PV | best baseline | margin (pp) | holds |", "  |---|---|---|---|---|"]
         for r in pv["rows"]:
-            lines.append(f"  | {r['setting']} | {100 * r['pv']:.1f} ± {100 * r['pv_std']:.1f} | {r['best']} "
-                         f"{100 * r['best_mean']:.1f} ± {100 * r['best_std']:.1f} | {100 * r['margin']:+.1f} | "
-                         f"{_yes(r['holds'])} |")
+            lines.append(
+                f"  | {r['setting']} | {100 * r['pv']:.1f} ± {100 * r['pv_std']:.1f} | {r['best']} "
+                f"{100 * r['best_mean']:.1f} ± {100 * r['best_std']:.1f} | {100 * r['margin']:+.1f} | "
+                f"{_yes(r['holds'])} |"
+            )
         if any(r["pv_std"] == 0 and r["best_std"] == 0 for r in pv["rows"]):
             lines += ["", "  A spread of 0 here can mean a single seed: the check is then a plain comparison."]
         lines.append("")
     nd = ch.get("pv_no_delay")
     if nd:
         diffs = ", ".join(f"{100 * r['difference']:+.2f} pp ({r['setting']})" for r in nd["rows"])
-        lines.append(f"- PV within {100 * nd['tolerance']:.0f} pp of dsgd without delay: {_yes(nd['holds'])} "
-                     f"({diffs})")
+        lines.append(f"- PV within {100 * nd['tolerance']:.0f} pp of dsgd without delay: {_yes(nd['holds'])} ({diffs})")
     av = ch.get("av_worst_case")
     if av:
         others = ", ".join(f"{lab} {100 * g:+.1f}" for lab, g in sorted(av["others"].items(), key=lambda kv: kv[1]))
-        lines.append(f"- pc-asgd-av worst-case gap ≤ {100 * av['max_gap']:.0f} pp: {_yes(av['within'])} "
-                     f"({100 * av['av_gap']:+.1f} pp at {av['av_setting']})")
-        lines.append(f"- no other variant has a smaller worst-case gap: {_yes(av['best_of_variants'])} "
-                     f"(others, pp: {others})")
+        lines.append(
+            f"- pc-asgd-av worst-case gap ≤ {100 * av['max_gap']:.0f} pp: {_yes(av['within'])} "
+            f"({100 * av['av_gap']:+.1f} pp at {av['av_setting']})"
+        )
+        lines.append(
+            f"- no other variant has a smaller worst-case gap: {_yes(av['best_of_variants'])} (others, pp: {others})"
+        )
     return lines or ["- none of the checks applies to this grid"]
 
 

@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the checkout's package, not an installed copy elsewhere
 
 from pcasgd_mpi.launch import mpi_environment, mpirun_command  # noqa: E402
+
 MARKER = "BENCH_JSON "
 
 
@@ -83,15 +84,22 @@ def run_part(part: Part, quick: bool) -> tuple[list[dict], str | None, float]:
     cmd = mpirun(part.ranks) + [sys.executable, str(HERE / part.script)] + (["--quick"] if quick else [])
     timeout = part.timeout / 3 if quick else part.timeout
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=environment(), start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=environment(),
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         return [], f"timed out after {timeout:.0f} s\n{err[-2000:]}", time.monotonic() - t0
-    records = [json.loads(line[len(MARKER):]) for line in out.splitlines() if line.startswith(MARKER)]
+    records = [json.loads(line[len(MARKER) :]) for line in out.splitlines() if line.startswith(MARKER)]
     error = None
     if proc.returncode != 0 or not records:
         error = f"exit status {proc.returncode}, {len(records)} result lines\n{err[-3000:]}{out[-1000:]}"
@@ -129,16 +137,21 @@ def spread_text(spread: dict | None) -> str:
     """'median of N pairs, quartiles q1-q3, range min-max' in short; empty for a single measurement."""
     if spread is None:
         return ""
-    return (f"{spread['pairs']} pairs, IQR {spread['q1']:.3f}-{spread['q3']:.3f}, "
-            f"range {spread['min']:.3f}-{spread['max']:.3f}")
+    return (
+        f"{spread['pairs']} pairs, IQR {spread['q1']:.3f}-{spread['q3']:.3f}, "
+        f"range {spread['min']:.3f}-{spread['max']:.3f}"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs (about a minute in all), for smoke tests")
     parser.add_argument("--json", default=str(HERE / "results.json"), help="where to write the results")
-    parser.add_argument("--parts", default=",".join(p.name for p in PARTS),
-                        help="comma-separated subset of " + ",".join(p.name for p in PARTS))
+    parser.add_argument(
+        "--parts",
+        default=",".join(p.name for p in PARTS),
+        help="comma-separated subset of " + ",".join(p.name for p in PARTS),
+    )
     args = parser.parse_args()
     wanted = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = wanted - {p.name for p in PARTS}
@@ -175,15 +188,24 @@ def main() -> int:
         status = "ERROR" if record is None else "FAIL" if value is None else "PASS" if goal.check(value) else "FAIL"
         # A goal timed in interleaved pairs: its value is the median ratio, judged as such.
         pairs = record.get("pairs") if record is not None and goal.key == "ratio" else None
-        rows.append({"goal": goal.label, "measured": value, "target": goal.target, "status": status,
-                     "spread": None if pairs is None else {k: pairs[k] for k in ("q1", "q3", "min", "max", "pairs")}})
+        rows.append(
+            {
+                "goal": goal.label,
+                "measured": value,
+                "target": goal.target,
+                "status": status,
+                "spread": None if pairs is None else {k: pairs[k] for k in ("q1", "q3", "min", "max", "pairs")},
+            }
+        )
 
     width = max(len(r["goal"]) for r in rows) if rows else 10
     print()
     print(f"{'goal':<{width}}  {'measured':>9}  {'target':>8}  status  spread over pairs")
     for r in rows:
-        print(f"{r['goal']:<{width}}  {fmt(r['measured']):>9}  {r['target']:>8}  {r['status']:<6}  "
-              f"{spread_text(r['spread'])}")
+        print(
+            f"{r['goal']:<{width}}  {fmt(r['measured']):>9}  {r['target']:>8}  {r['status']:<6}  "
+            f"{spread_text(r['spread'])}"
+        )
     out = {
         "date_utc": started.isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/run.py"] + sys.argv[1:]),

@@ -45,8 +45,18 @@ ROOT = HERE.parent
 MARKER = "BENCH_JSON "
 LAUNCH_ENV = "PCASGD_SCALING_LAUNCHED_AT"  # the driver's wall clock when it started the launcher
 GRAPHS = ("ring", "exponential")
-PHASES = ("launcher", "python", "torch", "torch_optim", "mpi4py", "mpi_init", "project_imports", "data", "setup",
-          "first_step")
+PHASES = (
+    "launcher",
+    "python",
+    "torch",
+    "torch_optim",
+    "mpi4py",
+    "mpi_init",
+    "project_imports",
+    "data",
+    "setup",
+    "first_step",
+)
 OWN = ("project_imports", "data", "setup")  # the project's own share of start-up
 SRUN_BLOCK_MAX = 4  # ranks per node placed in blocks under srun: the virtual nodes' CPUs
 
@@ -86,6 +96,7 @@ def worker(args) -> None:
     clock.wall["launcher"] = max(0.0, clock.created_at - float(launched)) if launched else None
     clock.cpu["launcher"] = None
     import torch
+
     clock.mark("torch")
     # The first torch optimizer imports torch._dynamo (its constructor is wrapped to disable
     # dynamo): torch's cost, paid by any training script, timed apart from the project's set-up.
@@ -96,6 +107,7 @@ def worker(args) -> None:
     mpi4py.rc.initialize = False  # to time MPI's own start-up apart from the import
     mpi4py.rc.finalize = True
     from mpi4py import MPI
+
     clock.mark("mpi4py")
     MPI.Init_thread()
     clock.mark("mpi_init")
@@ -108,6 +120,7 @@ def worker(args) -> None:
     from pcasgd_mpi import data, models
     from pcasgd_mpi import world as world_mod
     from pcasgd_mpi.optimizer import DistributedOptimizer
+
     clock.mark("project_imports")
 
     comm = MPI.COMM_WORLD
@@ -126,8 +139,14 @@ def worker(args) -> None:
             # Its own communicator: optimizers alive at the same time must not take each other's messages.
             world = world_mod.init(graph, comm=comm.Dup())
             opt = DistributedOptimizer(inner, model, world=world, algorithm=algorithm, mode="async")
-        return {"model": model, "inner": inner, "opt": opt, "cpu": [], "wall": [], "degree": None if opt is None
-                else len(opt.neighbours)}
+        return {
+            "model": model,
+            "inner": inner,
+            "opt": opt,
+            "cpu": [],
+            "wall": [],
+            "degree": None if opt is None else len(opt.neighbours),
+        }
 
     legs = {"compute": leg(None, None)}
     for graph in args.graphs:
@@ -168,7 +187,8 @@ def worker(args) -> None:
             state["opt"].finalize()
     mine = {
         "host": MPI.Get_processor_name(),
-        "wall": clock.wall, "cpu": clock.cpu,
+        "wall": clock.wall,
+        "cpu": clock.cpu,
         "rss_mb": {"imports": rss_imports, "setup": rss_setup, "end": maxrss_mb()},
         "step_wall": {k: s["wall"] for k, s in legs.items()},
         "step_cpu": {k: s["cpu"] for k, s in legs.items()},
@@ -187,9 +207,14 @@ def med(values) -> float | None:
 def summarise(ranks: list[dict], args) -> dict:
     """Per phase and per way to step: the median over ranks (and the worst rank where it matters)."""
     n = len(ranks)
-    startup = {p: {"wall_median": med(r["wall"].get(p) for r in ranks),
-                   "wall_max": max((r["wall"].get(p) or 0.0) for r in ranks),
-                   "cpu_median": med(r["cpu"].get(p) for r in ranks)} for p in PHASES}
+    startup = {
+        p: {
+            "wall_median": med(r["wall"].get(p) for r in ranks),
+            "wall_max": max((r["wall"].get(p) or 0.0) for r in ranks),
+            "cpu_median": med(r["cpu"].get(p) for r in ranks),
+        }
+        for p in PHASES
+    }
     # The time to the first step of the slowest rank, counted from the launch when known.
     to_first = [sum(r["wall"].get(p) or 0.0 for p in PHASES) for r in ranks]
     legs = list(ranks[0]["step_wall"])
@@ -198,19 +223,29 @@ def summarise(ranks: list[dict], args) -> dict:
         # Per round, the ratio to compute-only of the same round; then the median over rounds and ranks.
         ratios = [w / c for r in ranks for w, c in zip(r["step_wall"][leg], r["step_wall"]["compute"])]
         cpu_ratios = [w / c for r in ranks for w, c in zip(r["step_cpu"][leg], r["step_cpu"]["compute"])]
-        steps[leg] = {"wall_ms": 1e3 * med(v for r in ranks for v in r["step_wall"][leg]),
-                      "cpu_ms": 1e3 * med(v for r in ranks for v in r["step_cpu"][leg]),
-                      "wall_vs_compute": med(ratios), "cpu_vs_compute": med(cpu_ratios),
-                      "degree": ranks[0]["degree"][leg]}
+        steps[leg] = {
+            "wall_ms": 1e3 * med(v for r in ranks for v in r["step_wall"][leg]),
+            "cpu_ms": 1e3 * med(v for r in ranks for v in r["step_cpu"][leg]),
+            "wall_vs_compute": med(ratios),
+            "cpu_vs_compute": med(cpu_ratios),
+            "degree": ranks[0]["degree"][leg],
+        }
     return {
-        "ranks": n, "hosts": sorted({r["host"] for r in ranks}),
+        "ranks": n,
+        "hosts": sorted({r["host"] for r in ranks}),
         "ranks_per_host": {h: sum(r["host"] == h for r in ranks) for h in {r["host"] for r in ranks}},
-        "algorithm": args.algorithm, "batch": args.batch, "rounds": args.rounds, "steps_per_block": args.steps,
-        "startup": startup, "to_first_step_s": {"median": med(to_first), "max": max(to_first)},
+        "algorithm": args.algorithm,
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "steps_per_block": args.steps,
+        "startup": startup,
+        "to_first_step_s": {"median": med(to_first), "max": max(to_first)},
         "project_own_cpu_s": med(sum(r["cpu"].get(p) or 0.0 for p in OWN) for r in ranks),
         "steps": steps,
-        "rss_mb": {k: {"median": med(r["rss_mb"][k] for r in ranks), "max": max(r["rss_mb"][k] for r in ranks)}
-                   for k in ("imports", "setup", "end")},
+        "rss_mb": {
+            k: {"median": med(r["rss_mb"][k] for r in ranks), "max": max(r["rss_mb"][k] for r in ranks)}
+            for k in ("imports", "setup", "end")
+        },
         "load_average": list(os.getloadavg()),
     }
 
@@ -234,15 +269,27 @@ def launch_command(launcher: str, ranks: int) -> list[str]:
 def run_one(args, ranks: int) -> tuple[dict | None, str | None, float]:
     from pcasgd_mpi.launch import mpi_environment
 
-    worker_args = ["--worker", "--algorithm", args.algorithm, "--graphs", ",".join(args.graphs),
-                   "--rounds", str(args.rounds), "--steps", str(args.steps), "--batch", str(args.batch)]
+    worker_args = [
+        "--worker",
+        "--algorithm",
+        args.algorithm,
+        "--graphs",
+        ",".join(args.graphs),
+        "--rounds",
+        str(args.rounds),
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+    ]
     cmd = launch_command(args.launcher, ranks) + [sys.executable, str(Path(__file__).resolve())] + worker_args
     timeout = 60 + 25 * ranks  # 32 ranks at a load average of 40 on 2 cores took about 5 minutes
     env = mpi_environment()
     t0 = time.monotonic()
     env[LAUNCH_ENV] = repr(time.time())
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -250,7 +297,7 @@ def run_one(args, ranks: int) -> tuple[dict | None, str | None, float]:
         out, err = proc.communicate()
         return None, f"timed out after {timeout} s\n{err[-2000:]}", time.monotonic() - t0
     wall = time.monotonic() - t0
-    records = [json.loads(line[len(MARKER):]) for line in out.splitlines() if line.startswith(MARKER)]
+    records = [json.loads(line[len(MARKER) :]) for line in out.splitlines() if line.startswith(MARKER)]
     if proc.returncode != 0 or len(records) != 1:
         return None, f"exit status {proc.returncode}\n{err[-3000:]}{out[-1000:]}", wall
     records[0]["launch_wall_s"] = round(wall, 2)
@@ -263,13 +310,17 @@ def fmt(v, spec=".2f") -> str:
 
 def markdown(results: list[dict], args, meta: dict) -> str:
     algo = args.algorithm
-    lines = [f"Command: `{meta['command']}`; {meta['machine']}; load average {meta['load_before']} before, "
-             f"{meta['load_after']} after; wall time {meta['wall_s']:.0f} s.", "",
-             "Start-up, median rank (wall s / CPU s); the project's own = imports + data + set-up:", "",
-             "| ranks | hosts | launcher | python | torch | torch optim | mpi4py | MPI init | project imports | data "
-             "| set-up | first step | to first step (median / slowest) | project's own CPU s "
-             "| maxrss MB (median / max) |",
-             "|---" * 15 + "|"]
+    lines = [
+        f"Command: `{meta['command']}`; {meta['machine']}; load average {meta['load_before']} before, "
+        f"{meta['load_after']} after; wall time {meta['wall_s']:.0f} s.",
+        "",
+        "Start-up, median rank (wall s / CPU s); the project's own = imports + data + set-up:",
+        "",
+        "| ranks | hosts | launcher | python | torch | torch optim | mpi4py | MPI init | project imports | data "
+        "| set-up | first step | to first step (median / slowest) | project's own CPU s "
+        "| maxrss MB (median / max) |",
+        "|---" * 15 + "|",
+    ]
     for r in results:
         s = r["startup"]
 
@@ -277,22 +328,31 @@ def markdown(results: list[dict], args, meta: dict) -> str:
             return f"{fmt(s[p]['wall_median'])} / {fmt(s[p]['cpu_median'])}"
 
         hosts = ", ".join(f"{h}: {c}" for h, c in sorted(r["ranks_per_host"].items()))
-        lines.append(f"| {r['ranks']} | {hosts} | {fmt(s['launcher']['wall_median'])} | " + " | ".join(
-            cell(p) for p in PHASES[1:]) + f" | {fmt(r['to_first_step_s']['median'], '.1f')} / "
+        lines.append(
+            f"| {r['ranks']} | {hosts} | {fmt(s['launcher']['wall_median'])} | "
+            + " | ".join(cell(p) for p in PHASES[1:])
+            + f" | {fmt(r['to_first_step_s']['median'], '.1f')} / "
             f"{fmt(r['to_first_step_s']['max'], '.1f')} | {fmt(r['project_own_cpu_s'])} | "
-            f"{fmt(r['rss_mb']['end']['median'], '.0f')} / {fmt(r['rss_mb']['end']['max'], '.0f')} |")
-    lines += ["", "Per step, median over ranks and rounds: CPU ms (wall ms); ratios to compute-only of the "
-              "same round, CPU (wall); degree in brackets:", "",
-              "| ranks | compute-only | " + " | ".join(f"dsgd {g} | {algo} {g}" for g in args.graphs) + " |",
-              "|---" * (2 + 2 * len(args.graphs)) + "|"]
+            f"{fmt(r['rss_mb']['end']['median'], '.0f')} / {fmt(r['rss_mb']['end']['max'], '.0f')} |"
+        )
+    lines += [
+        "",
+        "Per step, median over ranks and rounds: CPU ms (wall ms); ratios to compute-only of the "
+        "same round, CPU (wall); degree in brackets:",
+        "",
+        "| ranks | compute-only | " + " | ".join(f"dsgd {g} | {algo} {g}" for g in args.graphs) + " |",
+        "|---" * (2 + 2 * len(args.graphs)) + "|",
+    ]
     for r in results:
         st = r["steps"]
         row = [str(r["ranks"]), f"{fmt(st['compute']['cpu_ms'])} ({fmt(st['compute']['wall_ms'])})"]
         for g in args.graphs:
             for leg in (f"dsgd/{g}", f"{algo}/{g}"):
                 x = st[leg]
-                row.append(f"[{x['degree']}] {fmt(x['cpu_ms'])} ({fmt(x['wall_ms'])}); "
-                           f"×{fmt(x['cpu_vs_compute'])} (×{fmt(x['wall_vs_compute'])})")
+                row.append(
+                    f"[{x['degree']}] {fmt(x['cpu_ms'])} ({fmt(x['wall_ms'])}); "
+                    f"×{fmt(x['cpu_vs_compute'])} (×{fmt(x['wall_vs_compute'])})"
+                )
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -313,16 +373,20 @@ def driver(args) -> int:
             continue
         results.append(rec)
         s = rec["steps"]
-        print(f"[{n} ranks] {wall:.1f} s; to first step {rec['to_first_step_s']['median']:.1f} s (median rank), "
-              f"project's own CPU {rec['project_own_cpu_s']:.2f} s; step CPU ms compute "
-              f"{s['compute']['cpu_ms']:.2f}, " + ", ".join(f"{k} {v['cpu_ms']:.2f}" for k, v in s.items()
-                                                           if k != "compute")
-              + f"; maxrss {rec['rss_mb']['end']['max']:.0f} MB", flush=True)
+        print(
+            f"[{n} ranks] {wall:.1f} s; to first step {rec['to_first_step_s']['median']:.1f} s (median rank), "
+            f"project's own CPU {rec['project_own_cpu_s']:.2f} s; step CPU ms compute "
+            f"{s['compute']['cpu_ms']:.2f}, "
+            + ", ".join(f"{k} {v['cpu_ms']:.2f}" for k, v in s.items() if k != "compute")
+            + f"; maxrss {rec['rss_mb']['end']['max']:.0f} MB",
+            flush=True,
+        )
     meta = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/scaling.py"] + sys.argv[1:]),
         "machine": f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {platform.platform()}",
-        "load_before": load_before, "load_after": [round(x, 1) for x in os.getloadavg()],
+        "load_before": load_before,
+        "load_after": [round(x, 1) for x in os.getloadavg()],
         "wall_s": time.monotonic() - started,
     }
     table = markdown(results, args, meta) if results else ""
@@ -339,8 +403,12 @@ def main() -> int:
     parser.add_argument("--ranks", default="2,4,8,16,32", help="comma-separated rank counts")
     parser.add_argument("--graphs", default=",".join(GRAPHS), help="comma-separated topologies")
     parser.add_argument("--algorithm", default="pc-asgd-pv", help="the rule measured against dsgd")
-    parser.add_argument("--launcher", choices=("mpirun", "srun"), default="mpirun",
-                        help="srun: -N2 with half the ranks on each node (source the cluster's env.sh first)")
+    parser.add_argument(
+        "--launcher",
+        choices=("mpirun", "srun"),
+        default="mpirun",
+        help="srun: -N2 with half the ranks on each node (source the cluster's env.sh first)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="rounds of blocks, every way to step once per round")
     parser.add_argument("--steps", type=int, default=10, help="steps per block")
     parser.add_argument("--batch", type=int, default=32)

@@ -40,8 +40,9 @@ def main(steps: int = 300, algorithm: str = "pc-asgd-pv", mode: str = "async") -
     world = pc.init(topology="ring")
     torch.manual_seed(0)  # the same initial model everywhere
     model = TwoLayerNet()
-    opt = pc.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), model,
-                                  world=world, algorithm=algorithm, mode=mode)
+    opt = pc.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.2), model, world=world, algorithm=algorithm, mode=mode
+    )
     loss_fn = nn.CrossEntropyLoss()
     x, y, x_all, y_all = make_data(world.rank, world.size)
     gen = torch.Generator().manual_seed(world.rank)

@@ -33,8 +33,12 @@ def _pv_share(summary: dict) -> float | None:
 
 
 def _av_theta(summary: dict) -> float | None:
-    thetas = [t["theta"] for per_rank in (summary.get("av") or {}).values() for t in (per_rank or {}).values()
-              if t and t.get("measurements")]
+    thetas = [
+        t["theta"]
+        for per_rank in (summary.get("av") or {}).values()
+        for t in (per_rank or {}).values()
+        if t and t.get("measurements")
+    ]
     return float(np.mean(thetas)) if thetas else None
 
 
@@ -46,13 +50,25 @@ def aggregate(grid: Grid, summaries: dict[str, dict]) -> dict:
     runs, cells = [], {}
     for spec in grid.runs():
         s = summaries.get(spec.name)
-        row = {"name": spec.name, "algorithm": spec.algorithm.label, "delay": spec.delay,
-               "partition": spec.partition, "lr": spec.lr, "seed": spec.seed, "finished": s is not None}
+        row = {
+            "name": spec.name,
+            "algorithm": spec.algorithm.label,
+            "delay": spec.delay,
+            "partition": spec.partition,
+            "lr": spec.lr,
+            "seed": spec.seed,
+            "finished": s is not None,
+        }
         if s is not None:
-            row |= {"final_accuracy": s.get("final_accuracy"), "final_test_loss": s.get("final_test_loss"),
-                    "consensus_distance": s.get("consensus_distance"), "pv_wins": s.get("pv_wins"),
-                    "pv_predict_share": _pv_share(s), "av_theta": _av_theta(s),
-                    "wall_time_s": s.get("wall_time_s")}
+            row |= {
+                "final_accuracy": s.get("final_accuracy"),
+                "final_test_loss": s.get("final_test_loss"),
+                "consensus_distance": s.get("consensus_distance"),
+                "pv_wins": s.get("pv_wins"),
+                "pv_predict_share": _pv_share(s),
+                "av_theta": _av_theta(s),
+                "wall_time_s": s.get("wall_time_s"),
+            }
         runs.append(row)
         cells.setdefault(spec.algorithm.label, {}).setdefault(spec.setting.key, []).append(row)
 
@@ -67,7 +83,8 @@ def aggregate(grid: Grid, summaries: dict[str, dict]) -> dict:
                 "pv_predict_share": _stats([r["pv_predict_share"] for r in done]),
                 "pv_choices": sum(sum((r["pv_wins"] or {}).values()) for r in done),
                 "av_theta": _stats([r["av_theta"] for r in done]),
-                "runs": len(rows), "finished": len(done),
+                "runs": len(rows),
+                "finished": len(done),
             }
 
     def mean_acc(label: str, setting: Setting) -> float | None:

@@ -39,8 +39,9 @@ class AllreduceOptimizer(DistributedOptimizer):
             # A stop request rides along: every rank learns the earliest requested stop step (and
             # why: a signal wins over a budget at the same step) in the same step.
             mine = -float(self._stop_at * 4 + self._reason) if self._stop_at is not None else _NO_STOP
-            latest = mean_in_rank_order(self.world.comm, grad, self._deadline(), on_device=self._device_collectives,
-                                        extra=mine)
+            latest = mean_in_rank_order(
+                self.world.comm, grad, self._deadline(), on_device=self._device_collectives, extra=mine
+            )
             if latest > _NO_STOP / 2:
                 self._stop_at, reason = divmod(int(round(-latest)), 4)
                 self._reason = StopReason(reason)

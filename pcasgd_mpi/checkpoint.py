@@ -71,13 +71,16 @@ def load(root: str | Path, rank: int, step: int, expect: dict) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise CheckpointError(f"checkpoint {path} cannot be read ({_reason(exc)}); delete it or "
-                              f"point --checkpoint-dir elsewhere") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({_reason(exc)}); delete it or point --checkpoint-dir elsewhere"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a pcasgd-mpi checkpoint")
     for key, want in expect.items():
         if state.get(key) != want:
-            raise CheckpointError(f"checkpoint {path} was written with a different {key.replace('_', ' ')} "
-                                  f"({state.get(key)!r}, this run has {want!r}); use a matching run or "
-                                  f"another --checkpoint-dir")
+            raise CheckpointError(
+                f"checkpoint {path} was written with a different {key.replace('_', ' ')} "
+                f"({state.get(key)!r}, this run has {want!r}); use a matching run or "
+                f"another --checkpoint-dir"
+            )
     return state

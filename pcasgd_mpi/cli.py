@@ -16,8 +16,7 @@ from .launch import abort_job, env_rank
 # Derived, for callers that want the names as text; the one list is config.Algorithm.
 ALGORITHMS = tuple(a.value for a in Algorithm)
 
-NO_LAUNCHER_NOTE = ("pcasgd-mpi: running 1 agent (no MPI launcher found); launch with mpirun -n N ... "
-                    "for N agents")
+NO_LAUNCHER_NOTE = "pcasgd-mpi: running 1 agent (no MPI launcher found); launch with mpirun -n N ... for N agents"
 
 
 def _rank() -> int:
@@ -144,11 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train one model per MPI rank (launch with mpirun -n N)",
-                       description="Train one model per MPI rank: mpirun -n N pcasgd-mpi train [options]")
-    t.add_argument("--config", default=None, metavar="FILE.yaml",
-                   help="options from a YAML file (keys as the long options, e.g. an earlier run's "
-                        "OUT/config.yaml); flags given here win")
+    t = sub.add_parser(
+        "train",
+        help="train one model per MPI rank (launch with mpirun -n N)",
+        description="Train one model per MPI rank: mpirun -n N pcasgd-mpi train [options]",
+    )
+    t.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.yaml",
+        help="options from a YAML file (keys as the long options, e.g. an earlier run's "
+        "OUT/config.yaml); flags given here win",
+    )
     _add_train_options(t)
 
     from . import experiment, plot
@@ -200,18 +206,23 @@ def _train(args) -> int:
     if summary is not None and "stopped_at" in summary:
         return 0
     if summary is not None and "final_accuracy" in summary:
-        print(f"final test accuracy of the average model: {summary['final_accuracy']:.4f} "
-              f"(agents: {', '.join(f'{a:.3f}' for a in summary['agent_accuracies'])}; "
-              f"consensus distance {summary['consensus_distance']:.3g}; "
-              f"{summary['wall_time_s']:.1f} s)")
+        print(
+            f"final test accuracy of the average model: {summary['final_accuracy']:.4f} "
+            f"(agents: {', '.join(f'{a:.3f}' for a in summary['agent_accuracies'])}; "
+            f"consensus distance {summary['consensus_distance']:.3g}; "
+            f"{summary['wall_time_s']:.1f} s)"
+        )
         print(f"results in {summary['out']}")
     if summary is not None and summary.get("failed_ranks"):
         # The survivors finished, but the job lost ranks: say so, and let the exit status say it too.
         # After a rank failed, MPI_Finalize can wait forever for it; everything is written.
         if "final_accuracy" in summary:
-            print(f"pcasgd-mpi: rank{'s' if len(summary['failed_ranks']) > 1 else ''} "
-                  f"{', '.join(map(str, summary['failed_ranks']))} failed during training; the survivors "
-                  f"finished (exit status {EXIT_RANKS_FAILED})", file=sys.stderr)
+            print(
+                f"pcasgd-mpi: rank{'s' if len(summary['failed_ranks']) > 1 else ''} "
+                f"{', '.join(map(str, summary['failed_ranks']))} failed during training; the survivors "
+                f"finished (exit status {EXIT_RANKS_FAILED})",
+                file=sys.stderr,
+            )
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_RANKS_FAILED)

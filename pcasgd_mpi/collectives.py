@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pickle
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ def allgather_object(comm: MPI.Comm, obj: Any, deadline: float, what: str) -> li
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     out = np.empty(int(sizes.sum()), dtype=np.uint8)
     wait(comm.Iallgatherv(data, [out, (sizes, offsets), MPI.BYTE]), deadline, _late(what))
-    return [pickle.loads(out[o:o + s].tobytes()) for o, s in zip(offsets, sizes)]
+    return [pickle.loads(out[o : o + s].tobytes()) for o, s in zip(offsets, sizes)]
 
 
 def allreduce_sum(comm: MPI.Comm, value: float, deadline: float, what: str) -> float:
@@ -76,8 +77,9 @@ def allreduce_sum(comm: MPI.Comm, value: float, deadline: float, what: str) -> f
     return total
 
 
-def mean_in_rank_order(comm: MPI.Comm, t: torch.Tensor, deadline: float, *, on_device: bool = False,
-                    extra: float | None = None) -> float | None:
+def mean_in_rank_order(
+    comm: MPI.Comm, t: torch.Tensor, deadline: float, *, on_device: bool = False, extra: float | None = None
+) -> float | None:
     """In-place mean over ranks, summed in rank order so that the result is the same to the bit
     every run (MPI_Allreduce may add in any order); reduced in float32 or wider, because bfloat16
     reductions are silently wrong in this MPI. Bounded by `deadline` like every collective.

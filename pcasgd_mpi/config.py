@@ -119,17 +119,34 @@ class Group(TextEnum):
 
 
 # ----------------------------------------------------------------------------- one option
-def option(default, help: str, group: Group, check: Callable, *, metavar: str | None = None,
-           flag: str | None = None, default_text: str | None = None, exclusive: str | None = None,
-           repeat: bool = False):
+def option(
+    default,
+    help: str,
+    group: Group,
+    check: Callable,
+    *,
+    metavar: str | None = None,
+    flag: str | None = None,
+    default_text: str | None = None,
+    exclusive: str | None = None,
+    repeat: bool = False,
+):
     """A TrainConfig field with what the command line and the config file need to know of it.
 
     flag: the command-line spelling when it is not --name-with-hyphens (--no-progress).
     default_text: how --help shows a default of None that stands for a computed value.
     exclusive: options sharing this tag cannot both be given.
     """
-    meta = {"help": help, "group": group, "check": check, "metavar": metavar, "flag": flag,
-            "default_text": default_text, "exclusive": exclusive, "repeat": repeat}
+    meta = {
+        "help": help,
+        "group": group,
+        "check": check,
+        "metavar": metavar,
+        "flag": flag,
+        "default_text": default_text,
+        "exclusive": exclusive,
+        "repeat": repeat,
+    }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -142,86 +159,194 @@ _FINITE_NONNEG = Number(float, low=0)
 
 @dataclass
 class TrainConfig:
-    topology: str = option("ring", "ring, torus, exponential, complete, star, random-regular:D, "
-                           "small-world:K:P, or a graph file", Group.GRAPH, Text())
-    weights: WeightRule = option(WeightRule.METROPOLIS, "mixing-matrix rule (file: the weights in the graph file)",
-                                 Group.GRAPH, Choice(WeightRule))
-    algorithm: Algorithm = option(Algorithm.PC_ASGD_PV, "what a rank does with a stale neighbour",
-                                  Group.ALGORITHM, Choice(Algorithm))
+    topology: str = option(
+        "ring",
+        "ring, torus, exponential, complete, star, random-regular:D, small-world:K:P, or a graph file",
+        Group.GRAPH,
+        Text(),
+    )
+    weights: WeightRule = option(
+        WeightRule.METROPOLIS,
+        "mixing-matrix rule (file: the weights in the graph file)",
+        Group.GRAPH,
+        Choice(WeightRule),
+    )
+    algorithm: Algorithm = option(
+        Algorithm.PC_ASGD_PV, "what a rank does with a stale neighbour", Group.ALGORITHM, Choice(Algorithm)
+    )
     theta: float = option(0.5, "predict/clip tradeoff of pc-asgd", Group.ALGORITHM, Number(float, 0, 1))
     lam: float = option(0.04, "Taylor-prediction coefficient λ (>= 0)", Group.ALGORITHM, _FINITE_NONNEG)
-    lam_mode: LamMode = option(LamMode.FIXED, "λ as given (fixed) or scaled per parameter block (adaptive)",
-                               Group.ALGORITHM, Choice(LamMode))
-    slope: Slope = option(Slope.UPDATE, "slope of the Taylor prediction: the sender's last actual update "
-                          "(update), its raw gradient (gradient), or estimated from its two newest messages "
-                          "(velocity, half the bytes)", Group.ALGORITHM, Choice(Slope))
-    tolerance: int | None = option(None, "staleness still counted fresh", Group.ALGORITHM,
-                                   Number(int, low=0, optional=True), default_text="0 lockstep, 1 async")
+    lam_mode: LamMode = option(
+        LamMode.FIXED, "λ as given (fixed) or scaled per parameter block (adaptive)", Group.ALGORITHM, Choice(LamMode)
+    )
+    slope: Slope = option(
+        Slope.UPDATE,
+        "slope of the Taylor prediction: the sender's last actual update "
+        "(update), its raw gradient (gradient), or estimated from its two newest messages "
+        "(velocity, half the bytes)",
+        Group.ALGORITHM,
+        Choice(Slope),
+    )
+    tolerance: int | None = option(
+        None,
+        "staleness still counted fresh",
+        Group.ALGORITHM,
+        Number(int, low=0, optional=True),
+        default_text="0 lockstep, 1 async",
+    )
     horizon: int = option(16, "staleness beyond which a neighbour is dropped", Group.ALGORITHM, _INT0)
-    mode: Mode = option(Mode.ASYNC, "async: every rank at its own pace; lockstep: every step waits for the neighbours' "
-                        "messages of that step",
-                        Group.EXECUTION, Choice(Mode))
-    delay: str = option("none", "lockstep delay: none, fixed:TAU, random:P:TAU, ranks:R1,R2:TAU",
-                        Group.EXECUTION, _spec_text("fixed:3"))
-    straggler: list[str] = option([], "make RANK's steps FACTOR times slower (repeatable)", Group.EXECUTION,
-                                  Repeated(_spec_text("2:4")), metavar="RANK:FACTOR", repeat=True)
-    link_delay: list[str] = option([], "async: messages from RANKS reach their neighbours MS ms late "
-                                   "(repeatable)", Group.EXECUTION, Repeated(link_delay_spec),
-                                   metavar="RANKS:MS", repeat=True)
-    stop: Stop = option(Stop.FIRST, "async: all ranks stop together once one rank has done --steps or "
-                        "--duration elapsed (first), or every rank does its own --steps (each)",
-                        Group.EXECUTION, Choice(Stop))
-    balance: Balance = option(Balance.NONE, "async: scale a rank's step by its measured slowness, so a slow "
-                              "rank's data counts as much as a fast rank's (lr)", Group.EXECUTION, Choice(Balance))
-    device: Device = option(Device.CPU, "where each rank trains; with several GPUs per node, rank -> GPU by "
-                            "local rank", Group.EXECUTION, Choice(Device))
-    cuda_aware: CudaAware = option(CudaAware.AUTO, "pass GPU buffers to MPI directly (auto: ask the MPI "
-                                   "library; PCASGD_CUDA_AWARE=0|1 overrides)", Group.EXECUTION, Choice(CudaAware))
-    fault_tolerant: bool = option(False, "async: survive dead ranks (launch with mpirun --with-ft ulfm, see "
-                                  "README)", Group.EXECUTION, Flag())
-    threads: int | None = option(None, "torch threads per rank", Group.EXECUTION,
-                                 Number(int, low=1, optional=True), default_text="cores of the node / ranks on it")
-    timeout: float = option(120.0, "seconds any wait for another rank may take before the job is aborted",
-                            Group.EXECUTION, _FINITE_POS, metavar="SECONDS")
+    mode: Mode = option(
+        Mode.ASYNC,
+        "async: every rank at its own pace; lockstep: every step waits for the neighbours' messages of that step",
+        Group.EXECUTION,
+        Choice(Mode),
+    )
+    delay: str = option(
+        "none", "lockstep delay: none, fixed:TAU, random:P:TAU, ranks:R1,R2:TAU", Group.EXECUTION, _spec_text("fixed:3")
+    )
+    straggler: list[str] = option(
+        [],
+        "make RANK's steps FACTOR times slower (repeatable)",
+        Group.EXECUTION,
+        Repeated(_spec_text("2:4")),
+        metavar="RANK:FACTOR",
+        repeat=True,
+    )
+    link_delay: list[str] = option(
+        [],
+        "async: messages from RANKS reach their neighbours MS ms late (repeatable)",
+        Group.EXECUTION,
+        Repeated(link_delay_spec),
+        metavar="RANKS:MS",
+        repeat=True,
+    )
+    stop: Stop = option(
+        Stop.FIRST,
+        "async: all ranks stop together once one rank has done --steps or "
+        "--duration elapsed (first), or every rank does its own --steps (each)",
+        Group.EXECUTION,
+        Choice(Stop),
+    )
+    balance: Balance = option(
+        Balance.NONE,
+        "async: scale a rank's step by its measured slowness, so a slow "
+        "rank's data counts as much as a fast rank's (lr)",
+        Group.EXECUTION,
+        Choice(Balance),
+    )
+    device: Device = option(
+        Device.CPU,
+        "where each rank trains; with several GPUs per node, rank -> GPU by local rank",
+        Group.EXECUTION,
+        Choice(Device),
+    )
+    cuda_aware: CudaAware = option(
+        CudaAware.AUTO,
+        "pass GPU buffers to MPI directly (auto: ask the MPI library; PCASGD_CUDA_AWARE=0|1 overrides)",
+        Group.EXECUTION,
+        Choice(CudaAware),
+    )
+    fault_tolerant: bool = option(
+        False, "async: survive dead ranks (launch with mpirun --with-ft ulfm, see README)", Group.EXECUTION, Flag()
+    )
+    threads: int | None = option(
+        None,
+        "torch threads per rank",
+        Group.EXECUTION,
+        Number(int, low=1, optional=True),
+        default_text="cores of the node / ranks on it",
+    )
+    timeout: float = option(
+        120.0,
+        "seconds any wait for another rank may take before the job is aborted",
+        Group.EXECUTION,
+        _FINITE_POS,
+        metavar="SECONDS",
+    )
     dataset: Dataset = option(Dataset.DIGITS, "training data", Group.DATA, Choice(Dataset))
-    data_dir: str | None = option(None, "folder with the files of mnist, fashion-mnist or cifar10", Group.DATA,
-                                  Text(optional=True), metavar="DIR")
-    synthetic_shape: list[int] = option([1, 8, 8], "input shape of --dataset synthetic", Group.DATA, Shape(),
-                                        metavar="C,H,W")
-    partition: str = option("iid", "iid or dirichlet:ALPHA (non-IID label skew)", Group.DATA,
-                            _spec_text("dirichlet:0.5"))
+    data_dir: str | None = option(
+        None, "folder with the files of mnist, fashion-mnist or cifar10", Group.DATA, Text(optional=True), metavar="DIR"
+    )
+    synthetic_shape: list[int] = option(
+        [1, 8, 8], "input shape of --dataset synthetic", Group.DATA, Shape(), metavar="C,H,W"
+    )
+    partition: str = option(
+        "iid", "iid or dirichlet:ALPHA (non-IID label skew)", Group.DATA, _spec_text("dirichlet:0.5")
+    )
     model: Model = option(Model.MLP, "network trained by every rank", Group.DATA, Choice(Model))
-    steps: int | None = option(None, "local steps per rank", Group.OPTIMISATION, Number(int, low=1, optional=True),
-                               default_text=str(DEFAULT_STEPS), exclusive="length", metavar="N")
-    epochs: float | None = option(None, "passes over the training set, instead of --steps", Group.OPTIMISATION,
-                                  Number(float, low=0, low_open=True, optional=True), exclusive="length",
-                                  metavar="E")
-    duration: float | None = option(None, "async: all ranks stop together after this many seconds of training",
-                                    Group.OPTIMISATION, Number(float, low=0, low_open=True, optional=True),
-                                    metavar="SECONDS")
-    batch_size: int = option(32, "samples per local step (at most the rank's shard)", Group.OPTIMISATION,
-                             Number(int, low=1), metavar="B")
+    steps: int | None = option(
+        None,
+        "local steps per rank",
+        Group.OPTIMISATION,
+        Number(int, low=1, optional=True),
+        default_text=str(DEFAULT_STEPS),
+        exclusive="length",
+        metavar="N",
+    )
+    epochs: float | None = option(
+        None,
+        "passes over the training set, instead of --steps",
+        Group.OPTIMISATION,
+        Number(float, low=0, low_open=True, optional=True),
+        exclusive="length",
+        metavar="E",
+    )
+    duration: float | None = option(
+        None,
+        "async: all ranks stop together after this many seconds of training",
+        Group.OPTIMISATION,
+        Number(float, low=0, low_open=True, optional=True),
+        metavar="SECONDS",
+    )
+    batch_size: int = option(
+        32, "samples per local step (at most the rank's shard)", Group.OPTIMISATION, Number(int, low=1), metavar="B"
+    )
     lr: float = option(0.1, "learning rate", Group.OPTIMISATION, _FINITE_POS)
     momentum: float = option(0.0, "SGD momentum", Group.OPTIMISATION, _FINITE_NONNEG)
     weight_decay: float = option(0.0, "SGD weight decay", Group.OPTIMISATION, _FINITE_NONNEG)
     seed: int = option(0, "seed of the model, the data split and the batches", Group.OPTIMISATION, _INT0)
-    out: str | None = option(None, "run directory: new, empty, or an earlier run of pcasgd-mpi", Group.OUTPUT,
-                             Text(optional=True), default_text="runs/<time>-<algorithm>", metavar="DIR")
-    overwrite: bool = option(False, "replace the earlier run in --out (its metrics, summary and checkpoints)",
-                             Group.OUTPUT, Flag())
+    out: str | None = option(
+        None,
+        "run directory: new, empty, or an earlier run of pcasgd-mpi",
+        Group.OUTPUT,
+        Text(optional=True),
+        default_text="runs/<time>-<algorithm>",
+        metavar="DIR",
+    )
+    overwrite: bool = option(
+        False, "replace the earlier run in --out (its metrics, summary and checkpoints)", Group.OUTPUT, Flag()
+    )
     eval_every: int = option(0, "evaluate every N steps (0: only at the end)", Group.OUTPUT, _INT0, metavar="N")
     log_every: int = option(1, "write a metrics line every N steps (0: none)", Group.OUTPUT, _INT0, metavar="N")
-    tensorboard: bool = option(False, "also write TensorBoard scalars to OUT/tensorboard (needs: pip install "
-                               "tensorboard)", Group.OUTPUT, Flag())
+    tensorboard: bool = option(
+        False,
+        "also write TensorBoard scalars to OUT/tensorboard (needs: pip install tensorboard)",
+        Group.OUTPUT,
+        Flag(),
+    )
     progress: bool = option(True, "hide the progress bar", Group.OUTPUT, Flag(), flag="--no-progress")
-    checkpoint_every: int = option(0, "write every rank's state every N steps (0: only when stopped by "
-                                   "SIGTERM/SIGUSR1)", Group.CHECKPOINTS, _INT0, metavar="N")
-    checkpoint_dir: str | None = option(None, "where checkpoints go", Group.CHECKPOINTS, Text(optional=True),
-                                        default_text="OUT/checkpoints", metavar="DIR")
-    keep_checkpoints: int = option(3, "keep the last K per rank", Group.CHECKPOINTS, Number(int, low=1),
-                                   metavar="K")
-    resume: bool = option(False, "continue from the newest checkpoint (lockstep: the newest step all ranks "
-                          "have)", Group.CHECKPOINTS, Flag())
+    checkpoint_every: int = option(
+        0,
+        "write every rank's state every N steps (0: only when stopped by SIGTERM/SIGUSR1)",
+        Group.CHECKPOINTS,
+        _INT0,
+        metavar="N",
+    )
+    checkpoint_dir: str | None = option(
+        None,
+        "where checkpoints go",
+        Group.CHECKPOINTS,
+        Text(optional=True),
+        default_text="OUT/checkpoints",
+        metavar="DIR",
+    )
+    keep_checkpoints: int = option(3, "keep the last K per rank", Group.CHECKPOINTS, Number(int, low=1), metavar="K")
+    resume: bool = option(
+        False,
+        "continue from the newest checkpoint (lockstep: the newest step all ranks have)",
+        Group.CHECKPOINTS,
+        Flag(),
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -232,8 +357,10 @@ class TrainConfig:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("--steps and --epochs both given; give one of them")
         if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite both given; --resume continues the run in --out, "
-                             "--overwrite starts it afresh: give one")
+            raise ValueError(
+                "--resume and --overwrite both given; --resume continues the run in --out, "
+                "--overwrite starts it afresh: give one"
+            )
         check_rule_settings(self.theta, self.lam, self.lam_mode, self.resolved_tolerance(), self.horizon)
 
     # ------------------------------------------------------------------ building one
@@ -280,8 +407,9 @@ class TrainConfig:
 
     def effective(self, steps: int, tolerance: int | None = None) -> TrainConfig:
         """This configuration with the values the run actually used (what config.yaml records)."""
-        return dataclasses.replace(self, steps=steps, epochs=None,
-                                   tolerance=self.resolved_tolerance() if tolerance is None else tolerance)
+        return dataclasses.replace(
+            self, steps=steps, epochs=None, tolerance=self.resolved_tolerance() if tolerance is None else tolerance
+        )
 
     def to_file(self) -> dict:
         """Plain values keyed like the long options, for config.yaml; `--config` reads it back.
@@ -289,8 +417,11 @@ class TrainConfig:
         Where the run went and whether it continued or replaced an earlier one are left out:
         the file repeats the run elsewhere."""
         skip = {"out", "overwrite", "resume"}
-        return {f.name.replace("_", "-"): _plain(getattr(self, f.name))
-                for f in dataclasses.fields(self) if f.name not in skip}
+        return {
+            f.name.replace("_", "-"): _plain(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in skip
+        }
 
     def first_difference(self, saved: Mapping, ignore: tuple[str, ...] = ()) -> tuple[str, object, object] | None:
         """(field, saved value, this value) of the first training setting in which a saved config.yaml
@@ -313,9 +444,29 @@ class TrainConfig:
 
     def training_hash(self) -> str:
         """What a checkpoint must agree on to be continued: the options that change the trajectory."""
-        skip = {"progress", "threads", "out", "overwrite", "steps", "epochs", "duration", "stop", "link_delay",
-                "eval_every", "log_every", "timeout", "straggler", "fault_tolerant", "tensorboard", "device",
-                "cuda_aware", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "resume"}
+        skip = {
+            "progress",
+            "threads",
+            "out",
+            "overwrite",
+            "steps",
+            "epochs",
+            "duration",
+            "stop",
+            "link_delay",
+            "eval_every",
+            "log_every",
+            "timeout",
+            "straggler",
+            "fault_tolerant",
+            "tensorboard",
+            "device",
+            "cuda_aware",
+            "checkpoint_every",
+            "checkpoint_dir",
+            "keep_checkpoints",
+            "resume",
+        }
         return _hash({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
 
 

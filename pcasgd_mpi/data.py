@@ -148,9 +148,7 @@ def _make_synthetic(seed, shape, num_classes, size) -> Dataset:
     noise = 2.5 * rng.standard_normal((n_train + n_test, *shape))
     x = (prototypes[y] + noise).astype(np.float32)
     axes = tuple(range(x.ndim))
-    return _make_dataset(
-        "synthetic", x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes, axes
-    )
+    return _make_dataset("synthetic", x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes, axes)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -167,9 +165,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     raw = _read_bytes(path)
     # Magic: two zero bytes, type code 0x08 (unsigned byte), number of dimensions.
     if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
-        raise DataError(
-            f"{path}: bad magic number, expected an IDX file of bytes with {ndim} dims; re-download it"
-        )
+        raise DataError(f"{path}: bad magic number, expected an IDX file of bytes with {ndim} dims; re-download it")
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX header; re-download it")
@@ -221,9 +217,7 @@ def _load_idx_dataset(name: str, root) -> Dataset:
         if labels.max() > 9:
             raise DataError(f"{lbl_path}: label {labels.max()} outside 0..9; re-download it")
     scale = np.float32(1 / 255)
-    return _make_dataset(
-        name, x_tr[:, None] * scale, y_tr, x_te[:, None] * scale, y_te, 10, axes=(0, 1, 2, 3)
-    )
+    return _make_dataset(name, x_tr[:, None] * scale, y_tr, x_te[:, None] * scale, y_te, 10, axes=(0, 1, 2, 3))
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -231,11 +225,17 @@ class _CifarUnpickler(pickle.Unpickler):
     naming anything else, such as a function to call, is refused before it can run."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
         # arrays pickled with protocol 5 by a newer numpy (a re-saved copy of the files)
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("builtins", "list"), ("builtins", "dict"), ("builtins", "bytes"), ("builtins", "bytearray"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("builtins", "list"),
+        ("builtins", "dict"),
+        ("builtins", "bytes"),
+        ("builtins", "bytearray"),
         ("_codecs", "encode"),  # how protocol 2 stores bytes for Python 3
     }
 
@@ -275,9 +275,7 @@ def _load_cifar10(root) -> Dataset:
     paths = _find_files(folders, _CIFAR_FILES, allow_gz=False)
     if paths is None:
         searched = ", ".join(str(f) for f in folders)
-        raise DataError(
-            f"dataset 'cifar10': expected {', '.join(_CIFAR_FILES)} in one of: {searched}"
-        )
+        raise DataError(f"dataset 'cifar10': expected {', '.join(_CIFAR_FILES)} in one of: {searched}")
     batches = [_read_cifar_batch(p) for p in paths]
     x_tr = np.concatenate([b[0] for b in batches[:5]]).astype(np.float32)
     y_tr = np.concatenate([b[1] for b in batches[:5]])
@@ -380,8 +378,7 @@ def _parse_scheme(scheme: str) -> float | None:
         alpha = None
     if alpha is None or not math.isfinite(alpha) or alpha <= 0:
         raise DataError(
-            f"bad partition scheme {scheme!r}; use 'iid' or 'dirichlet:ALPHA' with ALPHA > 0 "
-            "(e.g. dirichlet:0.5)"
+            f"bad partition scheme {scheme!r}; use 'iid' or 'dirichlet:ALPHA' with ALPHA > 0 (e.g. dirichlet:0.5)"
         )
     return alpha
 
@@ -398,9 +395,7 @@ def partition(labels, num_agents: int, scheme: str = "iid", seed: int = 0) -> li
     alpha = _parse_scheme(scheme)
     n = len(labels)
     if num_agents < 1 or num_agents > n:
-        raise DataError(
-            f"cannot split {n} samples among {num_agents} agents; need 1 <= agents <= samples"
-        )
+        raise DataError(f"cannot split {n} samples among {num_agents} agents; need 1 <= agents <= samples")
     rng = np.random.default_rng(seed)
     if alpha is None:
         return [np.sort(s) for s in np.array_split(rng.permutation(n), num_agents)]
@@ -433,9 +428,7 @@ class ShardSampler:
     def __init__(self, indices: np.ndarray, batch_size: int, seed: int, rank: int):
         self.indices = np.asarray(indices, dtype=np.int64).reshape(-1).copy()
         if len(self.indices) == 0:
-            raise DataError(
-                f"rank {rank} has an empty data shard; use fewer agents or another partition"
-            )
+            raise DataError(f"rank {rank} has an empty data shard; use fewer agents or another partition")
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
         self.batch_size = int(batch_size)

@@ -46,7 +46,7 @@ class DelayModel:
     seed: int = 0
 
     @classmethod
-    def parse(cls, spec: str, seed: int = 0) -> "DelayModel":
+    def parse(cls, spec: str, seed: int = 0) -> DelayModel:
         parts = spec.strip().split(":")
         try:
             kind = DelayKind(parts[0])
@@ -110,7 +110,7 @@ class Straggler:
     factor: float
 
     @classmethod
-    def parse(cls, spec: str) -> "Straggler":
+    def parse(cls, spec: str) -> Straggler:
         try:
             rank_text, factor_text = spec.split(":")
             rank, factor = int(rank_text), float(factor_text)

@@ -69,10 +69,14 @@ def select_device(spec: str, local_rank: int | None = None) -> torch.device:
     if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        why = ("this torch build has no CUDA support" if torch.version.cuda is None else
-               f"no CUDA device is visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
-        raise ValueError(f"device 'cuda' was requested but {why} (torch {torch.__version__}); "
-                         f"use device 'cpu' or 'auto'")
+        why = (
+            "this torch build has no CUDA support"
+            if torch.version.cuda is None
+            else f"no CUDA device is visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
+        raise ValueError(
+            f"device 'cuda' was requested but {why} (torch {torch.__version__}); use device 'cpu' or 'auto'"
+        )
     index = (local_rank or 0) % torch.cuda.device_count()
     return torch.device("cuda", index)
 
@@ -176,7 +180,6 @@ def decide_cuda_aware(
     answer, path = _probe(maps_path)
     if answer is None:
         libs = loaded_mpi_libraries(maps_path)
-        where = (f"{', '.join(libs)} has no MPIX_Query_cuda_support" if libs else
-                 "no MPI library is loaded")
+        where = f"{', '.join(libs)} has no MPIX_Query_cuda_support" if libs else "no MPI library is loaded"
         return Decision(False, f"cannot tell ({where}); staging through host memory")
     return Decision(answer, f"MPIX_Query_cuda_support() returned {int(answer)} in {path}")

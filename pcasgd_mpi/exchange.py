@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -60,9 +60,9 @@ def _ranks(ranks: list[int]) -> str:
     return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
-def _message(source: int, buf: "_Buffer") -> Message:
+def _message(source: int, buf: _Buffer) -> Message:
     h = buf.header
-    made_at, alpha = (float(v) for v in h[_MADE_AT:_ALPHA + 1].view(np.float64))
+    made_at, alpha = (float(v) for v in h[_MADE_AT : _ALPHA + 1].view(np.float64))
     stop = int(h[_FLAGS]) >> _STOP_SHIFT
     return Message(source, int(h[_STEP]), buf.weights, buf.grad, made_at, alpha, stop - 1 if stop else None)
 
@@ -208,8 +208,9 @@ class Exchange:
         if not targets:
             return 0
         buf = self._free_buffer()
-        return self._start(buf, (step, made_at, alpha, stop_at), targets,
-                           [weights, grad] if self.with_grad else [weights])
+        return self._start(
+            buf, (step, made_at, alpha, stop_at), targets, [weights, grad] if self.with_grad else [weights]
+        )
 
     def send_buffer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Views (weights, grad) of the pool buffer the next `send_prepared` sends from.
@@ -221,8 +222,16 @@ class Exchange:
         self._prepared = self._free_buffer()
         return self._prepared.weights, self._prepared.grad
 
-    def send_prepared(self, step: int, *, block: bool = False, deadline: float = float("inf"),
-                      made_at: float = 0.0, alpha: float = 0.0, stop_at: int | None = None) -> int:
+    def send_prepared(
+        self,
+        step: int,
+        *,
+        block: bool = False,
+        deadline: float = float("inf"),
+        made_at: float = 0.0,
+        alpha: float = 0.0,
+        stop_at: int | None = None,
+    ) -> int:
         """`send` of the payload written into the views from `send_buffer`, without copying it."""
         if self._prepared is None:
             raise RuntimeError("send_prepared() needs a send_buffer() first")
@@ -236,9 +245,14 @@ class Exchange:
             self._progress_sends()
             return [n for n in self.neighbours if n not in self.failed]
         if block:
-            spin(self.send_ready, deadline,
-                  lambda: f"sends to {_ranks(sorted(self._in_flight))} did not complete in time "
-                                         f"(frozen, dead or much slower than the rest)")
+            spin(
+                self.send_ready,
+                deadline,
+                lambda: (
+                    f"sends to {_ranks(sorted(self._in_flight))} did not complete in time "
+                    f"(frozen, dead or much slower than the rest)"
+                ),
+            )
         else:
             self._progress_sends()
         targets = [n for n in self.neighbours if n not in self._in_flight and n not in self.failed]
@@ -257,8 +271,13 @@ class Exchange:
         self.stats.held_dropped += 1
         return oldest
 
-    def _start(self, buf: _Buffer, head: tuple[int, float, float, int | None], targets: list[int],
-               parts: list[torch.Tensor | None] | None = None) -> int:
+    def _start(
+        self,
+        buf: _Buffer,
+        head: tuple[int, float, float, int | None],
+        targets: list[int],
+        parts: list[torch.Tensor | None] | None = None,
+    ) -> int:
         """Stages the message and starts its sends, now or, while the transport's copy into the
         buffer is still running (a GPU's), from a later progress call: the caller never waits
         for it. Until then the targets count as in flight, so flow control holds for them too."""
@@ -267,7 +286,7 @@ class Exchange:
         h[_MAGIC], h[_SENDER], h[_STEP], h[_NUMEL] = MAGIC, self.rank, step, self.numel
         stop = 0 if stop_at is None else (int(stop_at) + 1) << _STOP_SHIFT
         h[_SIGNATURE], h[_FLAGS] = self.signature, (FLAG_GRAD if self.with_grad else 0) | stop
-        h[_MADE_AT:_ALPHA + 1] = np.array([made_at, alpha], dtype=np.float64).view(np.int64)
+        h[_MADE_AT : _ALPHA + 1] = np.array([made_at, alpha], dtype=np.float64).view(np.int64)
         # parts None: the payload was written in place through send_buffer().
         self.transport.stage_out(buf.slot, parts)
         if self.hold > 0:
@@ -396,10 +415,16 @@ class Exchange:
     def latest_step(self, source: int) -> int:
         return self._latest_step[source]
 
-    def wait_for_step(self, step: int, deadline: float, handler: Callable[[Message], None] | None = None,
-                      also: Callable[[], None] | None = None) -> None:
+    def wait_for_step(
+        self,
+        step: int,
+        deadline: float,
+        handler: Callable[[Message], None] | None = None,
+        also: Callable[[], None] | None = None,
+    ) -> None:
         """Poll until every live neighbour has sent a message of at least `step` (lockstep mode);
         `also` runs between polls (it may raise to end the wait early)."""
+
         def waiting() -> list[int]:
             return [n for n in self.neighbours if n not in self.failed and self._latest_step[n] < step]
 
@@ -412,8 +437,14 @@ class Exchange:
                 also()
             return False
 
-        spin(done, deadline, lambda: f"no message for step {step} from {_ranks(waiting())} in time "
-                                     f"(frozen, dead or much slower than the rest)")
+        spin(
+            done,
+            deadline,
+            lambda: (
+                f"no message for step {step} from {_ranks(waiting())} in time "
+                f"(frozen, dead or much slower than the rest)"
+            ),
+        )
 
     # --------------------------------------------------------------- shutdown
     def close(self, deadline: float, *, shrink: bool = False) -> MPI.Comm:
@@ -437,8 +468,11 @@ class Exchange:
             spin(lambda: (self.poll(), self._progress_sends(), req.Test())[-1], deadline, lambda: what)
 
         barrier("not every rank reached the end of training")
-        spin(lambda: (self.poll(), self.send_ready())[-1], deadline,
-              lambda: f"sends to ranks {sorted(self._in_flight)} were never received")
+        spin(
+            lambda: (self.poll(), self.send_ready())[-1],
+            deadline,
+            lambda: f"sends to ranks {sorted(self._in_flight)} were never received",
+        )
         barrier("not every rank finished its sends")
         self.poll()
         live = {source: req for source, req in self._recv.items() if source not in self.failed}
@@ -447,8 +481,9 @@ class Exchange:
                 req.Cancel()
             except MPI.Exception as exc:
                 self._peer_error(source, exc)
-        spin(lambda: all(_done_or_failed(r) for r in live.values()), deadline,
-              lambda: "receives could not be cancelled")
+        spin(
+            lambda: all(_done_or_failed(r) for r in live.values()), deadline, lambda: "receives could not be cancelled"
+        )
         if not shrink:
             self.comm.Free()  # a grid runs many optimizers in one process: do not leak communicators
             self._survivors = None
@@ -456,6 +491,7 @@ class Exchange:
 
     def failed_world_ranks(self, survivors: MPI.Comm) -> list[int]:
         """Ranks of the exchange's communicator that are not among `survivors`."""
-        alive = set(MPI.Group.Translate_ranks(survivors.Get_group(), list(range(survivors.Get_size())),
-                                              self.comm.Get_group()))
+        alive = set(
+            MPI.Group.Translate_ranks(survivors.Get_group(), list(range(survivors.Get_size())), self.comm.Get_group())
+        )
         return sorted(set(range(self.comm.Get_size())) - alive)

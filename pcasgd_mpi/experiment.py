@@ -25,12 +25,19 @@ PROG = "pcasgd-mpi experiment"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="GRID.yaml", help="grid file (its keys: python -m pydoc pcasgd_mpi.grid)")
     parser.add_argument("--out", default=None, help="results directory (default: runs/<grid name>)")
-    parser.add_argument("--job-timeout", type=float, default=None, metavar="SECONDS",
-                        help="time limit of the MPI job when it is launched from here (default: the grid's "
-                             "'job_timeout', else 3600)")
+    parser.add_argument(
+        "--job-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="time limit of the MPI job when it is launched from here (default: the grid's 'job_timeout', else 3600)",
+    )
     parser.add_argument("--list", action="store_true", help="print the runs of the grid and exit")
-    parser.add_argument("--report-only", action="store_true",
-                        help="write results.md, results.json and the figures from the finished runs; run nothing")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write results.md, results.json and the figures from the finished runs; run nothing",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -73,14 +80,16 @@ def main(args: argparse.Namespace) -> int:
 
 def _relaunch(grid: Grid, config: str, out: Path, timeout: float) -> int:
     try:
-        status = run_under_mpirun(grid.ranks, ["-m", "pcasgd_mpi.experiment", str(config), "--out", str(out)],
-                                  timeout)
+        status = run_under_mpirun(grid.ranks, ["-m", "pcasgd_mpi.experiment", str(config), "--out", str(out)], timeout)
     except RuntimeError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     if status == TIMED_OUT:
-        print(f"{PROG}: error: the job passed its time limit of {timeout:.0f} s and was stopped; finished "
-              f"runs are kept, run the same command again to resume", file=sys.stderr)
+        print(
+            f"{PROG}: error: the job passed its time limit of {timeout:.0f} s and was stopped; finished "
+            f"runs are kept, run the same command again to resume",
+            file=sys.stderr,
+        )
     return status
 
 

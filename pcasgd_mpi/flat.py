@@ -7,7 +7,7 @@ can be written straight from it.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class FlatParameters:
         offset = 0
         with torch.no_grad():
             for (_, p), n in zip(self.named, self.sizes):
-                view = self.data[offset:offset + n].view_as(p)
+                view = self.data[offset : offset + n].view_as(p)
                 view.copy_(p)
                 p.data = view
                 offset += n
@@ -57,8 +57,10 @@ class FlatParameters:
             if self._grad is None:
                 self._grad = self._empty()
             out = self._grad
-        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=self.dtype,
-                 device=self.device) for _, p in self.named]
+        grads = [
+            p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=self.dtype, device=self.device)
+            for _, p in self.named
+        ]
         torch.cat(grads, out=out)
         return out
 
@@ -67,6 +69,5 @@ class FlatParameters:
         offset = 0
         for (_, p), n in zip(self.named, self.sizes):
             if p.grad is not None:
-                p.grad.copy_(self._grad[offset:offset + n].view_as(p))
+                p.grad.copy_(self._grad[offset : offset + n].view_as(p))
             offset += n
-

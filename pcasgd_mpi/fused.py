@@ -14,9 +14,10 @@ All tensors must be contiguous, on the CPU, of one shape and of one dtype, float
 numba is imported on first use, not with this module: importing it and loading the cached
 machine code costs about a second per process, which runs on small models should not pay.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -40,8 +41,9 @@ _kernel = None
 _launchers: dict = {}  # dtype -> (ctypes function, the numba cfunc that owns its code)
 
 
-def _prediction_kernel(out, out_c, base, y, x1, g1, x2, g2, coef_c, coef, tau1, tau2, w1, w2, wlr1, wlr2,
-                       count, lam, mode):
+def _prediction_kernel(
+    out, out_c, base, y, x1, g1, x2, g2, coef_c, coef, tau1, tau2, w1, w2, wlr1, wlr2, count, lam, mode
+):
     """out = T (_SET), out += T (_ADD), out = base + coef·y + T (_COMBINE), or out_c = base +
     coef_c·y and out = out_c + coef·y + T (_CANDIDATES), where T = t_1 + t_2 (T = t_1 if count
     is 1), t_k[j] = w_k·x_k[j] − wlr_k·g_k[j]·φ_k[j], φ = Σ_{i<τ} u^i and u = max(1 − lam·g², 0).
@@ -77,8 +79,9 @@ def _prediction_kernel(out, out_c, base, y, x1, g1, x2, g2, coef_c, coef, tau1, 
         return p if tau <= INLINE_MAX else s
 
     def terms(i, a1, b1, a2, b2):
-        return (w1 * a1[i] - wlr1 * b1[i] * phi(b1[i], s1[i], tau1)
-                + (w2 * a2[i] - wlr2 * b2[i] * phi(b2[i], s2[i], tau2)))
+        return (
+            w1 * a1[i] - wlr1 * b1[i] * phi(b1[i], s1[i], tau1) + (w2 * a2[i] - wlr2 * b2[i] * phi(b2[i], s2[i], tau2))
+        )
 
     n = out.shape[0]
     for start in range(0, n, CHUNK):
@@ -122,14 +125,31 @@ def _prediction_kernel(out, out_c, base, y, x1, g1, x2, g2, coef_c, coef, tau1, 
                 o[i] = ci + coef * yc[i] + terms(i, a1, b1, a2, b2)
 
 
-def _entry(out, out_c, base, y, x1, g1, x2, g2, n, coef_c, coef, tau1, tau2, w1, w2, wlr1, wlr2,
-           count, lam, mode):
+def _entry(out, out_c, base, y, x1, g1, x2, g2, n, coef_c, coef, tau1, tau2, w1, w2, wlr1, wlr2, count, lam, mode):
     """C entry point of the kernel, with raw pointers to n elements each instead of numpy arrays:
     making the arrays from tensors cost about 2 µs each against 0.2 µs for a pointer, and a step
     passes up to eight, at a time when the interpreter runs from cold caches."""
-    _kernel(_carray(out, n), _carray(out_c, n), _carray(base, n), _carray(y, n), _carray(x1, n),
-            _carray(g1, n), _carray(x2, n), _carray(g2, n), coef_c, coef, tau1, tau2, w1, w2, wlr1,
-            wlr2, count, lam, mode)
+    _kernel(
+        _carray(out, n),
+        _carray(out_c, n),
+        _carray(base, n),
+        _carray(y, n),
+        _carray(x1, n),
+        _carray(g1, n),
+        _carray(x2, n),
+        _carray(g2, n),
+        coef_c,
+        coef,
+        tau1,
+        tau2,
+        w1,
+        w2,
+        wlr1,
+        wlr2,
+        count,
+        lam,
+        mode,
+    )
 
 
 def _load() -> bool:
@@ -143,8 +163,7 @@ def _load() -> bool:
         _carray = numba.carray
         # "contract" only lets LLVM fuse a·b + c into one instruction; inf and NaN keep their
         # meaning, unlike with the other fast-math flags.
-        _kernel = numba.njit(cache=True, nogil=True, error_model="numpy",
-                             fastmath={"contract"})(_prediction_kernel)
+        _kernel = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})(_prediction_kernel)
     return _kernel is not None
 
 
@@ -158,14 +177,28 @@ def _launcher(dtype: torch.dtype):
         import numba
         from numba import types as nt
 
-        real, c_real = {torch.float32: (nt.float32, ctypes.c_float),
-                        torch.float64: (nt.float64, ctypes.c_double)}[dtype]
+        real, c_real = {torch.float32: (nt.float32, ctypes.c_float), torch.float64: (nt.float64, ctypes.c_double)}[
+            dtype
+        ]
         i64, c_i64 = nt.int64, ctypes.c_int64
-        signature = nt.void(*[nt.CPointer(real)] * 8, i64, real, real, i64, i64, real, real, real, real,
-                            i64, real, i64)
+        signature = nt.void(*[nt.CPointer(real)] * 8, i64, real, real, i64, i64, real, real, real, real, i64, real, i64)
         compiled = numba.cfunc(signature, cache=True)(_entry)
-        prototype = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 8, c_i64, c_real, c_real, c_i64, c_i64,
-                                     c_real, c_real, c_real, c_real, c_i64, c_real, c_i64)
+        prototype = ctypes.CFUNCTYPE(
+            None,
+            *[ctypes.c_void_p] * 8,
+            c_i64,
+            c_real,
+            c_real,
+            c_i64,
+            c_i64,
+            c_real,
+            c_real,
+            c_real,
+            c_real,
+            c_i64,
+            c_real,
+            c_i64,
+        )
         found = _launchers[dtype] = (prototype(compiled.address), compiled)
     return found[0]
 
@@ -191,39 +224,66 @@ def supports(*tensors: Tensor) -> bool:
     # Runs every step next to passes that evict the interpreter's data from the caches, hence
     # the cheapest attributes.
     return dtype in _DTYPES and all(
-        t.is_cpu and t.dtype is dtype and t.shape == shape and t.is_contiguous() for t in tensors)
+        t.is_cpu and t.dtype is dtype and t.shape == shape and t.is_contiguous() for t in tensors
+    )
 
 
-def _run(mode: int, out: Tensor, out_c: Tensor | None, base: Tensor | None, coef_c: float,
-         y: Tensor | None, coef: float, terms: Sequence[Term], lr: float, lam: float) -> Tensor:
+def _run(
+    mode: int,
+    out: Tensor,
+    out_c: Tensor | None,
+    base: Tensor | None,
+    coef_c: float,
+    y: Tensor | None,
+    coef: float,
+    terms: Sequence[Term],
+    lr: float,
+    lam: float,
+) -> Tensor:
     if not terms:
         raise ValueError("no prediction term given")
     if lam < 0 or any(tau < 2 for _, _, _, tau in terms):  # φ(c, 0) = 0, φ(c, 1) = 1: no kernel needed
-        raise ValueError(f"need lam >= 0 and every staleness >= 2, got {lam} and "
-                         f"{[tau for _, _, _, tau in terms]}")
+        raise ValueError(f"need lam >= 0 and every staleness >= 2, got {lam} and {[tau for _, _, _, tau in terms]}")
     operands = [t for t in (out, out_c, base, y) if t is not None]
     if not supports(*operands, *(t for _, x, g, _ in terms for t in (x, g))):
         # also what makes the raw pointers below safe: every vector holds n elements
-        raise ValueError("the kernel needs contiguous CPU tensors of one shape and one dtype, "
-                         "float32 or float64")
+        raise ValueError("the kernel needs contiguous CPU tensors of one shape and one dtype, float32 or float64")
     if not _load():
         raise RuntimeError("numba is not available; use the torch code in pcasgd_mpi.rule")
     launch = _launcher(out.dtype)
     o = out.data_ptr()
     c, b, yv = (o if t is None else t.data_ptr() for t in (out_c, base, y))
     for first in range(0, len(terms), _PER_CALL):
-        part = list(terms[first:first + _PER_CALL])
+        part = list(terms[first : first + _PER_CALL])
         count = len(part)
         part += part[:1] * (_PER_CALL - count)  # padding, never read
         (w1, x1, g1, tau1), (w2, x2, g2, tau2) = part
-        launch(o, c, b, yv, x1.data_ptr(), g1.data_ptr(), x2.data_ptr(), g2.data_ptr(), out.numel(),
-               coef_c, coef, int(tau1), int(tau2), w1, w2, w1 * lr, w2 * lr, count, lr * lam,
-               mode if first == 0 else _ADD)
+        launch(
+            o,
+            c,
+            b,
+            yv,
+            x1.data_ptr(),
+            g1.data_ptr(),
+            x2.data_ptr(),
+            g2.data_ptr(),
+            out.numel(),
+            coef_c,
+            coef,
+            int(tau1),
+            int(tau2),
+            w1,
+            w2,
+            w1 * lr,
+            w2 * lr,
+            count,
+            lr * lam,
+            mode if first == 0 else _ADD,
+        )
     return out
 
 
-def predict(x_stale: Tensor, grad: Tensor, staleness: int, lr: float, lam: float,
-            out: Tensor | None = None) -> Tensor:
+def predict(x_stale: Tensor, grad: Tensor, staleness: int, lr: float, lam: float, out: Tensor | None = None) -> Tensor:
     """x̂ = x_s − lr·g·φ(clamp(lr·lam·g⊙g, 0, 1), staleness) into ``out`` (a new tensor if None);
     staleness ≥ 2."""
     if out is None:
@@ -236,8 +296,18 @@ def add_predictions_(out: Tensor, terms: Sequence[Term], lr: float, lam: float) 
     return _run(_ADD, out, None, None, 0.0, None, 0.0, terms, lr, lam)
 
 
-def combine(out: Tensor | None, base: Tensor, coef: float, y: Tensor, terms: Sequence[Term],
-            lr: float, lam: float, *, out_c: Tensor | None = None, coef_c: float = 0.0) -> Tensor:
+def combine(
+    out: Tensor | None,
+    base: Tensor,
+    coef: float,
+    y: Tensor,
+    terms: Sequence[Term],
+    lr: float,
+    lam: float,
+    *,
+    out_c: Tensor | None = None,
+    coef_c: float = 0.0,
+) -> Tensor:
     """out = base + coef·y + Σ weight·x̂ over the terms, in one pass; returns ``out`` (a new
     tensor if None).
 

@@ -60,8 +60,7 @@ class AlgoSpec:
         text = str(entry).strip()
         name, sep, value = text.partition(":")
         if name not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm '{text}'; choose from {', '.join(ALGORITHMS)} "
-                             f"(pc-asgd:THETA sets θ)")
+            raise ValueError(f"unknown algorithm '{text}'; choose from {', '.join(ALGORITHMS)} (pc-asgd:THETA sets θ)")
         if name != "pc-asgd":
             if sep:
                 raise ValueError(f"'{text}': only pc-asgd takes a value (pc-asgd:THETA)")
@@ -97,16 +96,25 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        return "__".join([self.algorithm.slug, _slug(self.delay), _slug(self.partition), f"lr{self.lr:g}",
-                          f"s{self.seed}"])
+        return "__".join(
+            [self.algorithm.slug, _slug(self.delay), _slug(self.partition), f"lr{self.lr:g}", f"s{self.seed}"]
+        )
 
     @property
     def setting(self) -> Setting:
         return Setting(self.delay, self.partition, self.lr)
 
     def train_fields(self, base: dict, out: Path) -> dict:
-        fields = dict(base, algorithm=self.algorithm.name, delay=self.delay, partition=self.partition,
-                      lr=self.lr, seed=self.seed, out=str(out), progress=False)
+        fields = dict(
+            base,
+            algorithm=self.algorithm.name,
+            delay=self.delay,
+            partition=self.partition,
+            lr=self.lr,
+            seed=self.seed,
+            out=str(out),
+            progress=False,
+        )
         if self.algorithm.theta is not None:
             fields["theta"] = self.algorithm.theta
         return fields
@@ -159,14 +167,28 @@ class Grid:
         return [Setting(d, p, lr) for p in self.partitions for lr in self.lrs for d in self.delays]
 
     def describe(self) -> dict:
-        return {"file": str(self.path), "name": self.name, "ranks": self.ranks, "base": self.base,
-                "algorithms": [a.label for a in self.algorithms], "delays": self.delays, "seeds": self.seeds,
-                "partitions": self.partitions, "lrs": self.lrs, "exclude": self.exclude}
+        return {
+            "file": str(self.path),
+            "name": self.name,
+            "ranks": self.ranks,
+            "base": self.base,
+            "algorithms": [a.label for a in self.algorithms],
+            "delays": self.delays,
+            "seeds": self.seeds,
+            "partitions": self.partitions,
+            "lrs": self.lrs,
+            "exclude": self.exclude,
+        }
 
 
 def _matches(rule: dict, spec: RunSpec) -> bool:
-    values = {"algorithm": (spec.algorithm.label, spec.algorithm.name), "delay": (spec.delay,),
-              "partition": (spec.partition,), "lr": (spec.lr,), "seed": (spec.seed,)}
+    values = {
+        "algorithm": (spec.algorithm.label, spec.algorithm.name),
+        "delay": (spec.delay,),
+        "partition": (spec.partition,),
+        "lr": (spec.lr,),
+        "seed": (spec.seed,),
+    }
     for key, wanted in rule.items():
         if not any(v in values[key] for v in wanted):
             return False
@@ -196,13 +218,17 @@ def parse_grid(raw, path: str | Path = "<grid>") -> Grid:
         raise GridError(f"{path}: {msg}")
 
     if not isinstance(raw, dict):
-        fail("the grid must be a mapping of settings (key: value), got "
-             f"{type(raw).__name__ if raw is not None else 'an empty file'}")
+        fail(
+            "the grid must be a mapping of settings (key: value), got "
+            f"{type(raw).__name__ if raw is not None else 'an empty file'}"
+        )
     fields = _train_config_fields()
     unknown = [k for k in raw if k not in AXES and k not in META and k not in fields]
     if unknown:
-        fail(f"unknown key(s) {', '.join(map(repr, unknown))}; use TrainConfig fields "
-             f"(e.g. steps, lr, dataset), the axes {', '.join(AXES)} or {', '.join(META)}")
+        fail(
+            f"unknown key(s) {', '.join(map(repr, unknown))}; use TrainConfig fields "
+            f"(e.g. steps, lr, dataset), the axes {', '.join(AXES)} or {', '.join(META)}"
+        )
     base = _check_base({k: v for k, v in raw.items() if k in fields}, path)
     for key in RUN_FIELDS:
         if key in base:
@@ -252,14 +278,30 @@ def parse_grid(raw, path: str | Path = "<grid>") -> Grid:
         if not isinstance(entry, (int, float)) or isinstance(entry, bool) or not entry > 0:
             fail(f"lrs[{i}]: a learning rate must be a number > 0, got {entry!r}")
         lrs.append(float(entry))
-    for axis, values in (("algorithms", [a.label for a in algorithms]), ("delays", delays), ("seeds", seeds),
-                         ("partitions", partitions), ("lrs", lrs)):
+    for axis, values in (
+        ("algorithms", [a.label for a in algorithms]),
+        ("delays", delays),
+        ("seeds", seeds),
+        ("partitions", partitions),
+        ("lrs", lrs),
+    ):
         dup = [v for v, n in Counter(values).items() if n > 1]
         if dup:
             fail(f"'{axis}' lists {dup[0]!r} more than once")
     exclude = _parse_exclude(raw.get("exclude", []), fail)
-    grid = Grid(path, str(raw.get("name", path.stem)), base, algorithms, delays, seeds, partitions, lrs,
-                ranks, float(timeout), exclude)
+    grid = Grid(
+        path,
+        str(raw.get("name", path.stem)),
+        base,
+        algorithms,
+        delays,
+        seeds,
+        partitions,
+        lrs,
+        ranks,
+        float(timeout),
+        exclude,
+    )
     runs = grid.runs()
     if not runs:
         fail("'exclude' leaves no run")
@@ -337,5 +379,3 @@ def load_grid(path: str | Path) -> Grid:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise GridError(f"{path}: not valid YAML{where} ({getattr(exc, 'problem', exc)})") from None
     return parse_grid(raw, path)
-
-

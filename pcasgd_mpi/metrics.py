@@ -22,7 +22,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     correct, loss = 0, 0.0
     device = next(model.parameters()).device
     for i in range(0, len(y), batch):
-        xb, yb = x[i:i + batch].to(device), y[i:i + batch].to(device)
+        xb, yb = x[i : i + batch].to(device), y[i : i + batch].to(device)
         logits = model(xb)
         loss += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
@@ -53,8 +53,9 @@ def metrics_before(path: Path, step: int) -> str:
     """The metric lines of steps before `step`: a resumed run redoes the later ones."""
     if not path.exists():
         return ""
-    keep = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and _before(json.loads(line), step)]
+    keep = [
+        line for line in path.read_text().splitlines(keepends=True) if line.strip() and _before(json.loads(line), step)
+    ]
     return "".join(keep)
 
 
@@ -75,5 +76,11 @@ def progress(cfg: TrainConfig, total: int, rank: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"{cfg.algorithm} [{cfg.mode}] rank 0", unit="step", dynamic_ncols=True,
-                mininterval=0.5, file=sys.stderr)
+    return tqdm(
+        total=total,
+        desc=f"{cfg.algorithm} [{cfg.mode}] rank 0",
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=0.5,
+        file=sys.stderr,
+    )

@@ -27,9 +27,7 @@ def build(name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: in
     input_shape = tuple(int(d) for d in input_shape)
     signal = len(input_shape) == 2
     if name == "cnn" and len(input_shape) not in (2, 3):
-        raise ValueError(
-            f"model 'cnn' needs image inputs shaped C x H x W or signals shaped C x L, got {input_shape}"
-        )
+        raise ValueError(f"model 'cnn' needs image inputs shaped C x H x W or signals shaped C x L, got {input_shape}")
     if name not in ("mlp", "cnn") and len(input_shape) != 3:
         raise ValueError(f"model {name!r} needs image inputs shaped C x H x W, got {input_shape}")
     with torch.random.fork_rng(devices=[]):

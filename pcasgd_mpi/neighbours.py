@@ -43,13 +43,13 @@ def _slope(msg_grad: torch.Tensor | None, alpha: float, lr: float, scratch: dict
 class _History:
     """Per neighbour, the last few messages by step, so lockstep can hand out the one from step k − d."""
 
-    def __init__(self, neighbours: list[int], depth: int, numel: int, dtype: torch.dtype, with_grad: bool,
-                 device: torch.device):
+    def __init__(
+        self, neighbours: list[int], depth: int, numel: int, dtype: torch.dtype, with_grad: bool, device: torch.device
+    ):
         self.depth = depth
         self.steps = {n: [-1] * depth for n in neighbours}
         self.x = {n: torch.empty(depth, numel, dtype=dtype, device=device) for n in neighbours}
-        self.g = ({n: torch.empty(depth, numel, dtype=dtype, device=device) for n in neighbours}
-                  if with_grad else None)
+        self.g = {n: torch.empty(depth, numel, dtype=dtype, device=device) for n in neighbours} if with_grad else None
 
     def store(self, msg) -> None:
         slot = msg.step % self.depth
@@ -59,9 +59,11 @@ class _History:
             self.g[msg.source][slot].copy_(msg.grad)
 
     def state_dict(self) -> dict:
-        return {"steps": {str(n): list(v) for n, v in self.steps.items()},
-                "x": {str(n): v.clone() for n, v in self.x.items()},
-                "g": {str(n): v.clone() for n, v in self.g.items()} if self.g is not None else None}
+        return {
+            "steps": {str(n): list(v) for n, v in self.steps.items()},
+            "x": {str(n): v.clone() for n, v in self.x.items()},
+            "g": {str(n): v.clone() for n, v in self.g.items()} if self.g is not None else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for n in self.steps:
@@ -79,8 +81,17 @@ class _History:
 
 
 class LockstepNeighbours:
-    def __init__(self, exchange: Exchange, weights: dict[int, float], delay: DelayModel, rank: int,
-                 numel: int, dtype: torch.dtype, device: torch.device, with_grad: bool):
+    def __init__(
+        self,
+        exchange: Exchange,
+        weights: dict[int, float],
+        delay: DelayModel,
+        rank: int,
+        numel: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        with_grad: bool,
+    ):
         self.exchange, self.weights, self.delay, self.rank = exchange, weights, delay, rank
         # A neighbour can be one step ahead while we wait, hence depth max_delay + 2.
         self.history = _History(list(weights), delay.max_delay + 2, numel, dtype, with_grad, device)
@@ -100,8 +111,10 @@ class LockstepNeighbours:
         early = {n: s for n, s in self.done_steps.items() if s <= k}
         if early:
             n, s = next(iter(early.items()))
-            raise ValueError(f"rank {n} finished after {s} steps while this rank waits for its step {k}: "
-                             f"in lockstep every rank must make the same number of steps")
+            raise ValueError(
+                f"rank {n} finished after {s} steps while this rank waits for its step {k}: "
+                f"in lockstep every rank must make the same number of steps"
+            )
 
     def at(self, k: int, deadline: float, lr: float, poll=None) -> View:
         def also():

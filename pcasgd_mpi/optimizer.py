@@ -117,14 +117,30 @@ class DistributedOptimizer(RuleStep):
 
     def _setup_exchange(self, link_delay: float, av_beta: float, measure_clock: bool = True) -> None:
         wire_slope = self.algorithm.sends_gradient and self.slope is not Slope.VELOCITY
-        self.exchange = Exchange(self.world.comm, self.neighbours, self.flat.numel, self.flat.dtype,
-                                 signature=self.flat.signature, with_grad=wire_slope, warn=self._warn,
-                                 transport=self.transport, hold=link_delay)
+        self.exchange = Exchange(
+            self.world.comm,
+            self.neighbours,
+            self.flat.numel,
+            self.flat.dtype,
+            signature=self.flat.signature,
+            with_grad=wire_slope,
+            warn=self._warn,
+            transport=self.transport,
+            hold=link_delay,
+        )
         weights = {n: self.world.weight(n) for n in self.neighbours}
         deadline = self._deadline()
         if self.mode is Mode.LOCKSTEP:
-            self.view = LockstepNeighbours(self.exchange, weights, self.delay, self.world.rank, self.flat.numel,
-                                           self.flat.dtype, self.flat.device, wire_slope)
+            self.view = LockstepNeighbours(
+                self.exchange,
+                weights,
+                self.delay,
+                self.world.rank,
+                self.flat.numel,
+                self.flat.dtype,
+                self.flat.device,
+                wire_slope,
+            )
             self._diameter = nx.diameter(self.world.graph) if self.world.size > 1 else 0
             self.clock = None
         else:
@@ -163,8 +179,10 @@ class DistributedOptimizer(RuleStep):
         """pc-asgd-av: θ_l, E_P, E_C and the number of measurements per neighbour."""
         if not self.trackers:
             return None
-        return {str(n): {"theta": t.theta, "e_p": t.e_p, "e_c": t.e_c, "measurements": t.measurements}
-                for n, t in self.trackers.items()}
+        return {
+            str(n): {"theta": t.theta, "e_p": t.e_p, "e_c": t.e_c, "measurements": t.measurements}
+            for n, t in self.trackers.items()
+        }
 
     def exchange_stats(self) -> dict | None:
         import dataclasses
@@ -184,8 +202,10 @@ class DistributedOptimizer(RuleStep):
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> StepInfo:
         k = self.step_count
         if self.algorithm is Algorithm.PC_ASGD_PV and closure is None:
-            raise ValueError("pc-asgd-pv needs step(closure=...): a function returning the loss of the "
-                             "current parameters on the same minibatch, without backward")
+            raise ValueError(
+                "pc-asgd-pv needs step(closure=...): a function returning the loss of the "
+                "current parameters on the same minibatch, without backward"
+            )
         x = self.flat.data
         weights, grad = self.exchange.send_buffer()
         weights.copy_(x)  # x_k: the message and the snapshot the rule reads (not written before the next step)
@@ -207,7 +227,9 @@ class DistributedOptimizer(RuleStep):
         if self.fault_tolerant and (self.exchange.failed or self.exchange.revoked):
             self._repair(k)
             view = self._view(k)
-        info = StepInfo(k, {n: (None if nb.x is None else nb.staleness) for n, nb in zip(self.neighbours, view.neighbours)})
+        info = StepInfo(
+            k, {n: (None if nb.x is None else nb.staleness) for n, nb in zip(self.neighbours, view.neighbours)}
+        )
         for n, tau in info.staleness.items():
             self.staleness_histogram.setdefault(self.names[n], Counter())[NEVER if tau is None else tau] += 1
         self._update_checked(x_k, view, closure, info)
@@ -217,8 +239,14 @@ class DistributedOptimizer(RuleStep):
         return info
 
     def _send(self, k: int) -> None:
-        self.exchange.send_prepared(k, block=self.mode is Mode.LOCKSTEP, deadline=self._deadline(),
-                                    made_at=self._now(), alpha=self.lr, stop_at=self._stop_at)
+        self.exchange.send_prepared(
+            k,
+            block=self.mode is Mode.LOCKSTEP,
+            deadline=self._deadline(),
+            made_at=self._now(),
+            alpha=self.lr,
+            stop_at=self._stop_at,
+        )
 
     def _local_step(self) -> None:
         """The wrapped optimizer's step; with --balance lr, scaled by this rank's measured slowness."""
@@ -282,8 +310,9 @@ class DistributedOptimizer(RuleStep):
             "inner": self.inner.state_dict(),
             "history": self.view.history.state_dict() if self.mode is Mode.LOCKSTEP else None,
             "trackers": {str(n): t.state_dict() for n, t in self.trackers.items()},
-            "staleness_histogram": {str(n): {str(t): c for t, c in h.items()}
-                                    for n, h in self.staleness_histogram.items()},
+            "staleness_histogram": {
+                str(n): {str(t): c for t, c in h.items()} for n, h in self.staleness_histogram.items()
+            },
             "pv_wins": dict(self.pv_wins),
             "non_finite": {str(n): c for n, c in self.non_finite.items()},
         }
@@ -315,8 +344,9 @@ class DistributedOptimizer(RuleStep):
         run among them (`failed_ranks` names the others).
         """
         deadline = self._deadline()
-        self.roster.finish(deadline, tolerate_failures=self.fault_tolerant, poll=self._keep_flowing,
-                           step=self.step_count)
+        self.roster.finish(
+            deadline, tolerate_failures=self.fault_tolerant, poll=self._keep_flowing, step=self.step_count
+        )
         survivors = self.exchange.close(deadline, shrink=self.fault_tolerant)
         self.roster.free()
         if self.fault_tolerant:
@@ -332,7 +362,8 @@ class DistributedOptimizer(RuleStep):
 
         self._abandoned = getattr(self, "_abandoned", []) + [self.exchange, self.roster]
         self.world, survivors, failed, added, self._graph = shrink_and_repair(
-            self.exchange, self._original_group, self._graph, self.world, self.failed_ranks)
+            self.exchange, self._original_group, self._graph, self.world, self.failed_ranks
+        )
         self.names = survivors  # new rank -> original rank
         self.neighbours = self.world.neighbours
         self.failed_ranks = sorted(set(self.failed_ranks) | set(failed))
@@ -345,8 +376,10 @@ class DistributedOptimizer(RuleStep):
         self._setup_exchange(self._link_delay, self._av_beta, measure_clock=False)
         record = Repair(k, failed, survivors, added)
         self.repairs.append(record)
-        self._warn(f"ranks {failed} failed at step {k}; training goes on among {survivors}"
-                   + (f" with edges {added} added" if added else ""))
+        self._warn(
+            f"ranks {failed} failed at step {k}; training goes on among {survivors}"
+            + (f" with edges {added} added" if added else "")
+        )
         if self.on_repair is not None:
             self.on_repair(record)
 
@@ -372,17 +405,17 @@ class DistributedOptimizer(RuleStep):
         """Collective: (1/N) Σ_j ‖x^j − x̄‖²."""
         local = float(torch.sum((self.flat.data.double() - average.double()) ** 2))
         comm = self.collective_comm
-        total = collectives.allreduce_sum(comm, local, self._deadline(), "not every rank took part in the "
-                                          "consensus distance")
+        total = collectives.allreduce_sum(
+            comm, local, self._deadline(), "not every rank took part in the consensus distance"
+        )
         return total / comm.Get_size()
-
-
 
 
 def _is_plain_sgd(opt: torch.optim.Optimizer) -> bool:
     """Whether the step is exactly −α·g (so the raw gradient is the update's slope)."""
     return type(opt) is torch.optim.SGD and all(
-        not g.get("momentum") and not g.get("weight_decay") and not g.get("maximize") for g in opt.param_groups)
+        not g.get("momentum") and not g.get("weight_decay") and not g.get("maximize") for g in opt.param_groups
+    )
 
 
 def _check_settings(opt: DistributedOptimizer, link_delay: float) -> None:
@@ -392,8 +425,9 @@ def _check_settings(opt: DistributedOptimizer, link_delay: float) -> None:
     if not opt.timeout > 0 or opt.timeout == float("inf"):
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {opt.timeout}")
     if opt.mode is Mode.LOCKSTEP and (link_delay > 0 or opt.slope is Slope.VELOCITY or opt.balance is not Balance.NONE):
-        raise ValueError("--link-delay, --slope velocity and --balance lr are for --mode async; in lockstep "
-                         "use --delay for delays")
+        raise ValueError(
+            "--link-delay, --slope velocity and --balance lr are for --mode async; in lockstep use --delay for delays"
+        )
     for group in opt.inner.param_groups:
         lr = group.get("lr", 1.0)
         if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):

@@ -151,8 +151,19 @@ def load_run(run_dir: str | Path) -> RunData:
         return np.array([np.mean(evals[s][key]) if key in evals[s] else np.nan for s in eval_steps], dtype=float)
 
     staleness = _summary_staleness(summary) or logged_staleness
-    return RunData(path, summary, config, steps, loss, eval_steps, series("accuracy"), series("agent_accuracy"),
-                   series("test_loss"), series("consensus_distance"), staleness)
+    return RunData(
+        path,
+        summary,
+        config,
+        steps,
+        loss,
+        eval_steps,
+        series("accuracy"),
+        series("agent_accuracy"),
+        series("test_loss"),
+        series("consensus_distance"),
+        staleness,
+    )
 
 
 def smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -224,8 +235,9 @@ def plot_runs(runs: list[RunData], output: str | Path, *, window: int | None = N
     ax_acc.set(xlabel="step", ylabel="test accuracy")
     ax_acc.set_title("average model (mean agent accuracy where the run has no average)", fontsize="small")
     if not any(len(r.eval_steps) for r in runs):
-        ax_acc.text(0.5, 0.5, "no evaluations logged (eval_every = 0)", ha="center", va="center",
-                    transform=ax_acc.transAxes)
+        ax_acc.text(
+            0.5, 0.5, "no evaluations logged (eval_every = 0)", ha="center", va="center", transform=ax_acc.transAxes
+        )
     ax_cons.set(xlabel="step", ylabel="consensus distance (1/N) Σ‖x_j − x̄‖²")
     if any(r.has_consensus for r in runs):
         ax_cons.set_yscale("log")
@@ -282,15 +294,18 @@ def grid_figures(grid: Grid, out: Path, runs: dict[str, RunData]) -> list[str]:
                 continue
             acc = _mean_curve([(r.eval_steps, r.accuracy) for r in group if r.has_accuracy])
             if acc is not None:
-                line, = ax_acc.plot(acc[0], acc[1], marker=".", label=lab)
+                (line,) = ax_acc.plot(acc[0], acc[1], marker=".", label=lab)
                 ax_acc.fill_between(acc[0], acc[1] - acc[2], acc[1] + acc[2], alpha=0.15, color=line.get_color())
             loss = _mean_curve([(r.steps, r.loss) for r in group])
             if loss is not None:
                 ax_loss.plot(loss[0], smooth(loss[1], default_window(len(loss[0]))), label=lab)
-        ax_acc.set(xlabel="step", ylabel="test accuracy of the average model",
-                   title="mean over seeds (band: ± 1 std)")
-        ax_loss.set(xlabel="step", ylabel="training loss (mean over ranks and seeds)", yscale="log",
-                    title="moving average of the minibatch loss")
+        ax_acc.set(xlabel="step", ylabel="test accuracy of the average model", title="mean over seeds (band: ± 1 std)")
+        ax_loss.set(
+            xlabel="step",
+            ylabel="training loss (mean over ranks and seeds)",
+            yscale="log",
+            title="moving average of the minibatch loss",
+        )
         for ax in (ax_acc, ax_loss):
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize="small")
@@ -313,8 +328,9 @@ def grid_figures(grid: Grid, out: Path, runs: dict[str, RunData]) -> list[str]:
             ax.set(xlabel="step", ylabel="consensus distance")
             if ax.get_lines():
                 ax.set_yscale("log")
-    handles, names = next(((a.get_legend_handles_labels()) for row in axes for a in row
-                           if a.get_legend_handles_labels()[0]), ([], []))
+    handles, names = next(
+        ((a.get_legend_handles_labels()) for row in axes for a in row if a.get_legend_handles_labels()[0]), ([], [])
+    )
     if handles:
         fig.legend(handles, names, loc="outside right center", fontsize="small")
     path = fig_dir / "consensus.png"
@@ -343,8 +359,13 @@ def grid_figures(grid: Grid, out: Path, runs: dict[str, RunData]) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by `pcasgd-mpi train`")
     parser.add_argument("-o", "--output", required=True, metavar="FIG.png", help="PNG file to write")
-    parser.add_argument("--smooth", type=int, default=None, metavar="N",
-                        help="moving-average window for the loss in steps (default: about 1/40 of the run)")
+    parser.add_argument(
+        "--smooth",
+        type=int,
+        default=None,
+        metavar="N",
+        help="moving-average window for the loss in steps (default: about 1/40 of the run)",
+    )
     parser.add_argument("--title", default=None)
 
 

@@ -25,8 +25,13 @@ class Repair:
     adopted: int = 0  # samples this rank took over
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "failed": self.failed, "survivors": self.survivors,
-                "added_edges": [list(e) for e in self.added_edges], "adopted_samples": self.adopted}
+        return {
+            "step": self.step,
+            "failed": self.failed,
+            "survivors": self.survivors,
+            "added_edges": [list(e) for e in self.added_edges],
+            "adopted_samples": self.adopted,
+        }
 
 
 def repair_graph(graph: nx.Graph, dead: list[int]) -> tuple[nx.Graph, list[tuple[int, int]]]:
@@ -40,8 +45,11 @@ def repair_graph(graph: nx.Graph, dead: list[int]) -> tuple[nx.Graph, list[tuple
     added: list[tuple[int, int]] = []
     for d in sorted(dead_set):
         around = sorted(n for n in graph.neighbors(d) if n not in dead_set)
-        pairs = list(zip(around, around[1:] + around[:1])) if len(around) > 2 else (
-            [(around[0], around[1])] if len(around) == 2 else [])
+        pairs = (
+            list(zip(around, around[1:] + around[:1]))
+            if len(around) > 2
+            else ([(around[0], around[1])] if len(around) == 2 else [])
+        )
         for u, v in pairs:
             if not out.has_edge(u, v):
                 added.append((min(u, v), max(u, v)))

@@ -46,19 +46,25 @@ def render_markdown(agg: dict, figures: list[str] | None = None) -> str:
     settings = agg["settings"]
     base = ", ".join(f"{k} {v}" for k, v in grid["base"].items())
     seeds = grid["seeds"]
-    lines = [f"# Results: {grid['name']}", "",
-             f"Grid `{grid['file']}`, {grid['ranks']} ranks; base: {base}; seeds {seeds}.",
-             "Cells are mean ± sample standard deviation over the seeds of the final test accuracy (%) of",
-             "the average model x̄. Gap = accuracy of dsgd without delay (same partition and lr) minus the",
-             "cell, in percentage points; the worst case is the largest gap over the settings.", ""]
+    lines = [
+        f"# Results: {grid['name']}",
+        "",
+        f"Grid `{grid['file']}`, {grid['ranks']} ranks; base: {base}; seeds {seeds}.",
+        "Cells are mean ± sample standard deviation over the seeds of the final test accuracy (%) of",
+        "the average model x̄. Gap = accuracy of dsgd without delay (same partition and lr) minus the",
+        "cell, in percentage points; the worst case is the largest gap over the settings.",
+        "",
+    ]
     unfinished = [r["name"] for r in agg["runs"] if not r["finished"]]
     if unfinished:
-        lines += [f"**{len(unfinished)} run(s) have no summary yet** (left out): {', '.join(unfinished[:5])}"
-                  + (" …" if len(unfinished) > 5 else ""), ""]
+        lines += [
+            f"**{len(unfinished)} run(s) have no summary yet** (left out): {', '.join(unfinished[:5])}"
+            + (" …" if len(unfinished) > 5 else ""),
+            "",
+        ]
 
     def header(cols):
-        return ["| delay | partition | lr | " + " | ".join(cols) + " |",
-                "|---|---|---|" + "---|" * len(cols)]
+        return ["| delay | partition | lr | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
 
     def row(st, cells):
         return f"| {st['delay']} | {st['partition']} | {st['lr']:g} | " + " | ".join(cells) + " |"
@@ -67,15 +73,21 @@ def render_markdown(agg: dict, figures: list[str] | None = None) -> str:
     for st in settings:
         lines.append(row(st, [_pct(table[lab].get(st["key"], {}).get("accuracy")) for lab in labels]))
     worst = agg["worst_gap"]
-    lines.append("| **worst-case gap to dsgd, no delay (pp)** | | | " + " | ".join(
-        f"{100 * worst[lab]['gap']:+.1f}" if lab in worst else "—" for lab in labels) + " |")
+    lines.append(
+        "| **worst-case gap to dsgd, no delay (pp)** | | | "
+        + " | ".join(f"{100 * worst[lab]['gap']:+.1f}" if lab in worst else "—" for lab in labels)
+        + " |"
+    )
     lines += ["", "Where each worst case happens:", ""]
     for lab in labels:
         if lab in worst:
             lines.append(f"- {lab}: {100 * worst[lab]['gap']:+.1f} pp at {worst[lab]['setting']}")
     if any(lab.startswith("allreduce") for lab in labels):
-        lines += ["", "allreduce averages gradients synchronously and has no neighbour messages: the delay "
-                  "model does not act on it."]
+        lines += [
+            "",
+            "allreduce averages gradients synchronously and has no neighbour messages: the delay "
+            "model does not act on it.",
+        ]
 
     lines += ["", "## Consensus distance (1/N) Σ‖x_j − x̄‖² at the end", ""] + header(labels)
     for st in settings:
@@ -85,10 +97,14 @@ def render_markdown(agg: dict, figures: list[str] | None = None) -> str:
     av = [lab for lab in labels if lab == "pc-asgd-av"]
     if pv or av:
         cols = [f"{lab}: predict share" for lab in pv] + [f"{lab}: mean final θ_l" for lab in av]
-        lines += ["", "## Predict or clip", "",
-                  "PV: share of its choices (steps with a stale neighbour) that kept the predicting candidate.",
-                  "AV: θ_l of the measured neighbours at the end (1 = predict, 0 = clip), averaged over ranks.",
-                  ""] + header(cols)
+        lines += [
+            "",
+            "## Predict or clip",
+            "",
+            "PV: share of its choices (steps with a stale neighbour) that kept the predicting candidate.",
+            "AV: θ_l of the measured neighbours at the end (1 = predict, 0 = clip), averaged over ranks.",
+            "",
+        ] + header(cols)
         for st in settings:
             cells = [_share(table[lab].get(st["key"], {})) for lab in pv]
             cells += [_theta(table[lab].get(st["key"], {})) for lab in av]

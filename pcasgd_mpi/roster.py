@@ -142,8 +142,9 @@ class Roster:
             self.comm.Free()
 
 
-_FAILED = {getattr(MPI, name) for name in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")
-           if hasattr(MPI, name)}
+_FAILED = {
+    getattr(MPI, name) for name in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED") if hasattr(MPI, name)
+}
 
 
 def _test(req: MPI.Request) -> bool:
@@ -155,5 +156,7 @@ def _test(req: MPI.Request) -> bool:
 
 def _missing_text(ranks: list[int]) -> str:
     listed = ", ".join(map(str, ranks))
-    return (f"rank{'s' if len(ranks) > 1 else ''} {listed} did not reach the end of training in time "
-            f"(frozen, dead or much slower than the rest)")
+    return (
+        f"rank{'s' if len(ranks) > 1 else ''} {listed} did not reach the end of training in time "
+        f"(frozen, dead or much slower than the rest)"
+    )

@@ -10,6 +10,7 @@ prediction terms of stale neighbours (and, where they can be fused with them, th
 around them) are computed instead by the one-pass kernel of fused.py, see _use_fused; the values
 are the same up to rounding.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,20 @@ from pcasgd_mpi import fused
 
 from .tracker import SubstitutionTracker  # part of the rule's API, kept in its own module
 
-__all__ = ["Neighbour", "Status", "classify", "phi", "predict_weights", "candidates",
-           "blend", "pv_choose", "mix", "SubstitutionTracker", "FUSED_MIN_NUMEL", "prepare"]
+__all__ = [
+    "Neighbour",
+    "Status",
+    "classify",
+    "phi",
+    "predict_weights",
+    "candidates",
+    "blend",
+    "pv_choose",
+    "mix",
+    "SubstitutionTracker",
+    "FUSED_MIN_NUMEL",
+    "prepare",
+]
 
 # Vectors with fewer elements keep the torch code: it is cheap there, and the first use of the
 # kernel costs about a second (numba's import). Set to sys.maxsize to switch the kernel off.
@@ -38,6 +51,7 @@ class Neighbour:
     """Newest message held from neighbour l: ``weight`` = W[j][l], ``x`` = x^l_s (None: nothing
     received yet), ``grad`` = slope g^l of the prediction (None: none sent), ``staleness`` = τ_l.
     """
+
     weight: float
     x: Tensor | None
     grad: Tensor | None
@@ -119,8 +133,9 @@ def _scratch_like(t: Tensor) -> list[Tensor]:
     return cached
 
 
-def _phi_of(grad: Tensor, staleness: int, lam: float, lam_mode: str,
-            segments: Sequence[int] | None, eps: float) -> Tensor:
+def _phi_of(
+    grad: Tensor, staleness: int, lam: float, lam_mode: str, segments: Sequence[int] | None, eps: float
+) -> Tensor:
     """φ(c, τ) for c = clamp(λ_eff·g⊙g, 0, 1) (callers pass α·λ as λ), in a scratch vector that
     stays valid only until the next call on this thread.
 
@@ -137,8 +152,7 @@ def _phi_of(grad: Tensor, staleness: int, lam: float, lam_mode: str,
     return _geometric_sum_(u, staleness, spares)
 
 
-def _apply_lam_(g2: Tensor, lam: float, lam_mode: str, segments: Sequence[int] | None,
-                eps: float) -> Tensor:
+def _apply_lam_(g2: Tensor, lam: float, lam_mode: str, segments: Sequence[int] | None, eps: float) -> Tensor:
     """Turns g⊙g into λ_eff·g⊙g in place: λ_eff = λ ("fixed") or λ / sqrt(mean(g⊙g) + ε) per
     segment ("adaptive", DC-ASGD-a). Callers pass α·λ as λ, so c takes a single pass."""
     if lam_mode == "fixed":
@@ -164,18 +178,27 @@ def _use_fused(stale: Sequence[Neighbour], lam: float, lam_mode: str, *operands:
     ``operands`` as the other tensors it reads or writes: it replaces the eight or so elementwise
     passes per neighbour of the torch code by one pass in all, for a fixed λ > 0 and τ ≥ 2 (the
     cases that need φ)."""
-    return (lam_mode == "fixed" and lam > 0 and len(stale) > 0
-            and all(nb.staleness >= 2 and nb.grad is not None for nb in stale)
-            and stale[0].x.numel() >= FUSED_MIN_NUMEL
-            and fused.supports(*operands, *(t for nb in stale for t in (nb.x, nb.grad)))
-            and fused.available())
+    return (
+        lam_mode == "fixed"
+        and lam > 0
+        and len(stale) > 0
+        and all(nb.staleness >= 2 and nb.grad is not None for nb in stale)
+        and stale[0].x.numel() >= FUSED_MIN_NUMEL
+        and fused.supports(*operands, *(t for nb in stale for t in (nb.x, nb.grad)))
+        and fused.available()
+    )
 
 
 def prepare(x: Tensor, lam: float, lam_mode: str = "fixed") -> bool:
     """Loads the compiled kernel now if predictions for a vector like ``x`` will use it (about a
     second per process, more on the very first use, when it is compiled); returns whether."""
-    return (lam_mode == "fixed" and lam > 0 and x.numel() >= FUSED_MIN_NUMEL
-            and fused.supports(x) and fused.prepare(x.dtype))
+    return (
+        lam_mode == "fixed"
+        and lam > 0
+        and x.numel() >= FUSED_MIN_NUMEL
+        and fused.supports(x)
+        and fused.prepare(x.dtype)
+    )
 
 
 def _terms(stale: Sequence[Neighbour], weights: Sequence[float]) -> list[fused.Term]:
@@ -188,8 +211,16 @@ def _check_predict_args(staleness: int, lam: float) -> None:
         raise ValueError(f"staleness and lam must be >= 0, got {staleness} and {lam}")
 
 
-def _predict(x_stale: Tensor, grad: Tensor | None, staleness: int, lr: float, lam: float,
-             lam_mode: str, segments: Sequence[int] | None, eps: float = 1e-8) -> Tensor:
+def _predict(
+    x_stale: Tensor,
+    grad: Tensor | None,
+    staleness: int,
+    lr: float,
+    lam: float,
+    lam_mode: str,
+    segments: Sequence[int] | None,
+    eps: float = 1e-8,
+) -> Tensor:
     """predict_weights that may return ``x_stale`` itself; internal callers only read the result."""
     _check_predict_args(staleness, lam)
     if grad is None or staleness == 0:
@@ -198,12 +229,19 @@ def _predict(x_stale: Tensor, grad: Tensor | None, staleness: int, lr: float, la
         return torch.add(x_stale, grad, alpha=-lr * staleness)
     if _use_fused([Neighbour(1.0, x_stale, grad, staleness)], lam, lam_mode):
         return fused.predict(x_stale, grad, staleness, lr, lam)
-    return torch.addcmul(x_stale, grad, _phi_of(grad, staleness, lr * lam, lam_mode, segments, eps),
-                         value=-lr)
+    return torch.addcmul(x_stale, grad, _phi_of(grad, staleness, lr * lam, lam_mode, segments, eps), value=-lr)
 
 
-def _add_prediction_(out: Tensor, weight: float, nb: Neighbour, lr: float, lam: float,
-                     lam_mode: str, segments: Sequence[int] | None, eps: float = 1e-8) -> Tensor:
+def _add_prediction_(
+    out: Tensor,
+    weight: float,
+    nb: Neighbour,
+    lr: float,
+    lam: float,
+    lam_mode: str,
+    segments: Sequence[int] | None,
+    eps: float = 1e-8,
+) -> Tensor:
     """out += weight·x̂ for a stale neighbour, as weight·x_s − weight·α·g·φ: the prediction x̂
     itself is never formed, which saves a model-sized temporary and a pass per neighbour."""
     _check_predict_args(nb.staleness, lam)
@@ -218,9 +256,17 @@ def _add_prediction_(out: Tensor, weight: float, nb: Neighbour, lr: float, lam: 
     return out.addcmul_(nb.grad, phi_, value=-lr * weight)
 
 
-def predict_weights(x_stale: Tensor, grad: Tensor | None, staleness: int, lr: float, lam: float,
-                    *, lam_mode: str = "fixed", segments: Sequence[int] | None = None,
-                    eps: float = 1e-8) -> Tensor:
+def predict_weights(
+    x_stale: Tensor,
+    grad: Tensor | None,
+    staleness: int,
+    lr: float,
+    lam: float,
+    *,
+    lam_mode: str = "fixed",
+    segments: Sequence[int] | None = None,
+    eps: float = 1e-8,
+) -> Tensor:
     """Section "The predicting step": x̂ = x_s − α·g·φ(c, τ), c = clamp(α·λ_eff·g⊙g, 0, 1).
 
     This is the closed form of τ steps of y_{t+1} = y_t − α(g + λ g⊙g⊙(y_t − x_s)) from y₀ = x_s.
@@ -245,8 +291,7 @@ def _span(t: Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * t.element_size()
 
 
-def _check_out(buffers: Sequence[Tensor], x: Tensor, delta: Tensor,
-               neighbours: Sequence[Neighbour]) -> None:
+def _check_out(buffers: Sequence[Tensor], x: Tensor, delta: Tensor, neighbours: Sequence[Neighbour]) -> None:
     """An ``out`` buffer must be shaped like x and overlap no input and no other buffer: inputs
     are still read after the output has been partly written. Runs every step, hence the spans
     are computed once each (all tensors are on x's device, or the arithmetic would fail)."""
@@ -254,18 +299,30 @@ def _check_out(buffers: Sequence[Tensor], x: Tensor, delta: Tensor,
     spans = [_span(t) for t in inputs]
     for buf in buffers:
         if buf.shape != x.shape or buf.dtype is not x.dtype or buf.device != x.device:
-            raise ValueError(f"out buffer of shape {tuple(buf.shape)}, {buf.dtype} on {buf.device}; "
-                             f"x is {tuple(x.shape)}, {x.dtype} on {x.device}")
+            raise ValueError(
+                f"out buffer of shape {tuple(buf.shape)}, {buf.dtype} on {buf.device}; "
+                f"x is {tuple(x.shape)}, {x.dtype} on {x.device}"
+            )
         b0, b1 = _span(buf)
         if any(b0 < t1 and t0 < b1 for t0, t1 in spans):
             raise ValueError("an out buffer overlaps an input or the other out buffer")
         spans.append((b0, b1))
 
 
-def candidates(x: Tensor, delta: Tensor, self_weight: float, neighbours: Sequence[Neighbour], *,
-               lr: float, lam: float, tolerance: int, horizon: int, lam_mode: str = "fixed",
-               segments: Sequence[int] | None = None,
-               out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+def candidates(
+    x: Tensor,
+    delta: Tensor,
+    self_weight: float,
+    neighbours: Sequence[Neighbour],
+    *,
+    lr: float,
+    lam: float,
+    tolerance: int,
+    horizon: int,
+    lam_mode: str = "fixed",
+    segments: Sequence[int] | None = None,
+    out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Section "The two candidates and the update": returns (x^P, x^C).
 
     x^C = (w_self + Σ_{S∪D} W)·x + Σ_F W·x^l + Δ  (fresh used as they are, stale and dropped
@@ -283,8 +340,7 @@ def candidates(x: Tensor, delta: Tensor, self_weight: float, neighbours: Sequenc
     if out is not None:
         _check_out(out, x, delta, neighbours)
     status = [classify(nb, tolerance, horizon) for nb in neighbours]
-    own = self_weight + sum(nb.weight for nb, s in zip(neighbours, status)
-                            if s is not Status.FRESH)
+    own = self_weight + sum(nb.weight for nb, s in zip(neighbours, status) if s is not Status.FRESH)
     stale = [nb for nb, s in zip(neighbours, status) if s is Status.STALE]
     shift = -sum(nb.weight for nb in stale)
     if Status.FRESH not in status and _use_fused(stale, lam, lam_mode, x, delta, *(out or ())):
@@ -327,10 +383,22 @@ def pv_choose(loss_p: float, loss_c: float) -> bool:
     return loss_p < loss_c
 
 
-def mix(x: Tensor, delta: Tensor, self_weight: float, neighbours: Sequence[Neighbour],
-        thetas: Sequence[float], *, lr: float, lam: float, tolerance: int, horizon: int,
-        lam_mode: str = "fixed", segments: Sequence[int] | None = None,
-        on_predict: Callable[[int, Tensor], None] | None = None, out: Tensor | None = None) -> Tensor:
+def mix(
+    x: Tensor,
+    delta: Tensor,
+    self_weight: float,
+    neighbours: Sequence[Neighbour],
+    thetas: Sequence[float],
+    *,
+    lr: float,
+    lam: float,
+    tolerance: int,
+    horizon: int,
+    lam_mode: str = "fixed",
+    segments: Sequence[int] | None = None,
+    on_predict: Callable[[int, Tensor], None] | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
     """One-pass update with a θ_l per neighbour (sections "The two candidates and the update" and
     "Adaptive variant"): a stale neighbour contributes W·(θ_l x̂^l + (1 − θ_l) x^j_k).
 
@@ -350,14 +418,18 @@ def mix(x: Tensor, delta: Tensor, self_weight: float, neighbours: Sequence[Neigh
     if out is not None:
         _check_out([out], x, delta, neighbours)
     status = [classify(nb, tolerance, horizon) for nb in neighbours]
-    own = self_weight + sum(nb.weight * (1.0 - theta if s is Status.STALE else 1.0)
-                            for nb, s, theta in zip(neighbours, status, thetas)
-                            if s is not Status.FRESH)
-    predicted = [(nb, theta) for nb, s, theta in zip(neighbours, status, thetas)
-                 if s is Status.STALE and theta > 0.0]
+    own = self_weight + sum(
+        nb.weight * (1.0 - theta if s is Status.STALE else 1.0)
+        for nb, s, theta in zip(neighbours, status, thetas)
+        if s is not Status.FRESH
+    )
+    predicted = [(nb, theta) for nb, s, theta in zip(neighbours, status, thetas) if s is Status.STALE and theta > 0.0]
     operands = (x, delta) if out is None else (x, delta, out)
-    if (on_predict is None and Status.FRESH not in status
-            and _use_fused([nb for nb, _ in predicted], lam, lam_mode, *operands)):
+    if (
+        on_predict is None
+        and Status.FRESH not in status
+        and _use_fused([nb for nb, _ in predicted], lam, lam_mode, *operands)
+    ):
         # One pass for the whole update.
         terms = _terms([nb for nb, _ in predicted], [nb.weight * theta for nb, theta in predicted])
         return fused.combine(out, delta, own, x, terms, lr, lam)

@@ -47,8 +47,7 @@ def inspect(out: Path, checkpoint_dir: Path) -> State:
     if not out.exists() or not any(out.iterdir()):
         return State.NEW
     if not (out / MARKER).is_file():
-        raise RunDirError(f"--out {out} holds files that pcasgd-mpi did not write; choose another --out "
-                          f"or empty it")
+        raise RunDirError(f"--out {out} holds files that pcasgd-mpi did not write; choose another --out or empty it")
     if (out / "summary.json").exists():
         return State.FINISHED
     if has_checkpoints(checkpoint_dir):
@@ -56,8 +55,9 @@ def inspect(out: Path, checkpoint_dir: Path) -> State:
     return State.OURS
 
 
-def prepare(out: str | Path, checkpoint_dir: str | Path | None = None, *, overwrite: bool = False,
-            resume: bool = False) -> Path:
+def prepare(
+    out: str | Path, checkpoint_dir: str | Path | None = None, *, overwrite: bool = False, resume: bool = False
+) -> Path:
     """Check the rules, create the directory, mark it as ours and (with overwrite) clear our outputs."""
     out = Path(out)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else out / "checkpoints"
@@ -65,8 +65,9 @@ def prepare(out: str | Path, checkpoint_dir: str | Path | None = None, *, overwr
     if state is State.FINISHED and not (overwrite or resume):
         raise RunDirError(f"--out {out} already holds a finished run; choose another --out or pass --overwrite")
     if state is State.INTERRUPTED and not (overwrite or resume):
-        raise RunDirError(f"--out {out} holds an interrupted run: pass --resume to continue it or --overwrite "
-                          f"to start afresh")
+        raise RunDirError(
+            f"--out {out} holds an interrupted run: pass --resume to continue it or --overwrite to start afresh"
+        )
     if checkpoint_dir is not None:
         _check_checkpoint_dir(ckpt, overwrite=overwrite, resume=resume)
     _make(out, "--out")
@@ -88,8 +89,10 @@ def _check_checkpoint_dir(ckpt: Path, *, overwrite: bool, resume: bool) -> None:
     if ckpt.exists() and not ckpt.is_dir():
         raise RunDirError(f"--checkpoint-dir {ckpt} is a file, not a directory; choose another --checkpoint-dir")
     if has_checkpoints(ckpt) and not (overwrite or resume):
-        raise RunDirError(f"--checkpoint-dir {ckpt} holds checkpoints of an earlier run: pass --resume to "
-                          f"continue it, --overwrite to start afresh, or choose another --checkpoint-dir")
+        raise RunDirError(
+            f"--checkpoint-dir {ckpt} holds checkpoints of an earlier run: pass --resume to "
+            f"continue it, --overwrite to start afresh, or choose another --checkpoint-dir"
+        )
 
 
 def _make(folder: Path, option: str) -> None:

@@ -17,8 +17,17 @@ from .plot import read_config
 from .report import write_report
 
 # Options that change neither the trajectory nor the results of a finished run.
-_BOOKKEEPING = ("out", "progress", "overwrite", "resume", "threads", "timeout", "checkpoint_every",
-                "checkpoint_dir", "keep_checkpoints")
+_BOOKKEEPING = (
+    "out",
+    "progress",
+    "overwrite",
+    "resume",
+    "threads",
+    "timeout",
+    "checkpoint_every",
+    "checkpoint_dir",
+    "keep_checkpoints",
+)
 
 
 def _existing_run(run_dir: Path, fields: dict) -> str | None:
@@ -35,8 +44,10 @@ def _existing_run(run_dir: Path, fields: dict) -> str | None:
     differ = TrainConfig(**fields).first_difference(saved, ignore=_BOOKKEEPING)
     if differ:
         key, there, here = differ
-        raise GridError(f"{run_dir} holds a finished run with other settings ({key}: {there!r} there, "
-                        f"{here!r} in the grid); use another --out or delete that run")
+        raise GridError(
+            f"{run_dir} holds a finished run with other settings ({key}: {there!r} there, "
+            f"{here!r} in the grid); use another --out or delete that run"
+        )
     return "done"
 
 
@@ -46,8 +57,10 @@ def run_grid(grid: Grid, out: Path, comm, log=print) -> None:
 
     rank, size = comm.Get_rank(), comm.Get_size()
     if size != grid.ranks:
-        raise GridError(f"{grid.path}: the grid is for {grid.ranks} ranks but the job has {size}; "
-                        f"launch with mpirun -n {grid.ranks}")
+        raise GridError(
+            f"{grid.path}: the grid is for {grid.ranks} ranks but the job has {size}; "
+            f"launch with mpirun -n {grid.ranks}"
+        )
     runs = grid.runs()
     if rank == 0:
         (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -74,8 +87,10 @@ def run_grid(grid: Grid, out: Path, comm, log=print) -> None:
             continue
         summary = run(TrainConfig(**fields), comm)
         if rank == 0:
-            log(f"[{i}/{len(runs)}] {spec.name}: accuracy {summary['final_accuracy']:.4f} "
-                f"({time.perf_counter() - t0:.1f} s)")
+            log(
+                f"[{i}/{len(runs)}] {spec.name}: accuracy {summary['final_accuracy']:.4f} "
+                f"({time.perf_counter() - t0:.1f} s)"
+            )
     comm.Barrier()
     if rank == 0:
         log(f"all runs done in {time.perf_counter() - t_start:.0f} s; writing the report")

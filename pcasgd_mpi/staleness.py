@@ -20,8 +20,8 @@ Pure: no MPI here except in `clock_offset`, which takes a communicator.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 class StepRate:
@@ -112,16 +112,24 @@ def clock_offset(comm, deadline: float, rounds: int = 5, wall: Callable[[], floa
     if rank == 0:
         for peer in range(1, size):
             for _ in range(rounds):
-                wait(comm.Irecv([buf, MPI.DOUBLE], source=peer, tag=tag), deadline,
-                     lambda: f"rank {peer} did not take part in the clock check")
+                wait(
+                    comm.Irecv([buf, MPI.DOUBLE], source=peer, tag=tag),
+                    deadline,
+                    lambda: f"rank {peer} did not take part in the clock check",
+                )
                 buf[0] = wall()
-                wait(comm.Isend([buf, MPI.DOUBLE], dest=peer, tag=tag), deadline,
-                     lambda: f"rank {peer} did not take part in the clock check")
+                wait(
+                    comm.Isend([buf, MPI.DOUBLE], dest=peer, tag=tag),
+                    deadline,
+                    lambda: f"rank {peer} did not take part in the clock check",
+                )
         return 0.0
     samples = []
     for _ in range(rounds):
         t0 = wall()
         wait(comm.Isend([buf, MPI.DOUBLE], dest=0, tag=tag), deadline, lambda: "rank 0 did not answer the clock check")
-        wait(comm.Irecv([buf, MPI.DOUBLE], source=0, tag=tag), deadline, lambda: "rank 0 did not answer the clock check")
+        wait(
+            comm.Irecv([buf, MPI.DOUBLE], source=0, tag=tag), deadline, lambda: "rank 0 did not answer the clock check"
+        )
         samples.append((t0, float(buf[0]), wall()))
     return best_offset(samples)

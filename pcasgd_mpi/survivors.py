@@ -10,8 +10,9 @@ from . import topology as topo
 from .world import World
 
 
-def shrink_and_repair(exchange, original_group: MPI.Group, graph: nx.Graph, world: World,
-                      known_failed: list[int]) -> tuple[World, list[int], list[int], list[tuple[int, int]], nx.Graph]:
+def shrink_and_repair(
+    exchange, original_group: MPI.Group, graph: nx.Graph, world: World, known_failed: list[int]
+) -> tuple[World, list[int], list[int], list[tuple[int, int]], nx.Graph]:
     """Collective among the survivors: (new world, survivors and newly failed ranks by original
     rank, edges added, the repaired graph by original rank).
 

@@ -17,13 +17,27 @@ import numpy as np
 from .config import WeightRule
 
 __all__ = [
-    "NAMES", "TopologyError", "WeightRule", "build", "validate", "mixing_matrix",
-    "validate_matrix", "spectral_gap", "neighbours", "describe", "draw",
+    "NAMES",
+    "TopologyError",
+    "WeightRule",
+    "build",
+    "validate",
+    "mixing_matrix",
+    "validate_matrix",
+    "spectral_gap",
+    "neighbours",
+    "describe",
+    "draw",
 ]
 
 NAMES = ("ring", "torus", "exponential", "complete", "star", "random-regular:D", "small-world:K:P")
-_FILE_TYPES = {".txt": "edgelist", ".edgelist": "edgelist", ".edges": "edgelist",
-               ".graphml": "graphml", ".json": "json"}
+_FILE_TYPES = {
+    ".txt": "edgelist",
+    ".edgelist": "edgelist",
+    ".edges": "edgelist",
+    ".graphml": "graphml",
+    ".json": "json",
+}
 _RETRIES = 200
 # Weights are fractions of a model; far beyond this is a typo (1e308 overflows the row sums).
 _MAX_WEIGHT = 1e6
@@ -42,6 +56,7 @@ def _short(items, limit: int = 8) -> str:
 
 # ----------------------------------------------------------------------------- named graphs
 
+
 def _ring(n: int) -> nx.Graph:
     # cycle_graph(2) would be a single edge too, but cycle_graph(1) adds a self-loop.
     return nx.cycle_graph(n) if n >= 3 else nx.path_graph(n)
@@ -52,8 +67,10 @@ def _torus(n: int) -> nx.Graph:
     cols = n // rows
     if rows == 1 and n > 3:
         # A 1 x n torus is the ring: say so rather than report a torus that is not one.
-        raise TopologyError(f"torus needs a world size with a factorisation rows x cols, but {n} is prime; "
-                            f"use --topology ring, or launch {n - 1} or {n + 1} ranks")
+        raise TopologyError(
+            f"torus needs a world size with a factorisation rows x cols, but {n} is prime; "
+            f"use --topology ring, or launch {n - 1} or {n + 1} ranks"
+        )
     g = nx.empty_graph(n)
     for r in range(rows):
         for c in range(cols):
@@ -67,7 +84,7 @@ def _torus(n: int) -> nx.Graph:
 
 def _exponential(n: int) -> nx.Graph:
     g = nx.empty_graph(n)
-    hops = [2 ** k for k in range(n.bit_length()) if 2 ** k < n]
+    hops = [2**k for k in range(n.bit_length()) if 2**k < n]
     g.add_edges_from((i, (i + h) % n) for i in range(n) for h in hops)
     return g
 
@@ -76,8 +93,9 @@ def _random_regular(n: int, d: int, seed: int) -> nx.Graph:
     if not 0 <= d < n:
         raise TopologyError(f"random-regular:{d} needs 0 <= D < {n} (the number of ranks); pick a smaller D")
     if (n * d) % 2:
-        raise TopologyError(f"random-regular:{d} on {n} nodes is impossible because n*D is odd; "
-                            f"change D or the rank count")
+        raise TopologyError(
+            f"random-regular:{d} on {n} nodes is impossible because n*D is odd; change D or the rank count"
+        )
     if n > 1 and (d == 0 or d == 1 and n > 2):
         raise TopologyError(f"random-regular:{d} on {n} nodes is never connected; use D >= 2")
     for attempt in range(_RETRIES):
@@ -97,8 +115,10 @@ def _small_world(n: int, k: int, p: float, seed: int) -> nx.Graph:
 
 
 def _parse_params(spec: str, name: str, params: list[str], types: tuple) -> list:
-    usage = {"random-regular": "random-regular:D with integer D, e.g. random-regular:3",
-             "small-world": "small-world:K:P with integer K and probability P, e.g. small-world:4:0.1"}
+    usage = {
+        "random-regular": "random-regular:D with integer D, e.g. random-regular:3",
+        "small-world": "small-world:K:P with integer K and probability P, e.g. small-world:4:0.1",
+    }
     if len(params) != len(types):
         if not types:
             raise TopologyError(f"topology '{name}' takes no parameters but got '{spec}'; use '{name}'")
@@ -115,8 +135,13 @@ def build(spec: str, size: int, *, seed: int = 0) -> nx.Graph:
         raise TopologyError(f"the job must have at least 1 rank, got {size}")
     name, *params = spec.split(":")
     name = name.strip().lower()
-    fixed = {"ring": _ring, "torus": _torus, "exponential": _exponential,
-             "complete": nx.complete_graph, "star": lambda n: nx.star_graph(n - 1)}
+    fixed = {
+        "ring": _ring,
+        "torus": _torus,
+        "exponential": _exponential,
+        "complete": nx.complete_graph,
+        "star": lambda n: nx.star_graph(n - 1),
+    }
     if name in fixed:
         _parse_params(spec, name, params, ())
         graph = fixed[name](size)
@@ -129,13 +154,16 @@ def build(spec: str, size: int, *, seed: int = 0) -> nx.Graph:
     elif Path(spec).suffix.lower() in _FILE_TYPES or "/" in spec or Path(spec).exists():
         graph = _load(Path(spec))
     else:
-        raise TopologyError(f"unknown topology '{spec}'; use one of {', '.join(NAMES)} or a path to a "
-                            f"graph file ({', '.join(_FILE_TYPES)})")
+        raise TopologyError(
+            f"unknown topology '{spec}'; use one of {', '.join(NAMES)} or a path to a "
+            f"graph file ({', '.join(_FILE_TYPES)})"
+        )
     validate(graph, size, name=spec)
     return graph
 
 
 # ----------------------------------------------------------------------------- graph files
+
 
 def _read_edgelist(path: Path) -> nx.Graph:
     g = nx.Graph()
@@ -149,8 +177,9 @@ def _read_edgelist(path: Path) -> nx.Graph:
             u, v = int(tokens[0]), int(tokens[1])
             attrs = {"weight": float(tokens[2])} if len(tokens) == 3 else {}
         except ValueError:
-            raise ValueError(f"line {number}: expected integer nodes and a numeric weight, "
-                             f"got {line.strip()!r}") from None
+            raise ValueError(
+                f"line {number}: expected integer nodes and a numeric weight, got {line.strip()!r}"
+            ) from None
         if g.has_edge(u, v):
             # The last line silently winning would hide a typo in the weights.
             first, again = g.edges[u, v].get("weight"), attrs.get("weight")
@@ -160,18 +189,20 @@ def _read_edgelist(path: Path) -> nx.Graph:
     return g
 
 
-_NODE_LINK = ('expected networkx node-link JSON: {"nodes": [{"id": 0}, ...], "edges": [{"source": 0, '
-              '"target": 1}, ...]}')
+_NODE_LINK = 'expected networkx node-link JSON: {"nodes": [{"id": 0}, ...], "edges": [{"source": 0, "target": 1}, ...]}'
 
 
 def _read_json(path: Path) -> nx.Graph:
     data = json.loads(path.read_text())
     # Files written before networkx 3.4 name the edge list "links".
     key = "links" if isinstance(data, dict) and "links" in data and "edges" not in data else "edges"
-    if (not isinstance(data, dict) or not isinstance(data.get("nodes"), list)
-            or not isinstance(data.get(key, []), list)
-            or not all(isinstance(n, dict) and "id" in n for n in data["nodes"])
-            or not all(isinstance(e, dict) and "source" in e and "target" in e for e in data.get(key, []))):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("nodes"), list)
+        or not isinstance(data.get(key, []), list)
+        or not all(isinstance(n, dict) and "id" in n for n in data["nodes"])
+        or not all(isinstance(e, dict) and "source" in e and "target" in e for e in data.get(key, []))
+    ):
         raise ValueError(_NODE_LINK)
     seen: dict[tuple, object] = {}
     for e in data.get(key, []):
@@ -195,8 +226,9 @@ def _as_int(node) -> int:
 
 def _load(path: Path) -> nx.Graph:
     if path.is_dir():
-        raise TopologyError(f"topology {path} is a directory; pass a graph file ({', '.join(_FILE_TYPES)}) "
-                            f"or one of {', '.join(NAMES)}")
+        raise TopologyError(
+            f"topology {path} is a directory; pass a graph file ({', '.join(_FILE_TYPES)}) or one of {', '.join(NAMES)}"
+        )
     if not path.is_file():
         raise TopologyError(f"topology file {path} does not exist; pass an existing file or one of {', '.join(NAMES)}")
     kind = _FILE_TYPES.get(path.suffix.lower())
@@ -231,31 +263,41 @@ def _weight(value, u, v) -> float:
 
 # ----------------------------------------------------------------------------- checks
 
+
 def validate(graph: nx.Graph, size: int, *, name: str | None = None) -> None:
     """Raise TopologyError unless graph is simple, undirected, connected, with nodes 0..size-1."""
     label = f"topology '{name}'" if name else "topology"
     n = graph.number_of_nodes()
     if graph.is_directed() or graph.is_multigraph():
-        raise TopologyError(f"{label} must be a simple undirected graph, got {type(graph).__name__}; "
-                            f"convert it with networkx.Graph(...)")
+        raise TopologyError(
+            f"{label} must be a simple undirected graph, got {type(graph).__name__}; "
+            f"convert it with networkx.Graph(...)"
+        )
     if n != size:
-        raise TopologyError(f"{label} has {n} nodes but the job has {size} ranks; "
-                            f"launch with mpirun -n {n} or pick a topology for {size}")
+        raise TopologyError(
+            f"{label} has {n} nodes but the job has {size} ranks; "
+            f"launch with mpirun -n {n} or pick a topology for {size}"
+        )
     expected = set(range(size))
     if set(graph.nodes) != expected:
         extra = sorted(map(repr, set(graph.nodes) - expected))
         missing = sorted(expected - set(graph.nodes))
-        raise TopologyError(f"{label} nodes must be the integers 0..{size - 1}, one per rank; "
-                            f"unexpected [{_short(extra)}], missing [{_short(missing)}]; relabel the nodes")
+        raise TopologyError(
+            f"{label} nodes must be the integers 0..{size - 1}, one per rank; "
+            f"unexpected [{_short(extra)}], missing [{_short(missing)}]; relabel the nodes"
+        )
     loops = sorted(u for u, _ in nx.selfloop_edges(graph))
     if loops:
-        raise TopologyError(f"{label} has self-loops at nodes [{_short(loops)}]; remove them "
-                            f"(the self-weight is derived from the other weights)")
+        raise TopologyError(
+            f"{label} has self-loops at nodes [{_short(loops)}]; remove them "
+            f"(the self-weight is derived from the other weights)"
+        )
     if n and not nx.is_connected(graph):
         parts = sorted(sorted(c) for c in nx.connected_components(graph))
         shown = ", ".join(f"[{_short(c, 6)}]" for c in parts[:4]) + (", ..." if len(parts) > 4 else "")
-        raise TopologyError(f"{label} is not connected (components: {shown}); "
-                            f"add edges so every agent can reach every other")
+        raise TopologyError(
+            f"{label} is not connected (components: {shown}); add edges so every agent can reach every other"
+        )
 
 
 def mixing_matrix(graph: nx.Graph, rule: WeightRule | str = "metropolis") -> np.ndarray:
@@ -269,13 +311,17 @@ def mixing_matrix(graph: nx.Graph, rule: WeightRule | str = "metropolis") -> np.
     n = graph.number_of_nodes()
     deg = dict(graph.degree())
     if rule is WeightRule.UNIFORM and len(set(deg.values())) > 1:
-        raise TopologyError(f"uniform weights 1/(deg+1) are doubly stochastic only on regular graphs, but degrees "
-                            f"here range {min(deg.values())}..{max(deg.values())}; use --weights metropolis")
+        raise TopologyError(
+            f"uniform weights 1/(deg+1) are doubly stochastic only on regular graphs, but degrees "
+            f"here range {min(deg.values())}..{max(deg.values())}; use --weights metropolis"
+        )
     if rule is WeightRule.FILE:
         missing = [(u, v) for u, v, w in graph.edges(data="weight") if w is None]
         if missing:
-            raise TopologyError(f"edges {_short(missing, 4)} have no 'weight' attribute; add weights to the "
-                                f"topology file or use --weights metropolis")
+            raise TopologyError(
+                f"edges {_short(missing, 4)} have no 'weight' attribute; add weights to the "
+                f"topology file or use --weights metropolis"
+            )
         absurd = [(u, v, w) for u, v, w in graph.edges(data="weight") if not abs(w) <= _MAX_WEIGHT]
         if absurd:
             u, v, w = absurd[0]
@@ -301,8 +347,7 @@ def validate_matrix(W: np.ndarray, graph: nx.Graph) -> None:
     n = graph.number_of_nodes()
     validate(graph, n)
     if W.shape != (n, n):
-        raise TopologyError(f"mixing matrix has shape {W.shape} but the topology has {n} nodes; "
-                            f"it must be {n}x{n}")
+        raise TopologyError(f"mixing matrix has shape {W.shape} but the topology has {n} nodes; it must be {n}x{n}")
     if not np.isfinite(W).all():
         j, l = np.argwhere(~np.isfinite(W))[0]
         raise TopologyError(f"mixing matrix entry W[{j}][{l}] = {W[j, l]} is not finite; check the weights")
@@ -310,14 +355,17 @@ def validate_matrix(W: np.ndarray, graph: nx.Graph) -> None:
         j, l = np.unravel_index(np.argmin(W), W.shape)
         if j == l:
             others = W[j].sum() - W[j, j]
-            raise TopologyError(f"self-weight W[{j}][{j}] = {W[j, j]:.6g} is negative: node {j}'s edge weights "
-                                f"sum to {others:.6g}; scale them so each node's sum is at most 1")
+            raise TopologyError(
+                f"self-weight W[{j}][{j}] = {W[j, j]:.6g} is negative: node {j}'s edge weights "
+                f"sum to {others:.6g}; scale them so each node's sum is at most 1"
+            )
         raise TopologyError(f"mixing weight W[{j}][{l}] = {W[j, l]:.6g} is negative; weights must be >= 0")
     asym = np.abs(W - W.T)
     if asym.max() > 1e-9:
         j, l = np.unravel_index(np.argmax(asym), W.shape)
-        raise TopologyError(f"mixing matrix is not symmetric: W[{j}][{l}] = {W[j, l]:.6g} "
-                            f"but W[{l}][{j}] = {W[l, j]:.6g}")
+        raise TopologyError(
+            f"mixing matrix is not symmetric: W[{j}][{l}] = {W[j, l]:.6g} but W[{l}][{j}] = {W[l, j]:.6g}"
+        )
     rows = W.sum(axis=1)
     if np.abs(rows - 1).max() > 1e-9:
         j = int(np.argmax(np.abs(rows - 1)))
@@ -326,8 +374,10 @@ def validate_matrix(W: np.ndarray, graph: nx.Graph) -> None:
     off_support = (W > 1e-12) & ~edges & ~np.eye(n, dtype=bool)
     if off_support.any():
         j, l = np.argwhere(off_support)[0]
-        raise TopologyError(f"mixing weight W[{j}][{l}] = {W[j, l]:.6g} is not on an edge of the topology; "
-                            f"weights may only sit on edges and the diagonal")
+        raise TopologyError(
+            f"mixing weight W[{j}][{l}] = {W[j, l]:.6g} is not on an edge of the topology; "
+            f"weights may only sit on edges and the diagonal"
+        )
     if (edges & (W <= 0)).any():
         j, l = np.argwhere(edges & (W <= 0))[0]
         raise TopologyError(f"edge ({j}, {l}) has mixing weight 0; give it a positive weight or remove the edge")
@@ -341,6 +391,7 @@ def spectral_gap(W: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- reporting
 
+
 def neighbours(graph: nx.Graph, rank: int) -> list[int]:
     if rank not in graph:
         raise TopologyError(f"rank {rank} is not a node of the topology (nodes 0..{graph.number_of_nodes() - 1})")
@@ -352,14 +403,16 @@ def describe(graph: nx.Graph, W: np.ndarray) -> str:
     edges = sorted(tuple(sorted(e)) for e in graph.edges)
     with np.printoptions(precision=3, suppress=True, linewidth=120):
         matrix = str(np.asarray(W))
-    return "\n".join([
-        f"nodes: {graph.number_of_nodes()}",
-        f"edges: {len(edges)}: " + _short((f"{u}-{v}" for u, v in edges), 40),
-        f"degrees: min {min(degrees)}, max {max(degrees)}, per node [{_short(degrees, 40)}]",
-        "mixing matrix W (rounded):",
-        matrix,
-        f"spectral gap 1 - |lambda_2|: {spectral_gap(W):.6f}",
-    ])
+    return "\n".join(
+        [
+            f"nodes: {graph.number_of_nodes()}",
+            f"edges: {len(edges)}: " + _short((f"{u}-{v}" for u, v in edges), 40),
+            f"degrees: min {min(degrees)}, max {max(degrees)}, per node [{_short(degrees, 40)}]",
+            "mixing matrix W (rounded):",
+            matrix,
+            f"spectral gap 1 - |lambda_2|: {spectral_gap(W):.6f}",
+        ]
+    )
 
 
 def draw(graph: nx.Graph, path: str | Path) -> None:

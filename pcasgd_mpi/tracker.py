@@ -31,8 +31,9 @@ class SubstitutionTracker:
     sqrt(n / m), so E_P and E_C estimate the full-vector norms and θ does not depend on the scale.
     """
 
-    def __init__(self, beta: float = 0.97, eps: float = 1e-12, *, horizon: int = 16,
-                 sketch_size: int = 4096, seed: int = 0) -> None:
+    def __init__(
+        self, beta: float = 0.97, eps: float = 1e-12, *, horizon: int = 16, sketch_size: int = 4096, seed: int = 0
+    ) -> None:
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must lie in [0, 1), got {beta}")
         if horizon < 1 or sketch_size < 1:
@@ -51,15 +52,17 @@ class SubstitutionTracker:
         """θ_l = E_C² / (E_P² + E_C² + ε), the variance-optimal weight; 0.5 before measuring."""
         if self._e_p is None or self._e_c is None:
             return 0.5
-        return self._e_c ** 2 / (self._e_p ** 2 + self._e_c ** 2 + self.eps)
+        return self._e_c**2 / (self._e_p**2 + self._e_c**2 + self.eps)
 
     e_p = property(lambda self: self._e_p, doc="E_P (float), None before the first measurement.")
     e_c = property(lambda self: self._e_c, doc="E_C (float), None before the first measurement.")
     measurements = property(lambda self: self._count, doc="Number of measurements made.")
-    pending_steps = property(lambda self: tuple(sorted(self._records)),
-                             doc="Steps t of the records waiting for their truth, oldest first.")
-    pending_step = property(lambda self: min(self._records, default=None),
-                            doc="The oldest pending step, or None when no record waits.")
+    pending_steps = property(
+        lambda self: tuple(sorted(self._records)), doc="Steps t of the records waiting for their truth, oldest first."
+    )
+    pending_step = property(
+        lambda self: min(self._records, default=None), doc="The oldest pending step, or None when no record waits."
+    )
 
     def _sketch(self, x: Tensor) -> Tensor:
         """The sketch's coordinates of x, as a new float64 vector (the same subset for every x)."""
@@ -68,7 +71,7 @@ class SubstitutionTracker:
             self._numel = x.numel()
             if x.numel() > self.sketch_size:
                 gen = torch.Generator().manual_seed(self.seed)
-                self._index = torch.randperm(x.numel(), generator=gen)[:self.sketch_size].sort().values
+                self._index = torch.randperm(x.numel(), generator=gen)[: self.sketch_size].sort().values
         if x.numel() != self._numel:
             raise ValueError(f"vector of {x.numel()} elements; this tracker measures {self._numel}")
         picked = x if self._index is None else x.index_select(0, self._index.to(x.device))
@@ -123,16 +126,24 @@ class SubstitutionTracker:
         if self._e_p is None or self._e_c is None:
             self._e_p, self._e_c = e_p, e_c
         else:
-            self._e_p = math.sqrt(self.beta * self._e_p ** 2 + (1.0 - self.beta) * e_p ** 2)
-            self._e_c = math.sqrt(self.beta * self._e_c ** 2 + (1.0 - self.beta) * e_c ** 2)
+            self._e_p = math.sqrt(self.beta * self._e_p**2 + (1.0 - self.beta) * e_p**2)
+            self._e_c = math.sqrt(self.beta * self._e_c**2 + (1.0 - self.beta) * e_c**2)
 
     def state_dict(self) -> dict:
         """Settings, averages, the sketch's coordinates and copies of the pending records."""
-        return {"beta": self.beta, "eps": self.eps, "horizon": self.horizon,
-                "sketch_size": self.sketch_size, "seed": self.seed, "e_p": self._e_p,
-                "e_c": self._e_c, "measurements": self._count, "numel": self._numel,
-                "index": None if self._index is None else self._index.clone(),
-                "records": {t: (h.clone(), c.clone()) for t, (h, c) in self._records.items()}}
+        return {
+            "beta": self.beta,
+            "eps": self.eps,
+            "horizon": self.horizon,
+            "sketch_size": self.sketch_size,
+            "seed": self.seed,
+            "e_p": self._e_p,
+            "e_c": self._e_c,
+            "measurements": self._count,
+            "numel": self._numel,
+            "index": None if self._index is None else self._index.clone(),
+            "records": {t: (h.clone(), c.clone()) for t, (h, c) in self._records.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.eps = float(state["beta"]), float(state["eps"])

@@ -58,14 +58,17 @@ class _Setup:
             raise SetupError("--delay injects delays in --mode lockstep; in async mode use --straggler")
         if cfg.tensorboard and world.rank == 0 and importlib.util.find_spec("tensorboard") is None:
             raise SetupError("--tensorboard needs the tensorboard package: pip install tensorboard")
-        self.dataset = data.load(cfg.dataset, root=cfg.data_dir, seed=cfg.seed,
-                                 synthetic_shape=tuple(cfg.synthetic_shape))
+        self.dataset = data.load(
+            cfg.dataset, root=cfg.data_dir, seed=cfg.seed, synthetic_shape=tuple(cfg.synthetic_shape)
+        )
         shards = data.partition(self.dataset.y_train, size, cfg.partition, seed=cfg.seed)
         smallest = min(range(size), key=lambda r: len(shards[r]))
         if cfg.batch_size > len(shards[smallest]):
             # Every rank sees every shard: all raise the same line, naming the smallest shard.
-            raise SetupError(f"--batch-size {cfg.batch_size} is larger than rank {smallest}'s shard of "
-                             f"{len(shards[smallest])} samples; use --batch-size {len(shards[smallest])} or less")
+            raise SetupError(
+                f"--batch-size {cfg.batch_size} is larger than rank {smallest}'s shard of "
+                f"{len(shards[smallest])} samples; use --batch-size {len(shards[smallest])} or less"
+            )
         self.shards = shards  # a survivor of a failed rank takes over part of its shard (repair.py)
         self.sampler = data.ShardSampler(shards[rank], cfg.batch_size, cfg.seed, rank)
         self.link_delays = link_delays(cfg.link_delay, size)
@@ -77,31 +80,50 @@ class _Setup:
             self.steps = cfg.resolved_steps(len(self.dataset.y_train), size)
         if self.steps < 1:
             raise SetupError(f"--steps must be >= 1, got {self.steps}")
-        self.model = models.build(cfg.model, self.dataset.input_shape, self.dataset.num_classes,
-                                  seed=cfg.seed).to(self.device)
-        inner = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+        self.model = models.build(cfg.model, self.dataset.input_shape, self.dataset.num_classes, seed=cfg.seed).to(
+            self.device
+        )
+        inner = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
         self.opt = DistributedOptimizer(
-            inner, self.model, world=world, algorithm=cfg.algorithm, mode=cfg.mode, theta=cfg.theta,
-            lam=cfg.lam, lam_mode=cfg.lam_mode, tolerance=cfg.tolerance, horizon=cfg.horizon, delay=delay,
-            timeout=cfg.timeout, fault_tolerant=cfg.fault_tolerant, warn=_warn(rank),
-            transport=make_transport(self.device, self.cuda_aware.cuda_aware), slope=cfg.slope,
-            link_delay=self.link_delays.get(rank, 0.0), balance=cfg.balance)
+            inner,
+            self.model,
+            world=world,
+            algorithm=cfg.algorithm,
+            mode=cfg.mode,
+            theta=cfg.theta,
+            lam=cfg.lam,
+            lam_mode=cfg.lam_mode,
+            tolerance=cfg.tolerance,
+            horizon=cfg.horizon,
+            delay=delay,
+            timeout=cfg.timeout,
+            fault_tolerant=cfg.fault_tolerant,
+            warn=_warn(rank),
+            transport=make_transport(self.device, self.cuda_aware.cuda_aware),
+            slope=cfg.slope,
+            link_delay=self.link_delays.get(rank, 0.0),
+            balance=cfg.balance,
+        )
 
 
 def _agree(comm: MPI.Comm, error: str | None, cfg_hash: str) -> None:
     """All ranks learn whether any rank failed its setup, and whether all run the same config."""
     # Start-up may include compiling a kernel and loading data: a generous deadline, but a deadline.
-    reports = collectives.allgather_object(comm, (error, cfg_hash), time.monotonic() + SETUP_TIMEOUT,
-                                           "not every rank finished its set-up")
+    reports = collectives.allgather_object(
+        comm, (error, cfg_hash), time.monotonic() + SETUP_TIMEOUT, "not every rank finished its set-up"
+    )
     for r, (err, _) in enumerate(reports):
         if err is not None:
             raise SetupError(err if comm.Get_size() == 1 else f"[rank {r}] {err}")
     hashes = {h for _, h in reports}
     if len(hashes) > 1:
         groups = {h: [r for r, (_, hh) in enumerate(reports) if hh == h] for h in hashes}
-        raise SetupError(f"ranks were started with different configurations (ranks by config: "
-                         f"{sorted(groups.values())}); launch every rank with the same options")
+        raise SetupError(
+            f"ranks were started with different configurations (ranks by config: "
+            f"{sorted(groups.values())}); launch every rank with the same options"
+        )
 
 
 def _output_dir(cfg: TrainConfig, comm: MPI.Comm) -> Path:
@@ -147,35 +169,51 @@ def run(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
 
 
 def _checkpoint_state(cfg: TrainConfig, setup: _Setup) -> dict:
-    return {"world_size": setup.world.size, "signature": setup.opt.signature,
-            "training_hash": cfg.training_hash(), "optimizer": setup.opt.state_dict(),
-            "sampler": setup.sampler.state_dict(), "torch_rng": torch.get_rng_state()}
+    return {
+        "world_size": setup.world.size,
+        "signature": setup.opt.signature,
+        "training_hash": cfg.training_hash(),
+        "optimizer": setup.opt.state_dict(),
+        "sampler": setup.sampler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
 
 
 def _resume(cfg: TrainConfig, setup: _Setup, ckpt_dir: Path, comm: MPI.Comm) -> int | None:
     """Load the newest checkpoint step all ranks have (lockstep) or each rank's newest (async)."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    available = collectives.allgather_object(comm, checkpoint.steps_available(ckpt_dir, rank),
-                                             time.monotonic() + SETUP_TIMEOUT, "not every rank looked for checkpoints")
+    available = collectives.allgather_object(
+        comm,
+        checkpoint.steps_available(ckpt_dir, rank),
+        time.monotonic() + SETUP_TIMEOUT,
+        "not every rank looked for checkpoints",
+    )
     if not all(available):
         missing = [r for r, steps in enumerate(available) if not steps]
         if rank == 0:
-            print(f"pcasgd-mpi: --resume: no checkpoint for ranks {missing} in {ckpt_dir}; starting from step 0",
-                  file=sys.stderr, flush=True)
+            print(
+                f"pcasgd-mpi: --resume: no checkpoint for ranks {missing} in {ckpt_dir}; starting from step 0",
+                file=sys.stderr,
+                flush=True,
+            )
         return None
     if Mode(cfg.mode) is Mode.LOCKSTEP:
         common = set.intersection(*map(set, available))
         if not common:
-            raise SetupError(f"--resume: the ranks in {ckpt_dir} share no checkpoint step; delete the "
-                             f"folder to start afresh")
+            raise SetupError(
+                f"--resume: the ranks in {ckpt_dir} share no checkpoint step; delete the folder to start afresh"
+            )
         step = max(common)
     else:
         step = available[rank][-1]
     error = None
     try:
-        state = checkpoint.load(ckpt_dir, rank, step, {
-            "rank": rank, "world_size": size, "signature": setup.opt.signature,
-            "training_hash": cfg.training_hash()})
+        state = checkpoint.load(
+            ckpt_dir,
+            rank,
+            step,
+            {"rank": rank, "world_size": size, "signature": setup.opt.signature, "training_hash": cfg.training_hash()},
+        )
         setup.opt.load_state_dict(state["optimizer"])
         setup.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
@@ -205,8 +243,13 @@ class _Loop:
         # Metrics up to the checkpoint must survive a kill, or a resumed run would have a gap.
         self.metrics.flush()
         os.fsync(self.metrics.fileno())
-        return checkpoint.save(self.ckpt_dir, self.rank, self.opt.step_count,
-                               _checkpoint_state(self.cfg, self.s), self.cfg.keep_checkpoints)
+        return checkpoint.save(
+            self.ckpt_dir,
+            self.rank,
+            self.opt.step_count,
+            _checkpoint_state(self.cfg, self.s),
+            self.cfg.keep_checkpoints,
+        )
 
     def _log(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")
@@ -245,8 +288,9 @@ class _Loop:
         extra = repair.adopted_indices(self.s.shards, record.failed, record.survivors, self.rank)
         if len(extra):
             s = self.s
-            s.sampler = data.ShardSampler(np.concatenate([s.sampler.indices, extra]), self.cfg.batch_size,
-                                          self.cfg.seed, self.rank)
+            s.sampler = data.ShardSampler(
+                np.concatenate([s.sampler.indices, extra]), self.cfg.batch_size, self.cfg.seed, self.rank
+            )
         record.adopted = int(len(extra))
 
     def _should_stop(self, k: int) -> bool:
@@ -271,11 +315,23 @@ class _Loop:
             self.stopped = k + 1
             if self.rank == 0:
                 # Also on disk: a launcher that was itself signalled may drop the ranks' last output.
-                (self.out / "stopped.json").write_text(json.dumps({
-                    "stopped_after_step": k + 1, "signal": stopping.received(), "checkpoint_dir": str(self.ckpt_dir),
-                    "continue_with": "--resume"}) + "\n")
-                print(f"pcasgd-mpi: stopped by signal after step {k + 1}; checkpoint in {self.ckpt_dir}; "
-                      f"continue with --resume", file=sys.stderr, flush=True)
+                (self.out / "stopped.json").write_text(
+                    json.dumps(
+                        {
+                            "stopped_after_step": k + 1,
+                            "signal": stopping.received(),
+                            "checkpoint_dir": str(self.ckpt_dir),
+                            "continue_with": "--resume",
+                        }
+                    )
+                    + "\n"
+                )
+                print(
+                    f"pcasgd-mpi: stopped by signal after step {k + 1}; checkpoint in {self.ckpt_dir}; "
+                    f"continue with --resume",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return True
 
     def _step(self, k: int, bar, t0: float) -> None:
@@ -294,8 +350,13 @@ class _Loop:
         self.stale_sum += sum(known)
         self.stale_n += len(known)
         if cfg.log_every and k % cfg.log_every == 0:
-            rec = {"rank": self.rank, "step": k, "t": round(time.perf_counter() - t0, 6),
-                   "loss": round(loss.item(), 6), "staleness": {str(n): t for n, t in info.staleness.items()}}
+            rec = {
+                "rank": self.rank,
+                "step": k,
+                "t": round(time.perf_counter() - t0, 6),
+                "loss": round(loss.item(), 6),
+                "staleness": {str(n): t for n, t in info.staleness.items()},
+            }
             if info.choice is not None:
                 rec["choice"] = info.choice
             if info.thetas:
@@ -325,8 +386,7 @@ class _Loop:
         rec = {"rank": self.rank, "step": step, "eval": {"agent_accuracy": acc, "agent_loss": loss}}
         if Mode(self.cfg.mode) is Mode.LOCKSTEP or self.opt.algorithm is Algorithm.ALLREDUCE:
             avg_acc, avg_loss, _ = self._average_model_eval()
-            rec["eval"] |= {"accuracy": avg_acc, "test_loss": avg_loss,
-                            "consensus_distance": self._last_consensus}
+            rec["eval"] |= {"accuracy": avg_acc, "test_loss": avg_loss, "consensus_distance": self._last_consensus}
         self.last_accuracy = rec["eval"].get("accuracy", acc)
         if self.board is not None:
             for key, value in rec["eval"].items():
@@ -361,39 +421,62 @@ class _Loop:
         if self.board is not None:
             self.board.add_scalar("final/accuracy", acc, steps)
             self.board.close()
-        per_rank = collectives.allgather_object(comm, {
-            "rank": self.rank, "steps": steps, "device": str(self.s.device),
-            # where the rank ran: a multi-node job's placement, and the local rank its device follows
-            "node": MPI.Get_processor_name(), "local_rank": self.s.local_rank,
-            "cuda_aware": self.s.cuda_aware.to_dict(),
-            "transport": opt.transport_name, "done": done, "wall_time_s": wall, "agent_accuracy": agent_acc,
-            "staleness": {str(n): {str(t): c for t, c in sorted(h.items(), key=lambda kv: (kv[0] == NEVER, str(kv[0])))}
-                          for n, h in opt.staleness_histogram.items()},
-            "pv_wins": opt.pv_wins,
-            "beyond_horizon": beyond_horizon(opt.staleness_histogram, opt.horizon),
-            "exchange": opt.exchange_stats(),
-            "non_finite": {str(n): c for n, c in sorted(opt.non_finite.items())},
-            "av": opt.av_state(),
-            "clock_offset_s": opt.clock_offset, "scale": opt.scale,
-            "repairs": [r.to_dict() for r in opt.repairs],
-        }, time.monotonic() + self.cfg.timeout, "not every rank reported its results")
+        per_rank = collectives.allgather_object(
+            comm,
+            {
+                "rank": self.rank,
+                "steps": steps,
+                "device": str(self.s.device),
+                # where the rank ran: a multi-node job's placement, and the local rank its device follows
+                "node": MPI.Get_processor_name(),
+                "local_rank": self.s.local_rank,
+                "cuda_aware": self.s.cuda_aware.to_dict(),
+                "transport": opt.transport_name,
+                "done": done,
+                "wall_time_s": wall,
+                "agent_accuracy": agent_acc,
+                "staleness": {
+                    str(n): {str(t): c for t, c in sorted(h.items(), key=lambda kv: (kv[0] == NEVER, str(kv[0])))}
+                    for n, h in opt.staleness_histogram.items()
+                },
+                "pv_wins": opt.pv_wins,
+                "beyond_horizon": beyond_horizon(opt.staleness_histogram, opt.horizon),
+                "exchange": opt.exchange_stats(),
+                "non_finite": {str(n): c for n, c in sorted(opt.non_finite.items())},
+                "av": opt.av_state(),
+                "clock_offset_s": opt.clock_offset,
+                "scale": opt.scale,
+                "repairs": [r.to_dict() for r in opt.repairs],
+            },
+            time.monotonic() + self.cfg.timeout,
+            "not every rank reported its results",
+        )
         if comm.Get_rank() != 0:
             return {"failed_ranks": opt.failed_ranks} if opt.failed_ranks else None
         summary = {
-            "algorithm": opt.algorithm.value, "mode": opt.mode.value, "world_size": self.world.size,
-            "topology": self.cfg.topology, "spectral_gap": self.world.spectral_gap,
-            "delay": str(opt.delay), "dataset": self.cfg.dataset, "model": self.cfg.model,
+            "algorithm": opt.algorithm.value,
+            "mode": opt.mode.value,
+            "world_size": self.world.size,
+            "topology": self.cfg.topology,
+            "spectral_gap": self.world.spectral_gap,
+            "delay": str(opt.delay),
+            "dataset": self.cfg.dataset,
+            "model": self.cfg.model,
             "steps": [p["steps"] for p in per_rank],
             "wall_time_s": max(p["wall_time_s"] for p in per_rank),
             "steps_per_second": [p["done"] / p["wall_time_s"] for p in per_rank],
-            "final_accuracy": acc, "final_test_loss": loss,
+            "final_accuracy": acc,
+            "final_test_loss": loss,
             "agent_accuracies": [p["agent_accuracy"] for p in per_rank],
             "consensus_distance": self._last_consensus,
             "staleness_histogram": {str(p["rank"]): p["staleness"] for p in per_rank},
             # per rank and neighbour: the share of steps its copy was past the horizon (or missing)
             "beyond_horizon": {str(p["rank"]): p["beyond_horizon"] for p in per_rank},
-            "slope": str(self.cfg.slope), "link_delay": list(self.cfg.link_delay), "balance": str(self.cfg.balance),
-            "stop": str(self.cfg.stop) if opt.mode is Mode.ASYNC else None, "duration": self.cfg.duration,
+            "slope": str(self.cfg.slope),
+            "link_delay": list(self.cfg.link_delay),
+            "balance": str(self.cfg.balance),
+            "stop": str(self.cfg.stop) if opt.mode is Mode.ASYNC else None,
+            "duration": self.cfg.duration,
             "step_scale": [p["scale"] for p in per_rank],
             "clock_offsets_s": [p["clock_offset_s"] for p in per_rank],
             "pv_wins": {side: sum(p["pv_wins"][side] for p in per_rank) for side in ("predict", "clip")},
@@ -413,9 +496,15 @@ class _Loop:
             summary["failed_ranks"] = opt.failed_ranks
             # per repair: who died at which step, the edges that closed the holes, and the samples
             # of the dead ranks' shards each survivor took over
-            summary["repairs"] = [dict(r, adopted_samples={str(p["rank"]): p["repairs"][i]["adopted_samples"]
-                                                         for p in per_rank if i < len(p["repairs"])})
-                                  for i, r in enumerate(per_rank[0]["repairs"])]
+            summary["repairs"] = [
+                dict(
+                    r,
+                    adopted_samples={
+                        str(p["rank"]): p["repairs"][i]["adopted_samples"] for p in per_rank if i < len(p["repairs"])
+                    },
+                )
+                for i, r in enumerate(per_rank[0]["repairs"])
+            ]
         if opt.algorithm is Algorithm.PC_ASGD_AV:
             summary["av"] = {str(p["rank"]): p["av"] for p in per_rank}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

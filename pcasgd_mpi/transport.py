@@ -46,7 +46,8 @@ and is tested, on CPU tensors exactly as it runs on a GPU.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,9 +58,18 @@ class Slot:
 
     __slots__ = ("raw", "header", "payload", "device_view", "nbytes", "_host_payload", "_host_header", "_event")
 
-    def __init__(self, raw: Any, header: np.ndarray, payload: torch.Tensor, *, device_view: bool, nbytes: int,
-                 host_payload: torch.Tensor | None = None, host_header: torch.Tensor | None = None,
-                 event: Any = None):
+    def __init__(
+        self,
+        raw: Any,
+        header: np.ndarray,
+        payload: torch.Tensor,
+        *,
+        device_view: bool,
+        nbytes: int,
+        host_payload: torch.Tensor | None = None,
+        host_header: torch.Tensor | None = None,
+        event: Any = None,
+    ):
         self.raw = raw
         self.header = header
         self.payload = payload
@@ -161,7 +171,7 @@ def _copy_parts(dst: torch.Tensor, parts: Sequence[torch.Tensor | None], non_blo
         n = ref.numel() * ref.element_size()
         if offset + n > dst.numel():
             raise ValueError(f"the parts need more than the {dst.numel()} payload bytes of the slot")
-        region = dst[offset:offset + n]
+        region = dst[offset : offset + n]
         if part is None:
             region.zero_()
         else:
@@ -205,8 +215,13 @@ class HostTransport(Transport):
 
     def alloc(self, header_bytes: int, payload_bytes: int, *, device_view: bool = True) -> Slot:
         raw = _numpy_bytes(header_bytes + payload_bytes)
-        return Slot(raw, _header_view(raw, header_bytes), torch.from_numpy(raw[header_bytes:]),
-                    device_view=device_view, nbytes=raw.nbytes)
+        return Slot(
+            raw,
+            _header_view(raw, header_bytes),
+            torch.from_numpy(raw[header_bytes:]),
+            device_view=device_view,
+            nbytes=raw.nbytes,
+        )
 
     def stage_out(self, slot: Slot, parts: Sequence[torch.Tensor | None] | None = None) -> None:
         if parts is not None:
@@ -233,13 +248,20 @@ class CudaAwareTransport(Transport):
         # Pinned, so that the header's copies to and from the device can be asynchronous.
         host_header = torch.empty(header_bytes, dtype=torch.uint8, pin_memory=self._streams.pinned)
         header = _header_view(host_header.numpy(), header_bytes)
-        return Slot(raw, header, raw[header_bytes:], device_view=device_view, nbytes=raw.numel(),
-                    host_header=host_header, event=self._streams.new_event())
+        return Slot(
+            raw,
+            header,
+            raw[header_bytes:],
+            device_view=device_view,
+            nbytes=raw.numel(),
+            host_header=host_header,
+            event=self._streams.new_event(),
+        )
 
     def stage_out(self, slot: Slot, parts: Sequence[torch.Tensor | None] | None = None) -> None:
         # Asynchronous even for the header: nobody writes it again before ready(slot), and the
         # event recorded after it covers this copy too.
-        slot.raw[:slot.header.nbytes].copy_(slot._host_header, non_blocking=True)
+        slot.raw[: slot.header.nbytes].copy_(slot._host_header, non_blocking=True)
         if parts is not None:
             _copy_parts(slot.payload, parts)
         slot._event.record(self._streams.current())
@@ -256,7 +278,7 @@ class CudaAwareTransport(Transport):
     def stage_in(self, slot: Slot) -> None:
         # MPI wrote the bytes outside any stream, so the header copy depends on no queued kernel.
         with self._streams.use(self._header_stream):
-            slot._host_header.copy_(slot.raw[:slot.header.nbytes], non_blocking=True)
+            slot._host_header.copy_(slot.raw[: slot.header.nbytes], non_blocking=True)
         self._header_stream.synchronize()
 
 
@@ -280,10 +302,16 @@ class StagingTransport(Transport):
         host = self._host_bytes(header_bytes + payload_bytes)
         raw = host.numpy()
         host_payload = host[header_bytes:]
-        payload = (torch.empty(payload_bytes, dtype=torch.uint8, device=self.device) if device_view
-                   else host_payload)
-        return Slot(raw, _header_view(raw, header_bytes), payload, device_view=device_view, nbytes=raw.nbytes,
-                    host_payload=host_payload, event=self._streams.new_event())
+        payload = torch.empty(payload_bytes, dtype=torch.uint8, device=self.device) if device_view else host_payload
+        return Slot(
+            raw,
+            _header_view(raw, header_bytes),
+            payload,
+            device_view=device_view,
+            nbytes=raw.nbytes,
+            host_payload=host_payload,
+            event=self._streams.new_event(),
+        )
 
     def stage_out(self, slot: Slot, parts: Sequence[torch.Tensor | None] | None = None) -> None:
         if parts is None:

@@ -34,10 +34,22 @@ class RuleStep:
         lam = 0.0 if self.slope is Slope.VELOCITY else self.lam  # the velocity is a plain extrapolation
         if self.algorithm is Algorithm.DSGD:
             # Consensus SGD uses whatever arrived as it is: nothing is ever stale or too old.
-            return dict(lr=self.lr, lam=lam, tolerance=_FOREVER, horizon=_FOREVER, lam_mode=self.lam_mode,
-                        segments=self.flat.sizes)
-        return dict(lr=self.lr, lam=lam, tolerance=self.tolerance, horizon=self.horizon,
-                    lam_mode=self.lam_mode, segments=self.flat.sizes)
+            return dict(
+                lr=self.lr,
+                lam=lam,
+                tolerance=_FOREVER,
+                horizon=_FOREVER,
+                lam_mode=self.lam_mode,
+                segments=self.flat.sizes,
+            )
+        return dict(
+            lr=self.lr,
+            lam=lam,
+            tolerance=self.tolerance,
+            horizon=self.horizon,
+            lam_mode=self.lam_mode,
+            segments=self.flat.sizes,
+        )
 
     def _update_checked(self, x_k: torch.Tensor, view: View, closure, info: StepInfo) -> None:
         """The update, with neighbours whose message holds an inf or NaN left out (as if dropped).
@@ -50,8 +62,10 @@ class RuleStep:
         if not self.check_finite:
             self._update(x_k, view, closure, info)
             return
-        nbs = [left_out(nb) if s is not None and s == self._bad_step[n] else nb
-               for n, nb, s in zip(self.neighbours, view.neighbours, view.steps)]
+        nbs = [
+            left_out(nb) if s is not None and s == self._bad_step[n] else nb
+            for n, nb, s in zip(self.neighbours, view.neighbours, view.steps)
+        ]
         view.neighbours = nbs
         self._update(x_k, view, closure, info)
         if all_finite(self.flat.data):
@@ -61,16 +75,20 @@ class RuleStep:
             n = self.neighbours[i]
             self._bad_step[n] = view.steps[i]
             if not self.non_finite[n]:
-                self._warn(f"left out the message of step {view.steps[i]} from rank {n}: it holds non-finite "
-                           "values (later ones are counted in non_finite, not reported)")
+                self._warn(
+                    f"left out the message of step {view.steps[i]} from rank {n}: it holds non-finite "
+                    "values (later ones are counted in non_finite, not reported)"
+                )
             self.non_finite[n] += 1
             nbs[i] = left_out(nbs[i])
         if bad:
             info.choice = None
             self._update(x_k, view, closure, info)
         if not all_finite(self.flat.data):
-            raise Diverged(f"rank {self.world.rank}: the model's weights became inf or NaN at step "
-                           f"{self.step_count}; lower --lr (now {self.lr:g}) or --momentum")
+            raise Diverged(
+                f"rank {self.world.rank}: the model's weights became inf or NaN at step "
+                f"{self.step_count}; lower --lr (now {self.lr:g}) or --momentum"
+            )
 
     def _update(self, x_k: torch.Tensor, view: View, closure, info: StepInfo) -> None:
         """Writes x^j_{k+1} into the parameters (ALGORITHM.md "The two candidates and the update")."""
@@ -92,8 +110,9 @@ class RuleStep:
             info.thetas = {n: t for n, t, s in zip(self.neighbours, thetas, stale) if s}
         else:
             # PV without a stale neighbour: both candidates are x^C, the θ = 0 mix.
-            theta = {Algorithm.CLIP: 0.0, Algorithm.PREDICT: 1.0,
-                     Algorithm.PC_ASGD_PV: 0.0}.get(self.algorithm, self.theta)
+            theta = {Algorithm.CLIP: 0.0, Algorithm.PREDICT: 1.0, Algorithm.PC_ASGD_PV: 0.0}.get(
+                self.algorithm, self.theta
+            )
             thetas = [theta] * len(nbs)
         rule.mix(x_k, delta, w_self, nbs, thetas, on_predict=on_predict, out=x, **kw)
 

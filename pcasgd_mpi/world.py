@@ -37,8 +37,7 @@ class World:
         return topo.spectral_gap(self.W)
 
 
-def init(topology: str = "ring", weights: str = "metropolis", *, comm: MPI.Comm | None = None,
-         seed: int = 0) -> World:
+def init(topology: str = "ring", weights: str = "metropolis", *, comm: MPI.Comm | None = None, seed: int = 0) -> World:
     """Build the graph for this MPI world (same on every rank: it is a pure function of its inputs)."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     size = comm.Get_size()

@@ -21,9 +21,12 @@ SLOW_TIERS = ("mpi", "slurm", "bench")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--all-tiers", action="store_true", default=False,
-                     help="run every tier (fast, " + ", ".join(SLOW_TIERS) + "); without it and without -m, "
-                          "only the fast tier runs")
+    parser.addoption(
+        "--all-tiers",
+        action="store_true",
+        default=False,
+        help="run every tier (fast, " + ", ".join(SLOW_TIERS) + "); without it and without -m, only the fast tier runs",
+    )
 
 
 def _under_mpirun(config) -> bool:
@@ -60,8 +63,10 @@ def pytest_collection_modifyitems(config, items):
             empty = [t for t in SLOW_TIERS if not any(_tier(i) == t for i in items)]
             if empty:
                 # CI runs this session: a tier that lost its tests must fail it, not pass it quietly.
-                raise pytest.UsageError(f"--all-tiers: no test is marked {', '.join(empty)}; "
-                                        f"mark the tests of that tier (pytest.mark.<tier>)")
+                raise pytest.UsageError(
+                    f"--all-tiers: no test is marked {', '.join(empty)}; "
+                    f"mark the tests of that tier (pytest.mark.<tier>)"
+                )
         return
     if config.option.markexpr:
         return

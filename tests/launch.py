@@ -21,22 +21,32 @@ def mpi_env(extra: dict | None = None) -> dict:
 
 def mpirun_prefix(n: int) -> list[str]:
     if not LAUNCH_ALLOWED:
-        raise AssertionError("this test starts mpirun: mark it @pytest.mark.mpi so that it runs in the mpi tier, "
-                             "not in the fast default one")
+        raise AssertionError(
+            "this test starts mpirun: mark it @pytest.mark.mpi so that it runs in the mpi tier, "
+            "not in the fast default one"
+        )
     return mpirun_command(n)
 
 
 def run(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | str | None = None):
     """Run cmd in its own process group; on timeout kill the whole group and fail loudly."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=mpi_env(env), cwd=cwd or ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=mpi_env(env),
+        cwd=cwd or ROOT,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         raise AssertionError(
-            f"timed out after {timeout} s: {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}") from None
+            f"timed out after {timeout} s: {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}"
+        ) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

@@ -35,8 +35,10 @@ def check_pairs(summary: dict, where: str) -> None:
 
 def quick_run(tmp_path, parts: str) -> tuple[dict, subprocess.CompletedProcess, str]:
     out = tmp_path / "results.json"
-    proc = run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--parts", parts, "--json", str(out)],
-               timeout=580)
+    proc = run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--parts", parts, "--json", str(out)],
+        timeout=580,
+    )
     log = f"--- stdout\n{proc.stdout[-5000:]}\n--- stderr\n{proc.stderr[-5000:]}"
     assert proc.returncode == 0, log
     result = json.loads(out.read_text())
@@ -51,8 +53,11 @@ def test_paired_parts_report_median_ratios_of_interleaved_pairs(tmp_path):
         assert finite(record["ratio"]), (part, record["ratio"])
         check_pairs(record["pairs"], part)
         assert record["pairs"]["median"] == record["ratio"], part  # the goal is judged on the median
-    details = {"P1": ["ratio_exchange_copy"], "P2": ["ratio_no_edges_vs_compute", "ratio_async_pv_vs_compute"],
-               "P4": ["ratio_tau_2_2", "ratio_tau_8_12"]}
+    details = {
+        "P1": ["ratio_exchange_copy"],
+        "P2": ["ratio_no_edges_vs_compute", "ratio_async_pv_vs_compute"],
+        "P4": ["ratio_tau_2_2", "ratio_tau_8_12"],
+    }
     for part, keys in details.items():
         for key in keys:
             check_pairs(result["parts"][part]["detail"][key], f"{part} {key}")
@@ -77,8 +82,15 @@ def test_interleave_takes_the_ratio_pair_by_pair():
     speed = iter([1.0, 2.0, 10.0, 20.0, 3.0, 6.0, 1.0, 2.0])
     pairs = _bench.interleave(lambda: next(speed), lambda: next(speed), 3)
     assert pairs.order == "ABABAB" and pairs.a == [10.0, 3.0, 1.0] and pairs.b == [20.0, 6.0, 2.0]
-    assert pairs.summary() == {"median": 2.0, "q1": 2.0, "q3": 2.0, "min": 2.0, "max": 2.0, "pairs": 3,
-                               "order": "ABABAB"}
+    assert pairs.summary() == {
+        "median": 2.0,
+        "q1": 2.0,
+        "q3": 2.0,
+        "min": 2.0,
+        "max": 2.0,
+        "pairs": 3,
+        "order": "ABABAB",
+    }
     assert pairs.summary(inverse=True)["median"] == 0.5
 
 
@@ -90,16 +102,37 @@ def test_a_side_must_return_its_time():
 def test_scaling_quick_run_measures_every_phase_and_way_to_step(tmp_path):
     out = tmp_path / "scaling.json"
     table = tmp_path / "scaling.md"
-    proc = run([sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--ranks", "4", "--quick", "--json",
-                str(out), "--markdown", str(table)], timeout=400)
+    proc = run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "scaling.py"),
+            "--ranks",
+            "4",
+            "--quick",
+            "--json",
+            str(out),
+            "--markdown",
+            str(table),
+        ],
+        timeout=400,
+    )
     log = f"--- stdout\n{proc.stdout[-5000:]}\n--- stderr\n{proc.stderr[-5000:]}"
     assert proc.returncode == 0, log
     result = json.loads(out.read_text())
     assert result["errors"] == {} and len(result["results"]) == 1, log
     rec = result["results"][0]
     assert rec["ranks"] == 4
-    for phase in ("python", "torch", "torch_optim", "mpi4py", "mpi_init", "project_imports", "data", "setup",
-                  "first_step"):
+    for phase in (
+        "python",
+        "torch",
+        "torch_optim",
+        "mpi4py",
+        "mpi_init",
+        "project_imports",
+        "data",
+        "setup",
+        "first_step",
+    ):
         assert rec["startup"][phase]["wall_median"] >= 0 and rec["startup"][phase]["cpu_median"] >= 0, phase
     assert rec["to_first_step_s"]["max"] >= rec["to_first_step_s"]["median"] > 0
     steps = rec["steps"]
@@ -113,8 +146,11 @@ def test_scaling_quick_run_measures_every_phase_and_way_to_step(tmp_path):
 
 
 def test_bad_input_is_refused_in_one_line():
-    for script, args, words in (("run.py", ["--parts", "P9"], "unknown parts"),
-                                ("scaling.py", ["--ranks", "two"], "--ranks takes comma-separated integers")):
-        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
-                              capture_output=True, text=True, timeout=60)
+    for script, args, words in (
+        ("run.py", ["--parts", "P9"], "unknown parts"),
+        ("scaling.py", ["--ranks", "two"], "--ranks takes comma-separated integers"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True, timeout=60
+        )
         assert proc.returncode == 2 and words in proc.stderr, (script, proc.stderr)

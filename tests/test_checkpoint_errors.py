@@ -43,16 +43,23 @@ def test_truncated_checkpoint_is_one_line(tmp_path):
 
 def _cifar_batch(n=3, seed=0):
     rng = np.random.default_rng(seed)
-    return {b"batch_label": b"x", b"labels": [int(v) for v in rng.integers(0, 10, n)], b"filenames": [b"a"] * n,
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+    return {
+        b"batch_label": b"x",
+        b"labels": [int(v) for v in rng.integers(0, 10, n)],
+        b"filenames": [b"a"] * n,
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+    }
 
 
 def _write_cifar(folder, test_batch=None, protocol=2):
     folder.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
         with open(folder / name, "wb") as f:
-            pickle.dump(test_batch if (name == "test_batch" and test_batch is not None) else _cifar_batch(seed=i),
-                        f, protocol=protocol)
+            pickle.dump(
+                test_batch if (name == "test_batch" and test_batch is not None) else _cifar_batch(seed=i),
+                f,
+                protocol=protocol,
+            )
 
 
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])

@@ -30,24 +30,30 @@ def test_default_training_run_learns_and_reports_on_digits(tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("args, message", [
-    (["--algorithm", "sgd"], "argument --algorithm: must be one of dsgd, clip"),
-    (["--theta", "1.5"], "argument --theta: must be a finite number in [0, 1], got '1.5'"),
-    (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
-    (["--lr", "inf"], "argument --lr: must be a finite number > 0, got 'inf'"),
-    (["--momentum", "nan"], "argument --momentum: must be a finite number >= 0, got 'nan'"),
-    (["--threads", "0"], "argument --threads: must be a whole number >= 1"),
-    (["--keep-checkpoints", "0"], "argument --keep-checkpoints: must be a whole number >= 1"),
-    (["--straggler", "1:inf"], "FACTOR a finite number >= 1"),
-    (["--batch-size", "1000"], "--batch-size 1000 is larger than rank 0's shard of 719 samples; use --batch-size 719"),
-    (["--tolerance", "5", "--horizon", "2"], "tolerance (5) must not exceed horizon (2)"),
-    (["--mode", "lockstep", "--delay", "fixed:x"], "TAU must be a whole number"),
-    (["--straggler", "2"], "is not RANK:FACTOR"),
-    (["--topology", "topologies/torus-16.edgelist"], "16 nodes but the job has 2 ranks"),
-    (["--topology", "hypercube"], "unknown topology"),
-    (["--topology", "."], "is a directory"),
-    (["--dataset", "mnist"], "--data-dir"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--algorithm", "sgd"], "argument --algorithm: must be one of dsgd, clip"),
+        (["--theta", "1.5"], "argument --theta: must be a finite number in [0, 1], got '1.5'"),
+        (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
+        (["--lr", "inf"], "argument --lr: must be a finite number > 0, got 'inf'"),
+        (["--momentum", "nan"], "argument --momentum: must be a finite number >= 0, got 'nan'"),
+        (["--threads", "0"], "argument --threads: must be a whole number >= 1"),
+        (["--keep-checkpoints", "0"], "argument --keep-checkpoints: must be a whole number >= 1"),
+        (["--straggler", "1:inf"], "FACTOR a finite number >= 1"),
+        (
+            ["--batch-size", "1000"],
+            "--batch-size 1000 is larger than rank 0's shard of 719 samples; use --batch-size 719",
+        ),
+        (["--tolerance", "5", "--horizon", "2"], "tolerance (5) must not exceed horizon (2)"),
+        (["--mode", "lockstep", "--delay", "fixed:x"], "TAU must be a whole number"),
+        (["--straggler", "2"], "is not RANK:FACTOR"),
+        (["--topology", "topologies/torus-16.edgelist"], "16 nodes but the job has 2 ranks"),
+        (["--topology", "hypercube"], "unknown topology"),
+        (["--topology", "."], "is a directory"),
+        (["--dataset", "mnist"], "--data-dir"),
+    ],
+)
 def test_bad_input_is_one_clear_line_and_a_nonzero_exit(tmp_path, args, message):
     out = tmp_path / "run"
     proc = train(2, ["--out", str(out), "--steps", "5", *args], timeout=120)
@@ -61,8 +67,13 @@ def test_bad_input_is_one_clear_line_and_a_nonzero_exit(tmp_path, args, message)
 
 def test_topology_show_prints_matrix_and_gap(tmp_path):
     png = tmp_path / "g.png"
-    proc = subprocess.run([sys.executable, "-m", "pcasgd_mpi.cli", "topology", "show", "ring", "-n", "6",
-                           "--png", str(png)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pcasgd_mpi.cli", "topology", "show", "ring", "-n", "6", "--png", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "spectral gap" in proc.stdout.lower()
     assert png.stat().st_size > 1000
@@ -119,18 +130,33 @@ def test_interrupted_run_needs_resume_and_a_file_as_out_is_one_line(tmp_path):
     afile.write_text("x")
     line = one_error_line(train(2, ["--out", str(afile), "--steps", "3"], timeout=240))
     assert f"--out {afile} is a file, not a directory" in line
-    line = one_error_line(train(2, ["--out", str(tmp_path / "ok"), "--checkpoint-dir", str(afile / "c"),
-                                    "--steps", "3"], timeout=240))
+    line = one_error_line(
+        train(2, ["--out", str(tmp_path / "ok"), "--checkpoint-dir", str(afile / "c"), "--steps", "3"], timeout=240)
+    )
     assert f"--checkpoint-dir {afile}/c cannot be written" in line
 
 
 def test_train_without_a_launcher_says_it_runs_one_agent(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_", "SLURM_"))}
-    proc = subprocess.run([sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress", "--steps", "3",
-                           "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=240,
-                          cwd=ROOT, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pcasgd_mpi.cli",
+            "train",
+            "--no-progress",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path / "one"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     notes = [l for l in proc.stderr.splitlines() if "no MPI launcher found" in l]
-    assert notes == ["pcasgd-mpi: running 1 agent (no MPI launcher found); launch with mpirun -n N ... "
-                     "for N agents"]
+    assert notes == ["pcasgd-mpi: running 1 agent (no MPI launcher found); launch with mpirun -n N ... for N agents"]
     assert json.loads((tmp_path / "one" / "summary.json").read_text())["world_size"] == 1

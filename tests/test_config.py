@@ -71,34 +71,37 @@ def test_non_finite_float_flags_are_one_usage_line(capsys, name):
     assert "nan" in line
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"threads": 0}, "--threads: must be a whole number >= 1, got 0"),
-    ({"keep_checkpoints": 0}, "--keep-checkpoints: must be a whole number >= 1, got 0"),
-    ({"batch_size": 0}, "--batch-size: must be a whole number >= 1"),
-    ({"steps": 0}, "--steps: must be a whole number >= 1"),
-    ({"steps": 2.5}, "--steps: must be a whole number"),
-    ({"steps": True}, "--steps: must be a whole number"),
-    ({"lr": 0}, "--lr: must be a finite number > 0"),
-    ({"momentum": -0.1}, "--momentum: must be a finite number >= 0"),
-    ({"duration": 0}, "--duration: must be a finite number > 0"),
-    ({"seed": -1}, "--seed: must be a whole number >= 0"),
-    ({"theta": 1.5}, "--theta: must be a finite number in [0, 1]"),
-    ({"algorithm": "sgd"}, "--algorithm: must be one of dsgd, clip, predict, pc-asgd, pc-asgd-pv"),
-    ({"slope": "curvature"}, "--slope: must be one of update, gradient, velocity"),
-    ({"stop": "last"}, "--stop: must be one of first, each"),
-    ({"balance": "steps"}, "--balance: must be one of none, lr"),
-    ({"link_delay": ["1:-5"]}, "--link-delay: '1:-5': ranks must be >= 0 and MS a finite number >= 0"),
-    ({"link_delay": ["1:inf"]}, "MS a finite number >= 0"),
-    ({"link_delay": ["-1:5"]}, "ranks must be >= 0"),
-    ({"link_delay": ["a:5"]}, "is not RANKS:MS"),
-    ({"link_delay": ["20"]}, "is not RANKS:MS"),
-    ({"synthetic_shape": [3, 0, 4]}, "--synthetic-shape: sizes must be positive"),
-    ({"steps": 5, "epochs": 1.0}, "--steps and --epochs both given"),
-    ({"resume": True, "overwrite": True}, "--resume and --overwrite both given"),
-    ({"tolerance": 5, "horizon": 2}, "tolerance (5) must not exceed horizon (2)"),
-    ({"horizon": 0}, "tolerance (1) must not exceed horizon (0)"),  # async resolves tolerance to 1
-    ({"progress": "no"}, "--no-progress: must be true or false"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"threads": 0}, "--threads: must be a whole number >= 1, got 0"),
+        ({"keep_checkpoints": 0}, "--keep-checkpoints: must be a whole number >= 1, got 0"),
+        ({"batch_size": 0}, "--batch-size: must be a whole number >= 1"),
+        ({"steps": 0}, "--steps: must be a whole number >= 1"),
+        ({"steps": 2.5}, "--steps: must be a whole number"),
+        ({"steps": True}, "--steps: must be a whole number"),
+        ({"lr": 0}, "--lr: must be a finite number > 0"),
+        ({"momentum": -0.1}, "--momentum: must be a finite number >= 0"),
+        ({"duration": 0}, "--duration: must be a finite number > 0"),
+        ({"seed": -1}, "--seed: must be a whole number >= 0"),
+        ({"theta": 1.5}, "--theta: must be a finite number in [0, 1]"),
+        ({"algorithm": "sgd"}, "--algorithm: must be one of dsgd, clip, predict, pc-asgd, pc-asgd-pv"),
+        ({"slope": "curvature"}, "--slope: must be one of update, gradient, velocity"),
+        ({"stop": "last"}, "--stop: must be one of first, each"),
+        ({"balance": "steps"}, "--balance: must be one of none, lr"),
+        ({"link_delay": ["1:-5"]}, "--link-delay: '1:-5': ranks must be >= 0 and MS a finite number >= 0"),
+        ({"link_delay": ["1:inf"]}, "MS a finite number >= 0"),
+        ({"link_delay": ["-1:5"]}, "ranks must be >= 0"),
+        ({"link_delay": ["a:5"]}, "is not RANKS:MS"),
+        ({"link_delay": ["20"]}, "is not RANKS:MS"),
+        ({"synthetic_shape": [3, 0, 4]}, "--synthetic-shape: sizes must be positive"),
+        ({"steps": 5, "epochs": 1.0}, "--steps and --epochs both given"),
+        ({"resume": True, "overwrite": True}, "--resume and --overwrite both given"),
+        ({"tolerance": 5, "horizon": 2}, "tolerance (5) must not exceed horizon (2)"),
+        ({"horizon": 0}, "tolerance (1) must not exceed horizon (0)"),  # async resolves tolerance to 1
+        ({"progress": "no"}, "--no-progress: must be true or false"),
+    ],
+)
 def test_bad_values_are_one_line_naming_the_option(kwargs, message):
     with pytest.raises(ValueError) as info:
         TrainConfig(**kwargs)
@@ -178,14 +181,17 @@ def test_config_file_then_flags_win(tmp_path):
     assert parse("--config", str(path), "--no-progress", "--straggler", "0:3").straggler == ["0:3"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("lr: .inf\n", "--config {p}: lr: must be a finite number > 0, got inf"),
-    ("momentum: .nan\n", "--config {p}: momentum: must be a finite number >= 0, got nan"),
-    ("bogus: 1\n", "--config {p}: unknown option 'bogus'"),
-    ("- a\n- b\n", "--config {p}: expected a mapping"),
-    ("steps: [\n", "--config {p}: cannot read it"),
-    ("steps: 5\nepochs: 2\n", "--steps and --epochs both given"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lr: .inf\n", "--config {p}: lr: must be a finite number > 0, got inf"),
+        ("momentum: .nan\n", "--config {p}: momentum: must be a finite number >= 0, got nan"),
+        ("bogus: 1\n", "--config {p}: unknown option 'bogus'"),
+        ("- a\n- b\n", "--config {p}: expected a mapping"),
+        ("steps: [\n", "--config {p}: cannot read it"),
+        ("steps: 5\nepochs: 2\n", "--steps and --epochs both given"),
+    ],
+)
 def test_bad_config_file_is_one_usage_line(tmp_path, capsys, text, message):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -198,14 +204,17 @@ def test_config_that_is_a_directory_or_missing(tmp_path, capsys):
     assert "cannot read it" in usage_error(capsys, "--config", str(tmp_path / "none.yaml"))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--threads", "0"], "argument --threads: must be a whole number >= 1, got '0'"),
-    (["--keep-checkpoints", "0"], "argument --keep-checkpoints: must be a whole number >= 1"),
-    (["--lr", "inf"], "argument --lr: must be a finite number > 0, got 'inf'"),
-    (["--algorithm", "sgd"], "argument --algorithm: must be one of dsgd"),
-    (["--steps", "5", "--epochs", "1"], "argument --epochs: not allowed with argument --steps"),
-    (["--link-delay", "1:nan"], "argument --link-delay: '1:nan'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--threads", "0"], "argument --threads: must be a whole number >= 1, got '0'"),
+        (["--keep-checkpoints", "0"], "argument --keep-checkpoints: must be a whole number >= 1"),
+        (["--lr", "inf"], "argument --lr: must be a finite number > 0, got 'inf'"),
+        (["--algorithm", "sgd"], "argument --algorithm: must be one of dsgd"),
+        (["--steps", "5", "--epochs", "1"], "argument --epochs: not allowed with argument --steps"),
+        (["--link-delay", "1:nan"], "argument --link-delay: '1:nan'"),
+    ],
+)
 def test_bad_flags_are_one_usage_line(capsys, argv, message):
     assert message in usage_error(capsys, *argv)
 
@@ -217,12 +226,17 @@ def test_parser_has_one_option_per_field_and_no_hand_written_train_options():
         assert f.metadata["help"] and f.metadata["group"], f.name
     src = open(cli.__file__).read()
     assert "_actions" not in src and "_SubParsersAction" not in src
-    assert "add_argument(\"--lr\"" not in src and "add_argument(\"--algorithm\"" not in src
+    assert 'add_argument("--lr"' not in src and 'add_argument("--algorithm"' not in src
 
 
 def _train_help() -> str:
-    return subprocess.run([sys.executable, "-m", "pcasgd_mpi.cli", "train", "--help"], capture_output=True,
-                          text=True, timeout=120, check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "pcasgd_mpi.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
 
 
 def _help_entries(text: str) -> dict[str, str]:
@@ -246,12 +260,25 @@ def test_help_shows_each_default_once_and_correctly():
     assert {flag_of(f) for f in dataclasses.fields(TrainConfig)} <= set(entries)
     for entry in entries.values():
         assert entry.count("(default") <= 1, entry
-    for flag, default in [("--algorithm", "pc-asgd-pv"), ("--mode", "async"), ("--model", "mlp"),
-                          ("--dataset", "digits"), ("--lam-mode", "fixed"), ("--batch-size", "32"),
-                          ("--lr", "0.1"), ("--momentum", "0.0"), ("--weight-decay", "0.0"), ("--seed", "0"),
-                          ("--lam", "0.04"), ("--steps", "500"), ("--slope", "update"), ("--stop", "first"),
-                          ("--balance", "none"), ("--tolerance", "0 lockstep, 1 async"),
-                          ("--synthetic-shape", "1,8,8")]:
+    for flag, default in [
+        ("--algorithm", "pc-asgd-pv"),
+        ("--mode", "async"),
+        ("--model", "mlp"),
+        ("--dataset", "digits"),
+        ("--lam-mode", "fixed"),
+        ("--batch-size", "32"),
+        ("--lr", "0.1"),
+        ("--momentum", "0.0"),
+        ("--weight-decay", "0.0"),
+        ("--seed", "0"),
+        ("--lam", "0.04"),
+        ("--steps", "500"),
+        ("--slope", "update"),
+        ("--stop", "first"),
+        ("--balance", "none"),
+        ("--tolerance", "0 lockstep, 1 async"),
+        ("--synthetic-shape", "1,8,8"),
+    ]:
         assert f"(default: {default})" in entries[flag].replace("- ", "-"), (flag, entries[flag])
     for flag in ("--no-progress", "--resume", "--overwrite", "--epochs", "--duration", "--link-delay"):
         assert "default" not in entries[flag], entries[flag]

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ---------------------------------------------------------------- file writers
 
+
 def write_idx(path, array, gz=False):
     array = np.asarray(array, dtype=np.uint8)
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
@@ -52,6 +53,7 @@ def write_cifar(folder, per_batch=3, seed=0):
 
 
 # ---------------------------------------------------------------- digits / synthetic
+
 
 def test_digits_shapes_split_and_standardisation():
     ds = load("digits")
@@ -112,6 +114,7 @@ def test_unknown_dataset_lists_names():
 
 # ---------------------------------------------------------------- MNIST IDX files
 
+
 @pytest.mark.parametrize(
     "name,sub,gz",
     [
@@ -129,8 +132,7 @@ def test_idx_reader_layouts(tmp_path, name, sub, gz):
     assert abs(ds.x_train.mean().item()) < 1e-4
     # Normalisation is monotone, so pixel order must survive.
     raw = arrays["train-images-idx3-ubyte"].reshape(6, -1)
-    assert np.array_equal(np.argsort(raw[0], kind="stable"),
-                          np.argsort(ds.x_train[0].flatten().numpy(), kind="stable"))
+    assert np.array_equal(np.argsort(raw[0], kind="stable"), np.argsort(ds.x_train[0].flatten().numpy(), kind="stable"))
 
 
 def test_idx_missing_root_and_files(tmp_path):
@@ -168,6 +170,7 @@ def test_idx_corrupt_gzip_and_mismatched_counts(tmp_path):
 
 # ---------------------------------------------------------------- CIFAR-10 pickles
 
+
 @pytest.mark.parametrize("sub", ["cifar-10-batches-py", ""])
 def test_cifar_reader_layouts(tmp_path, sub):
     write_cifar(tmp_path / sub if sub else tmp_path)
@@ -195,6 +198,7 @@ def test_cifar_missing_and_corrupt(tmp_path):
 
 
 # ---------------------------------------------------------------- partition
+
 
 def _check_cover(shards, n):
     joined = np.concatenate(shards)
@@ -248,6 +252,7 @@ def test_partition_rejects_too_many_agents():
 
 # ---------------------------------------------------------------- ShardSampler
 
+
 def test_sampler_epochs_drop_tail_and_cover_shard():
     indices = np.arange(100, 123)
     s = ShardSampler(indices, batch_size=5, seed=0, rank=1)
@@ -298,6 +303,7 @@ def test_module_constants():
 
 
 # ---------------------------------------------------------------- mnist1d
+
 
 @pytest.fixture(scope="module")
 def mnist1d_cache(tmp_path_factory):

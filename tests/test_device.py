@@ -101,12 +101,16 @@ def fake_libs(tmp_path_factory):
 
 
 def _maps(tmp_path, *paths: str) -> str:
-    lines = ["55d0c0000000-55d0c0021000 r--p 00000000 08:01 1234 /usr/bin/python3.11",
-             "7f1e2c000000-7f1e2c021000 rw-p 00000000 00:00 0 ",
-             "7f1e2d000000-7f1e2d100000 r-xp 00000000 08:01 99 /opt/lib/libmpi_mpifh.so.40.0.0",
-             "7ffd4b3e0000-7ffd4b401000 rw-p 00000000 00:00 0                          [stack]"]
-    lines += [f"7f1e3{i}000000-7f1e3{i}001000 r-xp 00001000 08:01 {4321 + i}                    {p}"
-              for i, p in enumerate(paths)]
+    lines = [
+        "55d0c0000000-55d0c0021000 r--p 00000000 08:01 1234 /usr/bin/python3.11",
+        "7f1e2c000000-7f1e2c021000 rw-p 00000000 00:00 0 ",
+        "7f1e2d000000-7f1e2d100000 r-xp 00000000 08:01 99 /opt/lib/libmpi_mpifh.so.40.0.0",
+        "7ffd4b3e0000-7ffd4b401000 rw-p 00000000 00:00 0                          [stack]",
+    ]
+    lines += [
+        f"7f1e3{i}000000-7f1e3{i}001000 r-xp 00001000 08:01 {4321 + i}                    {p}"
+        for i, p in enumerate(paths)
+    ]
     path = tmp_path / "maps"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -190,8 +194,9 @@ def test_unknown_setting_is_refused():
 
 
 def _python(code: str) -> str:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=mpi_env(),
-                         cwd=ROOT, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=mpi_env(), cwd=ROOT, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -203,10 +208,12 @@ def test_importing_device_pulls_in_neither_torch_nor_mpi():
 
 def test_the_installed_open_mpi_is_not_cuda_aware():
     # A fresh process: the MPI is initialised there, not in the test runner.
-    code = ("import json; from mpi4py import MPI; from pcasgd_mpi import device as d; "
-            "print(json.dumps({'libs': d.loaded_mpi_libraries(), 'query': d.query_mpi_cuda_support(), "
-            "'decision': d.decide_cuda_aware('auto', 'cuda:0', {}).to_dict(), "
-            "'local': d.local_rank_from_comm(MPI.COMM_WORLD)}))")
+    code = (
+        "import json; from mpi4py import MPI; from pcasgd_mpi import device as d; "
+        "print(json.dumps({'libs': d.loaded_mpi_libraries(), 'query': d.query_mpi_cuda_support(), "
+        "'decision': d.decide_cuda_aware('auto', 'cuda:0', {}).to_dict(), "
+        "'local': d.local_rank_from_comm(MPI.COMM_WORLD)}))"
+    )
     report = json.loads(_python(code).splitlines()[-1])
     assert report["libs"], "mpi4py's MPI library should show up in /proc/self/maps"
     assert report["query"] in (False, None)

@@ -24,8 +24,13 @@ def grid_of(**raw):
 
 # ----------------------------------------------------------------------------- expansion and names
 def test_grid_expands_every_combination_with_unique_stable_names():
-    g = grid_of(algorithms=["dsgd", "pc-asgd:0.25", "pc-asgd"], delays=["none", "random:0.5:4", "ranks:0,2:8"],
-                seeds=[0, 1], partitions=["iid", "dirichlet:0.3"], lrs=[0.1, 0.5])
+    g = grid_of(
+        algorithms=["dsgd", "pc-asgd:0.25", "pc-asgd"],
+        delays=["none", "random:0.5:4", "ranks:0,2:8"],
+        seeds=[0, 1],
+        partitions=["iid", "dirichlet:0.3"],
+        lrs=[0.1, 0.5],
+    )
     runs = g.runs()
     assert len(runs) == 3 * 3 * 2 * 2 * 2
     names = [r.name for r in runs]
@@ -34,7 +39,7 @@ def test_grid_expands_every_combination_with_unique_stable_names():
     assert "dsgd__random-0.5-4__iid__lr0.1__s0" in names
     assert [a.label for a in g.algorithms] == ["dsgd", "pc-asgd:0.25", "pc-asgd:0.5"]
     # A setting's runs are contiguous so that a partly finished grid already fills whole cells.
-    first = runs[:3 * 3 * 2]
+    first = runs[: 3 * 3 * 2]
     assert {(r.partition, r.lr) for r in first} == {("iid", 0.1)}
 
 
@@ -48,8 +53,12 @@ def test_run_fields_set_algorithm_theta_delay_and_keep_the_base():
 
 
 def test_exclude_removes_matching_runs_and_delays_are_canonical():
-    g = grid_of(algorithms=["dsgd", "clip", "allreduce"], delays=["none", "fixed:02"], seeds=[0, 1],
-                exclude=[{"algorithm": "allreduce", "delay": "fixed:2"}, {"algorithm": ["clip"], "delay": "none"}])
+    g = grid_of(
+        algorithms=["dsgd", "clip", "allreduce"],
+        delays=["none", "fixed:02"],
+        seeds=[0, 1],
+        exclude=[{"algorithm": "allreduce", "delay": "fixed:2"}, {"algorithm": ["clip"], "delay": "none"}],
+    )
     combos = {(r.algorithm.label, r.delay) for r in g.runs()}
     assert combos == {("dsgd", "none"), ("dsgd", "fixed:2"), ("clip", "fixed:2"), ("allreduce", "none")}
 
@@ -57,15 +66,25 @@ def test_exclude_removes_matching_runs_and_delays_are_canonical():
 def test_every_algorithm_of_the_trainer_can_be_a_grid_axis():
     names = [a.value for a in config.Algorithm]
     assert [a.label for a in grid_of(algorithms=names).algorithms] == [
-        "pc-asgd:0.5" if n == "pc-asgd" else n for n in names]
+        "pc-asgd:0.5" if n == "pc-asgd" else n for n in names
+    ]
 
 
 def test_shipped_grids_parse_and_have_the_planned_size():
     grids = {p.stem: gridfile.load_grid(p) for p in GRIDS.glob("*.yaml")}
     assert {"digits", "digits-noniid", "tiny", "resnet20-synthetic"} <= set(grids)
     digits = grids["digits"]
-    assert [a.label for a in digits.algorithms] == ["dsgd", "clip", "predict", "pc-asgd:0.25", "pc-asgd:0.5",
-                                                     "pc-asgd:0.75", "pc-asgd-pv", "pc-asgd-av", "allreduce"]
+    assert [a.label for a in digits.algorithms] == [
+        "dsgd",
+        "clip",
+        "predict",
+        "pc-asgd:0.25",
+        "pc-asgd:0.5",
+        "pc-asgd:0.75",
+        "pc-asgd-pv",
+        "pc-asgd-av",
+        "allreduce",
+    ]
     assert digits.delays == ["none", "fixed:2", "random:0.5:4", "ranks:0,2:8"] and digits.seeds == [0, 1, 2]
     noniid = grids["digits-noniid"]
     labels = {a.label for a in noniid.algorithms}
@@ -82,29 +101,32 @@ def test_importing_the_experiment_does_not_start_mpi():
 
 
 # ----------------------------------------------------------------------------- validation
-@pytest.mark.parametrize("change, message", [
-    ({"algorithms": ["dsgd", "sgd"]}, r"algorithms\[1\]: unknown algorithm 'sgd'"),
-    ({"algorithms": ["pc-asgd:1.5"]}, r"algorithms\[0\]: 'pc-asgd:1.5': THETA must be a number in \[0, 1\]"),
-    ({"algorithms": ["clip:0.3"]}, r"only pc-asgd takes a value"),
-    ({"delays": ["none", "fixed:x"]}, r"delays\[1\]: delay 'fixed:x': TAU must be a whole number"),
-    ({"delays": ["sometimes"]}, r"delays\[0\]: delay 'sometimes' is not one of"),
-    ({"delays": ["ranks:0,5:2"]}, r"delays\[0\]: .*ranks \[5\] but the job has only 4 ranks"),
-    ({"partitions": ["dirichlet:-1"]}, r"partitions\[0\]: bad partition scheme"),
-    ({"lrs": [0.1, 0]}, r"lrs\[1\]: a learning rate must be a number > 0"),
-    ({"seeds": [0, "a"]}, r"seeds\[1\]: a seed must be a whole number"),
-    ({"seeds": []}, r"'seeds' is empty"),
-    ({"seeds": [1, 1]}, r"'seeds' lists 1 more than once"),
-    ({"stepz": 5}, r"unknown key\(s\) 'stepz'"),
-    ({"algorithm": "dsgd"}, r"'algorithm' is set by each run; list it under 'algorithms'"),
-    ({"steps": "many"}, r"steps: must be a whole number >= 1, got 'many'"),
-    ({"mode": "sometimes"}, r"mode: .*sometimes"),
-    ({"steps": 5, "epochs": 1.0}, r"run dsgd__none__iid__lr0.1__s0: --steps and --epochs both given"),
-    ({"lr": 0.1, "lrs": [0.1]}, r"both 'lr' and 'lrs' are given"),
-    ({"exclude": [{"algorithm": "dsgd"}]}, r"'exclude' leaves no run"),
-    ({"exclude": [{"colour": "red"}]}, r"exclude\[0\]: unknown key 'colour'"),
-    ({"mode": "async", "delays": ["fixed:2"]}, r"injected delays need mode lockstep"),
-    ({"ranks": 0}, r"ranks must be a whole number >= 1"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"algorithms": ["dsgd", "sgd"]}, r"algorithms\[1\]: unknown algorithm 'sgd'"),
+        ({"algorithms": ["pc-asgd:1.5"]}, r"algorithms\[0\]: 'pc-asgd:1.5': THETA must be a number in \[0, 1\]"),
+        ({"algorithms": ["clip:0.3"]}, r"only pc-asgd takes a value"),
+        ({"delays": ["none", "fixed:x"]}, r"delays\[1\]: delay 'fixed:x': TAU must be a whole number"),
+        ({"delays": ["sometimes"]}, r"delays\[0\]: delay 'sometimes' is not one of"),
+        ({"delays": ["ranks:0,5:2"]}, r"delays\[0\]: .*ranks \[5\] but the job has only 4 ranks"),
+        ({"partitions": ["dirichlet:-1"]}, r"partitions\[0\]: bad partition scheme"),
+        ({"lrs": [0.1, 0]}, r"lrs\[1\]: a learning rate must be a number > 0"),
+        ({"seeds": [0, "a"]}, r"seeds\[1\]: a seed must be a whole number"),
+        ({"seeds": []}, r"'seeds' is empty"),
+        ({"seeds": [1, 1]}, r"'seeds' lists 1 more than once"),
+        ({"stepz": 5}, r"unknown key\(s\) 'stepz'"),
+        ({"algorithm": "dsgd"}, r"'algorithm' is set by each run; list it under 'algorithms'"),
+        ({"steps": "many"}, r"steps: must be a whole number >= 1, got 'many'"),
+        ({"mode": "sometimes"}, r"mode: .*sometimes"),
+        ({"steps": 5, "epochs": 1.0}, r"run dsgd__none__iid__lr0.1__s0: --steps and --epochs both given"),
+        ({"lr": 0.1, "lrs": [0.1]}, r"both 'lr' and 'lrs' are given"),
+        ({"exclude": [{"algorithm": "dsgd"}]}, r"'exclude' leaves no run"),
+        ({"exclude": [{"colour": "red"}]}, r"exclude\[0\]: unknown key 'colour'"),
+        ({"mode": "async", "delays": ["fixed:2"]}, r"injected delays need mode lockstep"),
+        ({"ranks": 0}, r"ranks must be a whole number >= 1"),
+    ],
+)
 def test_bad_grid_is_one_clear_value_error_line(change, message):
     with pytest.raises(ValueError, match=message) as info:
         grid_of(**change)
@@ -127,8 +149,9 @@ def test_missing_axis_and_bad_yaml(tmp_path):
 def test_command_line_reports_a_bad_grid_in_one_line_without_mpi(tmp_path):
     bad = tmp_path / "g.yaml"
     bad.write_text(yaml.safe_dump({"algorithms": ["dsgd", "fast-sgd"], "delays": ["none"], "seeds": [0]}))
-    proc = subprocess.run([sys.executable, "-m", "pcasgd_mpi.experiment", str(bad)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pcasgd_mpi.experiment", str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "unknown algorithm 'fast-sgd'" in proc.stderr
 
@@ -151,9 +174,11 @@ def fabricated():
     summaries = {}
     for spec in g.runs():
         acc = ACC[(spec.algorithm.label, spec.delay)][spec.seed]
-        summaries[spec.name] = {"final_accuracy": acc, "consensus_distance": 0.01 * (1 + spec.seed),
-                                "pv_wins": {"predict": spec.seed, "clip": 2} if spec.delay != "none" else
-                                {"predict": 0, "clip": 0}}
+        summaries[spec.name] = {
+            "final_accuracy": acc,
+            "consensus_distance": 0.01 * (1 + spec.seed),
+            "pv_wins": {"predict": spec.seed, "clip": 2} if spec.delay != "none" else {"predict": 0, "clip": 0},
+        }
     return g, summaries
 
 
@@ -208,7 +233,10 @@ def test_paper_checks_cannot_answer_without_the_algorithms():
     g = grid_of(algorithms=["dsgd", "clip"], delays=["none", "fixed:2"])
     summaries = {spec.name: {"final_accuracy": 0.9} for spec in g.runs()}
     assert checks(aggregation.aggregate(g, summaries)) == {
-        "pv_vs_baselines": None, "pv_no_delay": None, "av_worst_case": None}
+        "pv_vs_baselines": None,
+        "pv_no_delay": None,
+        "av_worst_case": None,
+    }
 
 
 def test_paper_checks_command_writes_its_answers_next_to_the_results(tmp_path, capsys):
@@ -249,8 +277,13 @@ def test_markdown_has_the_tables_and_the_gap_row():
 def test_write_report_from_run_directories(tmp_path):
     g = grid_of(algorithms=["dsgd", "pc-asgd-pv"], delays=["none", "fixed:2"], seeds=[0, 1], ranks=2)
     for i, spec in enumerate(g.runs()):
-        make_run(tmp_path / "runs" / spec.name, algorithm=spec.algorithm.name, delay=spec.delay,
-                 accuracy=0.9 - 0.01 * i, seed=spec.seed)
+        make_run(
+            tmp_path / "runs" / spec.name,
+            algorithm=spec.algorithm.name,
+            delay=spec.delay,
+            accuracy=0.9 - 0.01 * i,
+            seed=spec.seed,
+        )
     agg = report.write_report(g, tmp_path)
     assert agg["table"]["dsgd"]["delay none · iid · lr 0.1"]["accuracy"]["mean"] == pytest.approx(0.895)
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -259,7 +292,11 @@ def test_write_report_from_run_directories(tmp_path):
     for fig in agg["figures"]:
         assert (tmp_path / fig).read_bytes()[:8] == PNG_MAGIC
     assert {p.split("/")[-1] for p in agg["figures"]} == {
-        "curves__none__iid__lr0.1.png", "curves__fixed-2__iid__lr0.1.png", "consensus.png", "staleness.png"}
+        "curves__none__iid__lr0.1.png",
+        "curves__fixed-2__iid__lr0.1.png",
+        "consensus.png",
+        "staleness.png",
+    }
 
 
 def test_a_finished_run_is_skipped_and_one_with_other_settings_refused(tmp_path):
@@ -302,8 +339,26 @@ def test_tiny_grid_under_mpirun_then_resumed_through_the_relaunch(tmp_path):
 # ----------------------------------------------------------------------------- the convex check
 def test_convex_check_runs_tiny_and_answers_from_its_data(tmp_path):
     convex = _benchmark("convex")
-    args = ["--agents", "4", "--dim", "4", "--rows", "8", "--batch", "2", "--steps", "60", "--tail", "20",
-            "--seeds", "2", "--taus", "0,3", "--out", str(tmp_path)]
+    args = [
+        "--agents",
+        "4",
+        "--dim",
+        "4",
+        "--rows",
+        "8",
+        "--batch",
+        "2",
+        "--steps",
+        "60",
+        "--tail",
+        "20",
+        "--seeds",
+        "2",
+        "--taus",
+        "0,3",
+        "--out",
+        str(tmp_path),
+    ]
     assert convex.main(args) == 0
     result = json.loads((tmp_path / "convex.json").read_text())
     assert (tmp_path / "convex.png").read_bytes()[:8] == PNG_MAGIC
@@ -311,8 +366,10 @@ def test_convex_check_runs_tiny_and_answers_from_its_data(tmp_path):
     # Without delay nothing is stale, so every rule is the same update.
     at0 = [errors[a]["0"]["mean"] for a in convex.ALGORITHMS]
     assert max(at0) == pytest.approx(min(at0), rel=1e-9)
-    expected = all(errors["pc-asgd-pv"][t]["mean"] <= max(errors["clip"][t]["mean"], errors["predict"][t]["mean"])
-                   for t in ("0", "3"))
+    expected = all(
+        errors["pc-asgd-pv"][t]["mean"] <= max(errors["clip"][t]["mean"], errors["predict"][t]["mean"])
+        for t in ("0", "3")
+    )
     answer = result["checks"]["b_pv_not_worse_than_worse_of_clip_predict"]["holds"]
     assert answer is expected
     assert f"**{answer}**" in (tmp_path / "convex.md").read_text()
@@ -320,9 +377,14 @@ def test_convex_check_runs_tiny_and_answers_from_its_data(tmp_path):
     # The same function on made-up numbers: both answers follow the numbers.
     def table(pv, grow):
         cell = lambda v: {"mean": v}  # noqa: E731
-        return {"dsgd": {"0": cell(1), "2": cell(1)}, "clip": {"0": cell(1), "2": cell(2)},
-                "predict": {"0": cell(1), "2": cell(3)}, "pc-asgd": {"0": cell(1), "2": cell(grow)},
-                "pc-asgd-pv": {"0": cell(1), "2": cell(pv)}, "pc-asgd-av": {"0": cell(1), "2": cell(1)}}
+        return {
+            "dsgd": {"0": cell(1), "2": cell(1)},
+            "clip": {"0": cell(1), "2": cell(2)},
+            "predict": {"0": cell(1), "2": cell(3)},
+            "pc-asgd": {"0": cell(1), "2": cell(grow)},
+            "pc-asgd-pv": {"0": cell(1), "2": cell(pv)},
+            "pc-asgd-av": {"0": cell(1), "2": cell(1)},
+        }
 
     ok = convex.evaluate_checks(table(pv=2.5, grow=1.5), [0, 2])
     assert ok["b_pv_not_worse_than_worse_of_clip_predict"]["holds"] is True

@@ -51,10 +51,19 @@ def _rank_pids(root_pid: int) -> dict[int, int]:
 
 
 def _start(out: Path, args: list[str]) -> subprocess.Popen:
-    cmd = mpirun_prefix(4) + [sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress", "--out", str(out),
-                              *args]
-    return subprocess.Popen(cmd, env=mpi_env(), cwd=ROOT, start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = mpirun_prefix(4) + [
+        sys.executable,
+        "-m",
+        "pcasgd_mpi.cli",
+        "train",
+        "--no-progress",
+        "--out",
+        str(out),
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, env=mpi_env(), cwd=ROOT, start_new_session=True, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def _wait_training(proc: subprocess.Popen, out: Path, size: int = 4, lines: int = 20) -> dict[int, int]:

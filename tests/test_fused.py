@@ -1,4 +1,5 @@
 """The numba kernel of pcasgd_mpi.fused against the torch code of pcasgd_mpi.rule and exact values."""
+
 import math
 import sys
 from fractions import Fraction
@@ -74,6 +75,7 @@ def rollout(x_s, g, tau, lr, lam):
 
 # ---------------------------------------------------------------- the kernel itself
 
+
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("tau", TAUS)
 def test_predict_matches_exact_values(single_thread, tau, dtype):
@@ -90,8 +92,7 @@ def test_predict_matches_exact_values(single_thread, tau, dtype):
 @pytest.mark.parametrize("tau", [2, 5, 16])
 def test_lambda_zero_is_linear_extrapolation(single_thread, tau):
     x_s, g = torch.tensor([1.0, -2.0, 3.5], dtype=F64), torch.tensor([0.3, -4.0, 1e-9], dtype=F64)
-    torch.testing.assert_close(fused.predict(x_s, g, tau, LR, 0.0), x_s - LR * tau * g,
-                               rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(fused.predict(x_s, g, tau, LR, 0.0), x_s - LR * tau * g, rtol=1e-15, atol=1e-15)
 
 
 def test_clamp_at_c_one_gives_one_step():
@@ -140,6 +141,7 @@ def test_kernel_argument_errors():
 
 # ---------------------------------------------------------------- rule through the kernel
 
+
 def _vectors(n, dtype, count, seed=0, tau=(3, 5, 2, 16, 7, 9, 33)):
     gen = torch.Generator().manual_seed(seed)
 
@@ -166,10 +168,12 @@ def test_candidates_and_mix_match_torch_code(single_thread, kernel_calls, monkey
     for path in ("kernel", "torch"):
         if path == "torch":
             monkeypatch.setattr(rule, "FUSED_MIN_NUMEL", sys.maxsize)
-        results[path] = [*candidates(x, delta, 0.1, stale, **KW),
-                         *candidates(x, delta, 0.1, [fresh, *stale], **KW),  # fresh: kernel per neighbour
-                         mix(x, delta, 0.1, stale, thetas, **KW),
-                         mix(x, delta, 0.1, [fresh, *stale], [0.5, *thetas], **KW)]
+        results[path] = [
+            *candidates(x, delta, 0.1, stale, **KW),
+            *candidates(x, delta, 0.1, [fresh, *stale], **KW),  # fresh: kernel per neighbour
+            mix(x, delta, 0.1, stale, thetas, **KW),
+            mix(x, delta, 0.1, [fresh, *stale], [0.5, *thetas], **KW),
+        ]
         if path == "kernel":
             assert len(kernel_calls) >= 4
             kernel_calls.clear()
@@ -244,6 +248,7 @@ def test_nan_and_inf_in_grad_reach_the_output(single_thread, kernel_calls):
 
 # ---------------------------------------------------------------- when the kernel runs
 
+
 def test_large_vectors_use_the_kernel_by_default(monkeypatch):
     calls = []
     launcher = fused._launcher
@@ -259,8 +264,7 @@ def test_large_vectors_use_the_kernel_by_default(monkeypatch):
 def _cases_for_torch_code():
     x, delta, stale = _vectors(64, F32, 2)
     other = [Neighbour(nb.weight, nb.x.double(), nb.grad.double(), nb.staleness) for nb in stale]
-    strided = [Neighbour(nb.weight, torch.stack([nb.x, nb.x], 1)[:, 0], nb.grad, nb.staleness)
-               for nb in stale]
+    strided = [Neighbour(nb.weight, torch.stack([nb.x, nb.x], 1)[:, 0], nb.grad, nb.staleness) for nb in stale]
     half = [Neighbour(0.2, stale[0].x.half(), stale[0].grad.half(), 3)]
     return {
         "adaptive λ": (x, delta, stale, dict(KW, lam_mode="adaptive")),

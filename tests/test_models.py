@@ -98,7 +98,10 @@ def test_signal_cnn_is_the_published_conv1d_net():
     model = build("cnn", SIGNAL, 10)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv1d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == [
-        (1, 25, 5, 2), (25, 25, 3, 2), (25, 25, 3, 2)]
+        (1, 25, 5, 2),
+        (25, 25, 3, 2),
+        (25, 25, 3, 2),
+    ]
     # 40 -> 19 -> 10 -> 5 samples of 25 channels into the classifier.
     assert model.classifier.in_features == 125
     assert count_parameters(model) == 150 + 1900 + 1900 + 1260

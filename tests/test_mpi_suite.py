@@ -12,8 +12,18 @@ RANKS = 4
 
 
 def test_pytest_mpi_suite_passes_on_every_rank(tmp_path):
-    cmd = mpirun_prefix(RANKS) + [sys.executable, "-m", "pytest", "--with-mpi", "-q", "-p", "no:cacheprovider",
-                                  "--timeout", "120", str(ROOT / "tests" / "mpi")]
+    cmd = mpirun_prefix(RANKS) + [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--with-mpi",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--timeout",
+        "120",
+        str(ROOT / "tests" / "mpi"),
+    ]
     proc = run(cmd, timeout=600, env={"PCASGD_TEST_REPORT_DIR": str(tmp_path)})
     log = f"--- stdout\n{proc.stdout[-20000:]}\n--- stderr\n{proc.stderr[-10000:]}"
     assert proc.returncode == 0, log

@@ -15,8 +15,21 @@ from pcasgd_mpi import plot
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(path, *, algorithm="pc-asgd-pv", delay="fixed:2", theta=0.5, ranks=2, steps=20, eval_every=10,
-             accuracy=0.9, consensus=0.01, seed=0, summary=True, merged=True):
+def make_run(
+    path,
+    *,
+    algorithm="pc-asgd-pv",
+    delay="fixed:2",
+    theta=0.5,
+    ranks=2,
+    steps=20,
+    eval_every=10,
+    accuracy=0.9,
+    consensus=0.01,
+    seed=0,
+    summary=True,
+    merged=True,
+):
     """A run directory shaped like the trainer's output, with made-up but plausible numbers."""
     path.mkdir(parents=True)
     rng = np.random.default_rng(seed)
@@ -25,33 +38,71 @@ def make_run(path, *, algorithm="pc-asgd-pv", delay="fixed:2", theta=0.5, ranks=
     for r in range(ranks):
         for k in range(steps):
             stale = None if k < tau else tau
-            rec = {"rank": r, "step": k, "t": 0.01 * k, "loss": float(2.0 * np.exp(-k / 10) + 0.05 * rng.random()),
-                   "staleness": {str((r + 1) % ranks): stale}}
+            rec = {
+                "rank": r,
+                "step": k,
+                "t": 0.01 * k,
+                "loss": float(2.0 * np.exp(-k / 10) + 0.05 * rng.random()),
+                "staleness": {str((r + 1) % ranks): stale},
+            }
             if algorithm == "pc-asgd-pv" and stale:
                 rec["choice"] = "predict" if k % 3 == 0 else "clip"
             lines.append(rec)
             if eval_every and (k + 1) % eval_every == 0:
                 frac = (k + 1) / steps
-                lines.append({"rank": r, "step": k + 1, "eval": {
-                    "agent_accuracy": accuracy * frac - 0.01, "agent_loss": 1 - frac,
-                    "accuracy": accuracy * frac, "test_loss": 1.1 - frac, "consensus_distance": consensus / frac}})
+                lines.append(
+                    {
+                        "rank": r,
+                        "step": k + 1,
+                        "eval": {
+                            "agent_accuracy": accuracy * frac - 0.01,
+                            "agent_loss": 1 - frac,
+                            "accuracy": accuracy * frac,
+                            "test_loss": 1.1 - frac,
+                            "consensus_distance": consensus / frac,
+                        },
+                    }
+                )
     if merged:
         (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     else:
         (path / "metrics").mkdir()
         for r in range(ranks):
             (path / "metrics" / f"rank-{r}.jsonl").write_text(
-                "".join(json.dumps(x) + "\n" for x in lines if x["rank"] == r))
-    (path / "config.yaml").write_text(yaml.safe_dump({"algorithm": algorithm, "theta": theta, "delay": delay,
-                                                      "seed": seed, "steps": steps, "eval-every": eval_every}))
+                "".join(json.dumps(x) + "\n" for x in lines if x["rank"] == r)
+            )
+    (path / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "algorithm": algorithm,
+                "theta": theta,
+                "delay": delay,
+                "seed": seed,
+                "steps": steps,
+                "eval-every": eval_every,
+            }
+        )
+    )
     if summary:
-        hist = {str(r): {str((r + 1) % ranks): ({"never": tau, str(tau): steps - tau} if tau else {"0": steps})}
-                for r in range(ranks)}
-        (path / "summary.json").write_text(json.dumps({
-            "algorithm": algorithm, "delay": delay, "world_size": ranks, "final_accuracy": accuracy,
-            "final_test_loss": 0.1, "consensus_distance": consensus, "staleness_histogram": hist,
-            "pv_wins": {"predict": 3, "clip": 5} if algorithm == "pc-asgd-pv" else {"predict": 0, "clip": 0},
-            "wall_time_s": 1.0}))
+        hist = {
+            str(r): {str((r + 1) % ranks): ({"never": tau, str(tau): steps - tau} if tau else {"0": steps})}
+            for r in range(ranks)
+        }
+        (path / "summary.json").write_text(
+            json.dumps(
+                {
+                    "algorithm": algorithm,
+                    "delay": delay,
+                    "world_size": ranks,
+                    "final_accuracy": accuracy,
+                    "final_test_loss": 0.1,
+                    "consensus_distance": consensus,
+                    "staleness_histogram": hist,
+                    "pv_wins": {"predict": 3, "clip": 5} if algorithm == "pc-asgd-pv" else {"predict": 0, "clip": 0},
+                    "wall_time_s": 1.0,
+                }
+            )
+        )
     return path
 
 
@@ -100,8 +151,13 @@ def test_not_a_run_directory_is_a_one_line_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no metrics.jsonl"):
         plot.load_run(tmp_path / "empty")
-    proc = subprocess.run([sys.executable, "-m", "pcasgd_mpi.plot", str(tmp_path / "missing"), "-o",
-                           str(tmp_path / "x.png")], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pcasgd_mpi.plot", str(tmp_path / "missing"), "-o", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no such run directory" in proc.stderr
 

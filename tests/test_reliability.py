@@ -22,6 +22,7 @@ def _summary(out):
 
 # ------------------------------------------------------------------ checkpoint files (one process)
 
+
 def test_save_is_atomic_keeps_last_k_and_load_checks_identity(tmp_path):
     for step in (10, 20, 30, 40):
         checkpoint.save(tmp_path, 1, step, {"world_size": 4, "x": torch.arange(3.0) + step}, keep=2)
@@ -47,16 +48,30 @@ def test_a_checkpoint_holding_arbitrary_objects_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------- under mpirun
 
+
 @pytest.mark.mpi
 def test_killed_run_resumes_to_the_identical_model(tmp_path):
     whole = tmp_path / "whole"
     assert train(4, [*LOCKSTEP, "--out", str(whole)]).returncode == 0
     out = tmp_path / "killed"
     # The straggler only sleeps, so it slows the run down enough to kill it midway without changing it.
-    cmd = mpirun_prefix(4) + [sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress", *LOCKSTEP,
-                              "--out", str(out), "--checkpoint-every", "10", "--straggler", "0:30"]
-    proc = subprocess.Popen(cmd, env=mpi_env(), cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = mpirun_prefix(4) + [
+        sys.executable,
+        "-m",
+        "pcasgd_mpi.cli",
+        "train",
+        "--no-progress",
+        *LOCKSTEP,
+        "--out",
+        str(out),
+        "--checkpoint-every",
+        "10",
+        "--straggler",
+        "0:30",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=mpi_env(), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     try:
         while not all(20 in checkpoint.steps_available(out / "checkpoints", r) for r in range(4)):
@@ -79,12 +94,14 @@ def test_sigusr1_checkpoints_every_rank_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     args = ["--mode", "lockstep", "--steps", "100000", "--out", str(out), "--straggler", "1:5"]
     cmd = mpirun_prefix(4) + [sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress", *args]
-    proc = subprocess.Popen(cmd, env=mpi_env(), cwd=ROOT, start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, env=mpi_env(), cwd=ROOT, start_new_session=True, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 90
-        while not (out / "metrics" / "rank-0.jsonl").exists() or \
-                (out / "metrics" / "rank-0.jsonl").stat().st_size < 2000:
+        while (
+            not (out / "metrics" / "rank-0.jsonl").exists() or (out / "metrics" / "rank-0.jsonl").stat().st_size < 2000
+        ):
             assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.1)
         proc.send_signal(signal.SIGUSR1)  # mpirun forwards it to every rank
@@ -119,9 +136,20 @@ def test_resume_rejects_a_checkpoint_of_another_model_and_a_corrupt_one(tmp_path
 def test_an_exception_on_one_rank_ends_the_whole_job(tmp_path):
     # The others wait on rank 2 with a 300 s deadline, longer than run()'s 240 s limit: only the abort
     # can end the job in time, and the others must not have reached their own deadline.
-    cmd = mpirun_prefix(4) + [sys.executable, str(ROOT / "tests" / "scripts" / "fail_on_rank.py"), "train",
-                              "--no-progress", "--mode", "lockstep", "--steps", "100000", "--timeout", "300",
-                              "--out", str(tmp_path / "run")]
+    cmd = mpirun_prefix(4) + [
+        sys.executable,
+        str(ROOT / "tests" / "scripts" / "fail_on_rank.py"),
+        "train",
+        "--no-progress",
+        "--mode",
+        "lockstep",
+        "--steps",
+        "100000",
+        "--timeout",
+        "300",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     proc = run(cmd, timeout=240, env={"FAIL_RANK": "2", "FAIL_STEP": "30"})
     assert proc.returncode != 0
     # mpirun forwards the ranks' output in chunks, so the line may run into Open MPI's abort banner.
@@ -134,16 +162,41 @@ ULFM = ["--with-ft", "ulfm"]
 
 
 def _die_on_rank_2(out, extra_mpirun=(), extra=()):
-    cmd = mpirun_prefix(4) + [*extra_mpirun, sys.executable, str(ROOT / "tests" / "scripts" / "die_on_rank.py"),
-                              "train", "--no-progress", "--steps", "800", "--stop", "each", "--out", str(out), *extra]
+    cmd = mpirun_prefix(4) + [
+        *extra_mpirun,
+        sys.executable,
+        str(ROOT / "tests" / "scripts" / "die_on_rank.py"),
+        "train",
+        "--no-progress",
+        "--steps",
+        "800",
+        "--stop",
+        "each",
+        "--out",
+        str(out),
+        *extra,
+    ]
     return run(cmd, timeout=240, env={"DIE_RANK": "2", "DIE_STEP": "400"})
 
 
 @pytest.mark.mpi
 def test_with_ulfm_the_survivors_of_a_killed_rank_finish_and_report(tmp_path):
     clean = tmp_path / "clean"
-    cmd = mpirun_prefix(4) + [*ULFM, sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress",
-                              "--fault-tolerant", "--steps", "800", "--stop", "each", "--out", str(clean)]
+    cmd = mpirun_prefix(4) + [
+        *ULFM,
+        sys.executable,
+        "-m",
+        "pcasgd_mpi.cli",
+        "train",
+        "--no-progress",
+        "--fault-tolerant",
+        "--steps",
+        "800",
+        "--stop",
+        "each",
+        "--out",
+        str(clean),
+    ]
     assert run(cmd, timeout=240).returncode == 0
     out = tmp_path / "failed"
     proc = _die_on_rank_2(out, ULFM, ["--fault-tolerant"])
@@ -172,9 +225,24 @@ def test_with_ulfm_the_survivors_repair_the_graph_and_adopt_the_dead_hubs_shard(
     from pcasgd_mpi import data
 
     out = tmp_path / "star"
-    cmd = mpirun_prefix(4) + [*ULFM, sys.executable, str(ROOT / "tests" / "scripts" / "die_on_rank.py"), "train",
-                              "--no-progress", "--fault-tolerant", "--topology", "star", "--steps", "300",
-                              "--stop", "each", "--partition", "dirichlet:0.3", "--out", str(out)]
+    cmd = mpirun_prefix(4) + [
+        *ULFM,
+        sys.executable,
+        str(ROOT / "tests" / "scripts" / "die_on_rank.py"),
+        "train",
+        "--no-progress",
+        "--fault-tolerant",
+        "--topology",
+        "star",
+        "--steps",
+        "300",
+        "--stop",
+        "each",
+        "--partition",
+        "dirichlet:0.3",
+        "--out",
+        str(out),
+    ]
     proc = run(cmd, timeout=240, env={"DIE_RANK": "0", "DIE_STEP": "30"})
     assert proc.returncode == 3, proc.stderr[-5000:]
     summary = _summary(out)

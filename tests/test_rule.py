@@ -1,4 +1,5 @@
 """Single-process tests of the pure rule in pcasgd_mpi.rule against ALGORITHM.md."""
+
 import io
 import math
 import sys
@@ -7,8 +8,18 @@ from fractions import Fraction
 import pytest
 import torch
 
-from pcasgd_mpi.rule import (Neighbour, Status, SubstitutionTracker, blend, candidates, classify,
-                             mix, phi, predict_weights, pv_choose)
+from pcasgd_mpi.rule import (
+    Neighbour,
+    Status,
+    SubstitutionTracker,
+    blend,
+    candidates,
+    classify,
+    mix,
+    phi,
+    predict_weights,
+    pv_choose,
+)
 
 F64 = torch.float64
 
@@ -37,6 +48,7 @@ def exact_phi(c: float, n: int) -> float:
 
 # ---------------------------------------------------------------- phi
 
+
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 50, 1000])
 def test_phi_matches_exact_rational(n):
     cs = [0.0, 1e-300, 1e-16, 1e-12, 1e-9, 3e-7, 1e-5, 1e-3, 0.05, 0.3, 0.75, 0.999, 1.0]
@@ -50,8 +62,7 @@ def test_phi_float32_close_to_exact_and_beats_naive_form():
     n = 9
     got = phi(torch.tensor(cs, dtype=torch.float32), n)
     assert got.dtype == torch.float32
-    want = torch.tensor([exact_phi(float(torch.tensor(c, dtype=torch.float32)), n) for c in cs],
-                        dtype=torch.float32)
+    want = torch.tensor([exact_phi(float(torch.tensor(c, dtype=torch.float32)), n) for c in cs], dtype=torch.float32)
     torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
     c = torch.tensor([1e-7], dtype=torch.float32)
     naive = (1 - (1 - c) ** n) / c
@@ -128,9 +139,9 @@ def test_negative_arguments_rejected():
 def _hand_adaptive(x_s, g, tau, lr, lam, segments, eps):
     out, start = [], 0
     for length in filter(None, segments):  # an empty segment owns no element
-        seg = g[start:start + length]
+        seg = g[start : start + length]
         lam_eff = lam / math.sqrt(sum(v * v for v in seg) / length + eps)
-        for v, x in zip(seg, x_s[start:start + length]):
+        for v, x in zip(seg, x_s[start : start + length]):
             c = min(max(lr * lam_eff * v * v, 0.0), 1.0)
             out.append(x - lr * v * exact_phi(c, tau))
         start += length
@@ -142,8 +153,7 @@ def test_adaptive_lambda_per_segment(segments):
     g_list = [0.1, -0.2, 3.0, 4.0, -5.0]
     x_list = [1.0, 0.0, -1.0, 2.0, 0.5]
     lam, tau, eps = 0.3, 4, 1e-8
-    got = predict_weights(t64(*x_list), t64(*g_list), tau, LR, lam, lam_mode="adaptive",
-                          segments=segments, eps=eps)
+    got = predict_weights(t64(*x_list), t64(*g_list), tau, LR, lam, lam_mode="adaptive", segments=segments, eps=eps)
     want = _hand_adaptive(x_list, g_list, tau, LR, lam, segments or [5], eps)
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
     if segments == [2, 3]:  # the per-segment scale must actually differ from one global scale
@@ -159,6 +169,7 @@ def test_adaptive_argument_errors():
 
 # ---------------------------------------------------------------- classify / candidates / mix
 
+
 def test_classify_boundaries():
     x = t64(0.0)
     assert classify(Neighbour(0.1, None, None, 0), 1, 16) is Status.DROPPED
@@ -170,16 +181,20 @@ def test_classify_boundaries():
 
 X = t64(1.0, 2.0, 3.0)
 DELTA = t64(-0.01, 0.02, 0.0)
-A = t64(4.0, -1.0, 0.5)   # fresh
-B = t64(2.0, 2.0, -2.0)   # stale
+A = t64(4.0, -1.0, 0.5)  # fresh
+B = t64(2.0, 2.0, -2.0)  # stale
 GB = t64(1.0, -3.0, 0.5)
-C = t64(9.0, 9.0, 9.0)    # too old
+C = t64(9.0, 9.0, 9.0)  # too old
 KW = dict(lr=LR, lam=0.0, tolerance=0, horizon=16)
 
 
 def mixed_neighbours():
-    return [Neighbour(0.2, A, None, 0), Neighbour(0.3, B, GB, 3),
-            Neighbour(0.1, C, t64(1.0, 1.0, 1.0), 17), Neighbour(0.2, None, None, 0)]
+    return [
+        Neighbour(0.2, A, None, 0),
+        Neighbour(0.3, B, GB, 3),
+        Neighbour(0.1, C, t64(1.0, 1.0, 1.0), 17),
+        Neighbour(0.2, None, None, 0),
+    ]
 
 
 def test_candidates_hand_example():
@@ -202,8 +217,7 @@ def test_candidates_with_curvature_uses_predict_weights():
 
 
 def test_no_stale_means_equal_candidates():
-    nbs = [Neighbour(0.25, A, None, 0), Neighbour(0.25, None, None, 0),
-           Neighbour(0.25, C, None, 40)]
+    nbs = [Neighbour(0.25, A, None, 0), Neighbour(0.25, None, None, 0), Neighbour(0.25, C, None, 40)]
     x_p, x_c = candidates(X, DELTA, 0.25, nbs, **KW)
     assert torch.equal(x_p, x_c)
     assert x_p.data_ptr() != x_c.data_ptr()
@@ -229,15 +243,12 @@ def test_mix_with_equal_thetas_is_blend_of_candidates(theta, lam):
 
 
 def test_mix_per_neighbour_thetas_hand_computation():
-    nbs = [Neighbour(0.2, A, None, 0), Neighbour(0.3, B, GB, 3), Neighbour(0.25, C, A, 2),
-           Neighbour(0.05, C, None, 99)]
+    nbs = [Neighbour(0.2, A, None, 0), Neighbour(0.3, B, GB, 3), Neighbour(0.25, C, A, 2), Neighbour(0.05, C, None, 99)]
     thetas = [0.9, 0.75, 0.2, 0.6]  # only the two stale entries matter
     seen = {}
-    got = mix(X, DELTA, 0.2, nbs, thetas, **KW,
-              on_predict=lambda i, x_hat: seen.__setitem__(i, x_hat.clone()))
+    got = mix(X, DELTA, 0.2, nbs, thetas, **KW, on_predict=lambda i, x_hat: seen.__setitem__(i, x_hat.clone()))
     hat_b, hat_c = B - LR * 3 * GB, C - LR * 2 * A
-    want = (0.2 * X + 0.2 * A + 0.3 * (0.75 * hat_b + 0.25 * X) + 0.25 * (0.2 * hat_c + 0.8 * X)
-            + 0.05 * X + DELTA)
+    want = 0.2 * X + 0.2 * A + 0.3 * (0.75 * hat_b + 0.25 * X) + 0.25 * (0.2 * hat_c + 0.8 * X) + 0.05 * X + DELTA
     torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
     assert sorted(seen) == [1, 2]
     torch.testing.assert_close(seen[1], hat_b)
@@ -269,6 +280,7 @@ def test_blend_rejects_theta_outside_unit_interval(theta):
 
 # ---------------------------------------------------------------- inputs untouched, dtypes
 
+
 def _snapshot(*tensors):
     return [t.clone() for t in tensors]
 
@@ -283,8 +295,7 @@ def test_inputs_untouched():
     for lam in (0.0, 0.7):
         x_p, x_c = candidates(X, DELTA, 0.1, nbs, **dict(KW, lam=lam))
         x_p.add_(1.0), x_c.add_(1.0)
-        mix(X, DELTA, 0.1, nbs, [0.5] * len(nbs), **dict(KW, lam=lam),
-            on_predict=lambda i, x_hat: None).add_(1.0)
+        mix(X, DELTA, 0.1, nbs, [0.5] * len(nbs), **dict(KW, lam=lam), on_predict=lambda i, x_hat: None).add_(1.0)
     tracker = SubstitutionTracker()
     tracker.record(0, B, X)
     tracker.observe(1, A)
@@ -297,18 +308,24 @@ def test_dtype_preserved_and_float32_matches_float64(dtype):
     def conv(t):
         return None if t is None else t.to(dtype)
 
-    nbs = [Neighbour(n.weight, conv(n.x), conv(n.grad), n.staleness)
-           for n in mixed_neighbours() + [Neighbour(0.1, A, B, 2)]]
+    nbs = [
+        Neighbour(n.weight, conv(n.x), conv(n.grad), n.staleness)
+        for n in mixed_neighbours() + [Neighbour(0.1, A, B, 2)]
+    ]
     kw = dict(KW, lam=0.6)
-    outs = [predict_weights(conv(B), conv(GB), 3, LR, 0.6, lam_mode="adaptive"),
-            *candidates(conv(X), conv(DELTA), 0.1, nbs, **kw),
-            mix(conv(X), conv(DELTA), 0.1, nbs, [0.4] * 5, **kw),
-            phi(torch.tensor([0.0, 0.5], dtype=dtype), 3)]
+    outs = [
+        predict_weights(conv(B), conv(GB), 3, LR, 0.6, lam_mode="adaptive"),
+        *candidates(conv(X), conv(DELTA), 0.1, nbs, **kw),
+        mix(conv(X), conv(DELTA), 0.1, nbs, [0.4] * 5, **kw),
+        phi(torch.tensor([0.0, 0.5], dtype=dtype), 3),
+    ]
     ref_nbs = mixed_neighbours() + [Neighbour(0.1, A, B, 2)]
-    refs = [predict_weights(B, GB, 3, LR, 0.6, lam_mode="adaptive"),
-            *candidates(X, DELTA, 0.1, ref_nbs, **kw),
-            mix(X, DELTA, 0.1, ref_nbs, [0.4] * 5, **kw),
-            phi(t64(0.0, 0.5), 3)]
+    refs = [
+        predict_weights(B, GB, 3, LR, 0.6, lam_mode="adaptive"),
+        *candidates(X, DELTA, 0.1, ref_nbs, **kw),
+        mix(X, DELTA, 0.1, ref_nbs, [0.4] * 5, **kw),
+        phi(t64(0.0, 0.5), 3),
+    ]
     for out, ref in zip(outs, refs):
         assert out.dtype == dtype
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -317,9 +334,12 @@ def test_dtype_preserved_and_float32_matches_float64(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     dev = torch.device("cuda")
-    nbs = [Neighbour(n.weight, None if n.x is None else n.x.to(dev),
-                     None if n.grad is None else n.grad.to(dev), n.staleness)
-           for n in mixed_neighbours()]
+    nbs = [
+        Neighbour(
+            n.weight, None if n.x is None else n.x.to(dev), None if n.grad is None else n.grad.to(dev), n.staleness
+        )
+        for n in mixed_neighbours()
+    ]
     kw = dict(KW, lam=0.6, lam_mode="adaptive", segments=[1, 2])
     got = mix(X.to(dev), DELTA.to(dev), 0.2, nbs, [0.5] * 4, **kw)
     assert got.device.type == "cuda"
@@ -328,6 +348,7 @@ def test_cuda_matches_cpu():
 
 
 # ---------------------------------------------------------------- PV
+
 
 def test_pv_choose():
     assert pv_choose(0.1, 0.2) is True
@@ -341,8 +362,8 @@ def test_pv_choose():
 # ---------------------------------------------------------------- SubstitutionTracker
 
 TRUTH = torch.zeros(4, dtype=F64)
-HAT_1 = t64(1.0, 0.0, 0.0, 0.0)    # e_P = 1
-SELF_2 = t64(0.0, 2.0, 0.0, 0.0)   # e_C = 2
+HAT_1 = t64(1.0, 0.0, 0.0, 0.0)  # e_P = 1
+SELF_2 = t64(0.0, 2.0, 0.0, 0.0)  # e_C = 2
 
 
 def test_tracker_theta_from_known_errors_and_mean_squares():
@@ -377,7 +398,7 @@ def test_tracker_measures_each_record_against_the_message_of_its_own_step():
     assert (tr.e_p, tr.e_c) == pytest.approx((0.6 * 2, 1.0 * 2))  # ‖·‖ of 4 equal entries
     assert not tr.observe(6, truth[6])  # measured once only
     assert tr.observe(7, truth[7]) and tr.pending_steps == ()
-    assert tr.e_p == pytest.approx(2 * math.sqrt(0.5 * 0.6 ** 2 + 0.5 * 0.7 ** 2))
+    assert tr.e_p == pytest.approx(2 * math.sqrt(0.5 * 0.6**2 + 0.5 * 0.7**2))
     assert not tr.observe(9, truth[9])
     assert tr.measurements == 2
 
@@ -509,6 +530,7 @@ def test_tracker_ignores_non_finite_measurements():
 
 # ---------------------------------------------------------------- out buffers
 
+
 def test_candidates_and_mix_write_into_out_buffers(single_thread):
     nbs = mixed_neighbours() + [Neighbour(0.1, A, B, 2)]
     for lam in (0.0, 0.7):
@@ -534,9 +556,14 @@ def test_out_buffers_must_not_overlap_inputs(single_thread):
     nbs = [Neighbour(0.3, B.clone(), GB.clone(), 3), Neighbour(0.3, A.clone(), None, 0)]
     whole = torch.zeros(7, dtype=F64)
     inputs = {"x": X.clone(), "delta": DELTA.clone()}
-    for name, bad in [("x", inputs["x"]), ("delta", inputs["delta"]), ("stale x", nbs[0].x),
-                      ("grad", nbs[0].grad), ("fresh x", nbs[1].x)]:
-        with pytest.raises(ValueError):
+    for _what, bad in [
+        ("x", inputs["x"]),
+        ("delta", inputs["delta"]),
+        ("stale x", nbs[0].x),
+        ("grad", nbs[0].grad),
+        ("fresh x", nbs[1].x),
+    ]:
+        with pytest.raises(ValueError, match="overlap"):
             candidates(inputs["x"], inputs["delta"], 0.4, nbs, out=(bad, torch.empty_like(X)), **KW)
         with pytest.raises(ValueError):
             candidates(inputs["x"], inputs["delta"], 0.4, nbs, out=(torch.empty_like(X), bad), **KW)

@@ -36,8 +36,11 @@ def test_directory_with_the_users_files_is_refused_and_left_alone(tmp_path):
     for name, text in [("config.yaml", "mine"), ("metrics.jsonl", "mine"), ("metrics/rank-0.jsonl", "mine")]:
         (out / name).write_text(text)
     for flags in ({}, {"overwrite": True}, {"resume": True}):
-        with pytest.raises(RunDirError, match=rf"--out {out} holds files that pcasgd-mpi did not write; "
-                                               r"choose another --out or empty it"):
+        with pytest.raises(
+            RunDirError,
+            match=rf"--out {out} holds files that pcasgd-mpi did not write; "
+            r"choose another --out or empty it",
+        ):
             rundir.prepare(out, **flags)
     assert (out / "metrics" / "rank-0.jsonl").read_text() == "mine" and not (out / MARKER).exists()
 
@@ -58,8 +61,9 @@ def test_interrupted_run_needs_resume_or_overwrite(tmp_path):
     out = tmp_path / "run"
     rundir.prepare(out)
     checkpoint(out / "checkpoints", rank=1)
-    with pytest.raises(RunDirError, match="holds an interrupted run: pass --resume to continue it or "
-                                          "--overwrite to start afresh"):
+    with pytest.raises(
+        RunDirError, match="holds an interrupted run: pass --resume to continue it or --overwrite to start afresh"
+    ):
         rundir.prepare(out)
     rundir.prepare(out, resume=True)
     assert (out / "checkpoints" / "rank-1" / "step-000000005.pt").exists()

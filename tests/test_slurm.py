@@ -98,12 +98,12 @@ def _clean_env(base) -> dict:
     """`base` without the variables of an enclosing Slurm job (SLURM_CONF, which names the
     cluster, stays) and without any job-script knob a developer may have exported."""
     knobs = set().union(*(_knobs(p.read_text()) for p in SCRIPTS))
-    return {k: v for k, v in base.items()
-            if k not in knobs and (k == "SLURM_CONF" or not k.startswith("SLURM_"))}
+    return {k: v for k, v in base.items() if k not in knobs and (k == "SLURM_CONF" or not k.startswith("SLURM_"))}
 
 
-def _run_with_stub_srun(script: Path, tmp: Path, env: dict,
-                        args: list[str] = ()) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+def _run_with_stub_srun(
+    script: Path, tmp: Path, env: dict, args: list[str] = ()
+) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
     """Run a job script outside Slurm with `srun` replaced by a recorder; return its srun calls."""
     bindir, calls = tmp / "bin", tmp / "calls"
     bindir.mkdir(exist_ok=True)
@@ -114,8 +114,15 @@ def _run_with_stub_srun(script: Path, tmp: Path, env: dict,
     stub.write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$SRUN_CALLS/$(date +%s%N)-$$"\n')
     stub.chmod(0o755)
     full = _clean_env(os.environ)
-    full.update({"PATH": f"{bindir}:{os.environ['PATH']}", "SRUN_CALLS": str(calls), "SLURM_JOB_ID": "1234",
-                 "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "node1"})
+    full.update(
+        {
+            "PATH": f"{bindir}:{os.environ['PATH']}",
+            "SRUN_CALLS": str(calls),
+            "SLURM_JOB_ID": "1234",
+            "SLURM_NTASKS": "4",
+            "SLURM_JOB_NODELIST": "node1",
+        }
+    )
     full.update(env)
     proc = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=full, cwd=tmp, timeout=60)
     recorded = [p.read_bytes().split(b"\0")[:-1] for p in sorted(calls.iterdir())]
@@ -128,7 +135,7 @@ def _train_args(srun_argv: list[str]) -> list[str]:
     assert "--kill-on-bad-exit=1" in srun_argv, srun_argv
     i = srun_argv.index("pcasgd-mpi")
     assert srun_argv[i + 1] == "train", srun_argv
-    return srun_argv[i + 2:]
+    return srun_argv[i + 2 :]
 
 
 def _parse_train(args: list[str]):
@@ -182,8 +189,9 @@ def test_cifar10_script_flags_and_resume(tmp_path):
     assert not first.resume
 
     assert (first.epochs, first.steps) == (200, None)
-    proc, calls = _run_with_stub_srun(JOBS / "cifar10-resnet20.sbatch", tmp_path,
-                                      {**env, "SLURM_RESTART_COUNT": "1", "STEPS": "7"})
+    proc, calls = _run_with_stub_srun(
+        JOBS / "cifar10-resnet20.sbatch", tmp_path, {**env, "SLURM_RESTART_COUNT": "1", "STEPS": "7"}
+    )
     assert proc.returncode == 0, proc.stderr
     again = _parse_train(_train_args(calls[0]))
     assert again.resume and again.checkpoint_dir == first.checkpoint_dir and again.out == first.out
@@ -203,15 +211,28 @@ def test_cifar10_notice_requeues_only_an_unfinished_run(tmp_path, finished):
     (bindir / "srun").write_text(
         "#!/bin/bash\ntrap 'kill $!; exit 0' USR1\n"
         + (f"mkdir -p {out} && echo '{{}}' > {out}/summary.json\n" if finished else "")
-        + f"touch {ready}\nsleep 60 >/dev/null 2>&1 &\nwait\n")
+        + f"touch {ready}\nsleep 60 >/dev/null 2>&1 &\nwait\n"
+    )
     (bindir / "scontrol").write_text(f'#!/bin/bash\necho "$*" >> {calls}\n')
     for stub in bindir.iterdir():
         stub.chmod(0o755)
     env = _clean_env(os.environ)
-    env.update(PATH=f"{bindir}:{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_NTASKS="4",
-               SLURM_JOB_NODELIST="n[1-2]", OUT=str(out))
-    proc = subprocess.Popen(["bash", str(JOBS / "cifar10-resnet20.sbatch")], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path, start_new_session=True)
+    env.update(
+        PATH=f"{bindir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="77",
+        SLURM_NTASKS="4",
+        SLURM_JOB_NODELIST="n[1-2]",
+        OUT=str(out),
+    )
+    proc = subprocess.Popen(
+        ["bash", str(JOBS / "cifar10-resnet20.sbatch")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not ready.exists() and time.monotonic() < deadline:
@@ -232,8 +253,12 @@ def test_cifar10_notice_requeues_only_an_unfinished_run(tmp_path, finished):
 
 
 def test_sweep_script_covers_the_grid(tmp_path):
-    env = {"ALGORITHMS": "dsgd pc-asgd-pv", "DELAYS": "none random:0.5:4 ranks:0,2:3", "SEEDS": "0 7",
-           "SWEEP_DIR": str(tmp_path / "sweep")}
+    env = {
+        "ALGORITHMS": "dsgd pc-asgd-pv",
+        "DELAYS": "none random:0.5:4 ranks:0,2:3",
+        "SEEDS": "0 7",
+        "SWEEP_DIR": str(tmp_path / "sweep"),
+    }
     proc, calls = _run_with_stub_srun(JOBS / "sweep.sbatch", tmp_path, env)
     assert proc.returncode == 0 and not calls, proc.stderr
     names = proc.stdout.split()
@@ -265,14 +290,17 @@ def test_sweep_collects_the_finished_runs(tmp_path):
     names = proc.stdout.split()
     for i, name in enumerate(names):
         (sweep / name).mkdir(parents=True)
-        (sweep / name / "summary.json").write_text(json.dumps(
-            {"final_accuracy": 0.5 + i / 10, "model_sha256": f"sha{i}", "nodes": ["n2", "n1", "n2"]}))
+        (sweep / name / "summary.json").write_text(
+            json.dumps({"final_accuracy": 0.5 + i / 10, "model_sha256": f"sha{i}", "nodes": ["n2", "n1", "n2"]})
+        )
     proc, calls = _run_with_stub_srun(JOBS / "sweep.sbatch", tmp_path, env, args=["collect"])
     assert proc.returncode == 0 and not calls, proc.stderr
     rows = [line.split("\t") for line in (sweep / "results.tsv").read_text().splitlines()]
-    assert rows == [["run", "algorithm", "delay", "seed", "final_accuracy", "model_sha256", "nodes"],
-                    [names[0], "dsgd", "fixed:2", "3", "0.5", "sha0", "n1,n2"],
-                    [names[1], "clip", "fixed:2", "3", "0.6", "sha1", "n1,n2"]]
+    assert rows == [
+        ["run", "algorithm", "delay", "seed", "final_accuracy", "model_sha256", "nodes"],
+        [names[0], "dsgd", "fixed:2", "3", "0.5", "sha0", "n1,n2"],
+        [names[1], "clip", "fixed:2", "3", "0.6", "sha1", "n1,n2"],
+    ]
     assert proc.stdout.splitlines() == ["\t".join(r) for r in rows]
 
     # A run without its summary is named, and fails the collection.
@@ -301,8 +329,14 @@ def test_local_rank_under_srun_and_under_an_mpirun_inside_slurm():
 
 def _harness(cmd: str, timeout: float, env: dict) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(["bash", str(HARNESS), cmd], capture_output=True, text=True, env=env,
-                              timeout=timeout, start_new_session=True)
+        return subprocess.run(
+            ["bash", str(HARNESS), cmd],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            start_new_session=True,
+        )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"harness.sh {cmd} took over {timeout} s:\n{exc.stderr or ''}")
 
@@ -399,15 +433,19 @@ def test_cluster_has_the_pmix_plugin(slurm):
     assert "pmix" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("script, options", [
-    pytest.param("smoke.sbatch", [], id="smoke"),
-    pytest.param("cifar10-resnet20.sbatch", ["--nodes=1", "--cpus-per-task=1"], id="cifar10"),  # fits one node
-    pytest.param("sweep.sbatch", [], id="sweep"),
-])
+@pytest.mark.parametrize(
+    "script, options",
+    [
+        pytest.param("smoke.sbatch", [], id="smoke"),
+        pytest.param("cifar10-resnet20.sbatch", ["--nodes=1", "--cpus-per-task=1"], id="cifar10"),  # fits one node
+        pytest.param("sweep.sbatch", [], id="sweep"),
+    ],
+)
 def test_cluster_accepts_the_directives(slurm, script, options):
     env, _ = slurm
-    proc = subprocess.run(["sbatch", "--test-only", *options, str(JOBS / script)], capture_output=True,
-                          text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        ["sbatch", "--test-only", *options, str(JOBS / script)], capture_output=True, text=True, env=env, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -417,8 +455,15 @@ def test_cluster_runs_the_smoke_job_on_four_ranks(slurm, tmp_path):
     name = f"pcasgd-smoke-test-{os.getpid()}"
     cmd = ["sbatch", "--wait", "--export=ALL", f"--job-name={name}", f"--output={log}", str(JOBS / "smoke.sbatch")]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_job_env(env, OUT=str(out)), cwd=tmp_path, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_job_env(env, OUT=str(out)),
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     try:
         submitted, _ = proc.communicate(timeout=JOB_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -448,8 +493,13 @@ NODES2 = ["--nodes=2", "--ntasks-per-node=2"]  # with --ntasks=4 alone Slurm put
 CIFAR_STEPS = 40
 # ResNet-20 on random 3x32x32 images, small batches: the job scripts' paths, at smoke-test cost.
 # Scheduled checkpoints (which change nothing in the model) show when the run is under way.
-CIFAR_ENV = {"STEPS": str(CIFAR_STEPS), "BATCH": "8", "MODE": "lockstep", "CKPT_EVERY": "5",
-             "TRAIN_ARGS": "--dataset synthetic --synthetic-shape 3,32,32 --log-every 1"}
+CIFAR_ENV = {
+    "STEPS": str(CIFAR_STEPS),
+    "BATCH": "8",
+    "MODE": "lockstep",
+    "CKPT_EVERY": "5",
+    "TRAIN_ARGS": "--dataset synthetic --synthetic-shape 3,32,32 --log-every 1",
+}
 CIFAR_OPTIONS = [*NODES2, "--cpus-per-task=1", "--time=00:10:00"]
 SWEEP_ENV = {"ALGORITHMS": "dsgd pc-asgd-pv", "DELAYS": "none", "SEEDS": "0", "STEPS": "30"}
 # Each task fills a node (2 tasks x 2 CPUs of 4), so the two tasks run at once on n1 and n2.
@@ -466,11 +516,15 @@ def _shown(env: dict, options: list[str], script: str) -> str:
 
 def test_readme_shows_the_two_node_commands_tested():
     text = (JOBS / "README.md").read_text()
-    for command in (_shown(CIFAR_ENV, CIFAR_OPTIONS, "cifar10-resnet20.sbatch"),
-                    _shown(SWEEP_ENV, SWEEP_OPTIONS, "sweep.sbatch"),
-                    _shown(KILL_ENV, NODES2, "smoke.sbatch"),
-                    " ".join(NOTICE) + " $JOBID", "scontrol update JobId=$JOBID StartTime=now",
-                    "bash jobs/sweep.sbatch collect", "PCASGD_SLURM_NODES=2 tests/slurm/harness.sh start"):
+    for command in (
+        _shown(CIFAR_ENV, CIFAR_OPTIONS, "cifar10-resnet20.sbatch"),
+        _shown(SWEEP_ENV, SWEEP_OPTIONS, "sweep.sbatch"),
+        _shown(KILL_ENV, NODES2, "smoke.sbatch"),
+        " ".join(NOTICE) + " $JOBID",
+        "scontrol update JobId=$JOBID StartTime=now",
+        "bash jobs/sweep.sbatch collect",
+        "PCASGD_SLURM_NODES=2 tests/slurm/harness.sh start",
+    ):
         assert command in text, f"jobs/README.md does not show: {command}"
 
 
@@ -478,14 +532,29 @@ class _Job:
     """`sbatch --wait` in the background: found by its unique name while it runs, cancelled if it
     outlives its deadline or the test fails."""
 
-    def __init__(self, env: dict, name: str, options: list[str], script: Path, job_env: dict, log: Path,
-                 cwd: Path, timeout: float = JOB2_TIMEOUT):
+    def __init__(
+        self,
+        env: dict,
+        name: str,
+        options: list[str],
+        script: Path,
+        job_env: dict,
+        log: Path,
+        cwd: Path,
+        timeout: float = JOB2_TIMEOUT,
+    ):
         self.env, self.name, self.log, self.timeout = env, name, log, timeout
-        cmd = ["sbatch", "--wait", "--export=ALL", f"--job-name={name}", f"--output={log}", *options,
-               str(script)]
+        cmd = ["sbatch", "--wait", "--export=ALL", f"--job-name={name}", f"--output={log}", *options, str(script)]
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=job_env, cwd=cwd, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=job_env,
+            cwd=cwd,
+            start_new_session=True,
+        )
         self.submitted = ""
 
     def remaining(self) -> float:
@@ -494,8 +563,9 @@ class _Job:
     def id(self) -> str:
         """The job id (an array's id), once Slurm has the job."""
         while self.remaining() > 0:
-            out = subprocess.run(["squeue", "-h", "-n", self.name, "-o", "%F"], capture_output=True, text=True,
-                                 env=self.env, timeout=30).stdout.split()
+            out = subprocess.run(
+                ["squeue", "-h", "-n", self.name, "-o", "%F"], capture_output=True, text=True, env=self.env, timeout=30
+            ).stdout.split()
             if out:
                 return out[0]
             assert self.proc.poll() is None, f"sbatch ended before its job was seen\n{self.report()}"
@@ -553,8 +623,7 @@ def _checkpoints(out: Path, rank: int) -> list[int]:
 
 def _job_field(env: dict, job: str, field: str) -> str | None:
     """A field of `scontrol show job` (JobState, Restarts, ...); None once the job is gone."""
-    proc = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, env=env,
-                          timeout=30)
+    proc = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, env=env, timeout=30)
     m = re.search(rf"\b{field}=(\S+)", proc.stdout)
     return m.group(1) if m else None
 
@@ -570,8 +639,9 @@ def _run_cifar10(slurm2, tmp: Path, name: str, during=None) -> tuple[dict, str, 
     env, state_dir = slurm2
     out, log = tmp / "run", tmp / "job.out"
     job_env = _job_env(env, OUT=str(out), **CIFAR_ENV)
-    with _Job(env, f"pcasgd-{name}-{os.getpid()}", CIFAR_OPTIONS, JOBS / "cifar10-resnet20.sbatch", job_env,
-              log, tmp) as job:
+    with _Job(
+        env, f"pcasgd-{name}-{os.getpid()}", CIFAR_OPTIONS, JOBS / "cifar10-resnet20.sbatch", job_env, log, tmp
+    ) as job:
         if during is not None:
             during(job, out)
         rc = job.wait()
@@ -606,7 +676,8 @@ def test_two_nodes_cifar10_places_ranks_and_devices_by_node(cifar10_on_two_nodes
 
 
 def test_two_nodes_preemption_notice_checkpoints_requeues_and_resumes_to_the_same_model(
-        slurm2, cifar10_on_two_nodes, tmp_path):
+    slurm2, cifar10_on_two_nodes, tmp_path
+):
     env, _ = slurm2
     reference, _, _ = cifar10_on_two_nodes
     seen = {}
@@ -642,13 +713,26 @@ def test_two_nodes_sweep_array_runs_on_both_nodes_and_collects(slurm2, tmp_path)
     env, state_dir = slurm2
     sweep = tmp_path / "sweep"
     job_env = _job_env(env, SWEEP_DIR=str(sweep), **SWEEP_ENV)
-    with _Job(env, f"pcasgd-sweep-2n-{os.getpid()}", SWEEP_OPTIONS, JOBS / "sweep.sbatch", job_env,
-              tmp_path / "sweep-%a.out", tmp_path) as job:
+    with _Job(
+        env,
+        f"pcasgd-sweep-2n-{os.getpid()}",
+        SWEEP_OPTIONS,
+        JOBS / "sweep.sbatch",
+        job_env,
+        tmp_path / "sweep-%a.out",
+        tmp_path,
+    ) as job:
         rc = job.wait()
     logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("sweep-*.out")))
     assert rc == 0, f"sbatch --wait exit {rc}\n{logs}\n{_daemon_logs(state_dir)}"
-    proc = subprocess.run(["bash", str(JOBS / "sweep.sbatch"), "collect"], capture_output=True, text=True,
-                          env=job_env, cwd=tmp_path, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(JOBS / "sweep.sbatch"), "collect"],
+        capture_output=True,
+        text=True,
+        env=job_env,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr + logs
     header, *body = [line.split("\t") for line in proc.stdout.splitlines()]
     rows = [dict(zip(header, r)) for r in body]
@@ -664,13 +748,20 @@ def _rank_pid(jobid: str, rank: int) -> tuple[int, str] | None:
         if not proc.name.isdigit():
             continue
         try:
-            environ = dict(v.split("=", 1) for v in (proc / "environ").read_bytes().decode(errors="replace")
-                           .split("\0") if "=" in v)
+            environ = dict(
+                v.split("=", 1)
+                for v in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in v
+            )
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if (environ.get("SLURM_JOB_ID") == jobid and environ.get("SLURM_PROCID") == str(rank)
-                and b"pcasgd-mpi" in cmdline and b"train" in cmdline):
+        if (
+            environ.get("SLURM_JOB_ID") == jobid
+            and environ.get("SLURM_PROCID") == str(rank)
+            and b"pcasgd-mpi" in cmdline
+            and b"train" in cmdline
+        ):
             return int(proc.name), environ.get("SLURMD_NODENAME", "?")
     return None
 
@@ -695,5 +786,6 @@ def test_two_nodes_rank_killed_on_n2_takes_the_job_down_naming_it(slurm2, tmp_pa
     assert not (out / "summary.json").exists()
     # srun reports the tasks in the order they ended: the first one is the rank that was killed.
     first = re.search(r"^srun: error: (\S+): tasks? ([\d,-]+): (.*)$", text, re.M)
-    assert first and first.groups()[:2] == ("n2", "3") and "Killed" in first.group(3), \
+    assert first and first.groups()[:2] == ("n2", "3") and "Killed" in first.group(3), (
         f"{text}\n{_daemon_logs(state_dir)}"
+    )

@@ -81,8 +81,9 @@ def test_clock_offset_between_hosts_is_measured_and_removed():
     """A sender whose clock runs 2 s ahead: without the offset every copy would look 2 s younger."""
     true_offset = 2.0
     # Cristian samples: we send at t0, the reference (2 s ahead) answers after 1 ms, we receive at t1
-    samples = [(10.0 + i, 10.0 + i + 0.0005 + true_offset + 0.0001 * i, 10.0 + i + 0.001 + 0.0002 * i)
-               for i in range(5)]
+    samples = [
+        (10.0 + i, 10.0 + i + 0.0005 + true_offset + 0.0001 * i, 10.0 + i + 0.001 + 0.0002 * i) for i in range(5)
+    ]
     offset = best_offset(samples)
     assert offset == pytest.approx(true_offset, abs=1e-3)
     # Both ranks stamp on the reference clock: the receiver's reading is corrected by its offset.

@@ -33,6 +33,7 @@ def assert_valid_mixing(W, g):
 
 # ----------------------------------------------------------------------------- named graphs
 
+
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("name", FIXED)
 def test_named_graph_has_ranks_as_nodes_and_is_connected(name, n):
@@ -61,12 +62,15 @@ def test_complete_and_star(n):
     assert topo.neighbours(star, 0) == list(range(1, n))
 
 
-@pytest.mark.parametrize("n, edges, degree_set", [
-    (16, 32, {4}),     # 4x4: four distinct wrap-around neighbours
-    (9, 18, {4}),      # 3x3
-    (8, 12, {3}),      # 2x4: the length-2 dimension gives one neighbour, not two
-    (4, 4, {2}),       # 2x2 is the 4-cycle
-])
+@pytest.mark.parametrize(
+    "n, edges, degree_set",
+    [
+        (16, 32, {4}),  # 4x4: four distinct wrap-around neighbours
+        (9, 18, {4}),  # 3x3
+        (8, 12, {3}),  # 2x4: the length-2 dimension gives one neighbour, not two
+        (4, 4, {2}),  # 2x2 is the 4-cycle
+    ],
+)
 def test_torus(n, edges, degree_set):
     g = topo.build("torus", n)
     assert g.number_of_edges() == edges
@@ -135,6 +139,7 @@ def test_names_are_case_insensitive_and_listed():
 
 
 # ----------------------------------------------------------------------------- mixing matrices
+
 
 def rule_cases():
     for name in FIXED + ("random-regular:3", "small-world:4:0.2"):
@@ -213,11 +218,15 @@ def test_single_node():
 
 # ----------------------------------------------------------------------------- shipped files
 
-@pytest.mark.parametrize("filename, n, rule, edges, gap", [
-    ("ring-of-cliques-8.graphml", 8, "metropolis", 14, None),
-    ("torus-16.edgelist", 16, "uniform", 32, 0.4),
-    ("weighted-ring-4.json", 4, "file", 4, 0.5),
-])
+
+@pytest.mark.parametrize(
+    "filename, n, rule, edges, gap",
+    [
+        ("ring-of-cliques-8.graphml", 8, "metropolis", 14, None),
+        ("torus-16.edgelist", 16, "uniform", 32, 0.4),
+        ("weighted-ring-4.json", 4, "file", 4, 0.5),
+    ],
+)
 def test_shipped_topologies_load_and_validate(filename, n, rule, edges, gap):
     g = topo.build(str(SHIPPED / filename), n)
     assert sorted(g.nodes) == list(range(n))
@@ -248,6 +257,7 @@ def test_shipped_weighted_ring_matrix():
 
 # ----------------------------------------------------------------------------- file formats
 
+
 def test_edgelist_with_comments_and_weights(tmp_path):
     path = tmp_path / "g.txt"
     path.write_text("# triangle\n0 1 0.25   # heavy\n\n1 2 0.25\n0 2 0.25\n")
@@ -270,6 +280,7 @@ def test_json_with_legacy_links_key(tmp_path):
 
 
 # ----------------------------------------------------------------------------- rejected inputs
+
 
 def two_triangles():
     return nx.disjoint_union(nx.cycle_graph(3), nx.cycle_graph(3))
@@ -324,13 +335,16 @@ def test_directed_graph_rejected():
         topo.validate(nx.DiGraph(nx.cycle_graph(3)), 3)
 
 
-@pytest.mark.parametrize("suffix, text", [
-    (".txt", "0 1\n1 two\n"),
-    (".edgelist", "0 1 2 3\n"),
-    (".graphml", "<graphml><graph><node id='0'"),
-    (".json", "{not json"),
-    (".json", json.dumps({"nodes": [{"id": "a"}, {"id": "b"}], "edges": [{"source": "a", "target": "b"}]})),
-])
+@pytest.mark.parametrize(
+    "suffix, text",
+    [
+        (".txt", "0 1\n1 two\n"),
+        (".edgelist", "0 1 2 3\n"),
+        (".graphml", "<graphml><graph><node id='0'"),
+        (".json", "{not json"),
+        (".json", json.dumps({"nodes": [{"id": "a"}, {"id": "b"}], "edges": [{"source": "a", "target": "b"}]})),
+    ],
+)
 def test_unparseable_file_rejected_with_path_and_reason(tmp_path, suffix, text):
     path = tmp_path / f"broken{suffix}"
     path.write_text(text)
@@ -362,16 +376,25 @@ def test_edgelist_duplicate_edge_in_either_order_is_rejected_naming_it(tmp_path,
 
 def test_json_duplicate_edge_is_rejected_naming_it(tmp_path):
     path = tmp_path / "g.json"
-    path.write_text(json.dumps({"nodes": [{"id": 0}, {"id": 1}, {"id": 2}],
-                                "edges": [{"source": 0, "target": 1, "weight": 0.25},
-                                          {"source": 1, "target": 2},
-                                          {"source": 1, "target": 0, "weight": 0.4}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "nodes": [{"id": 0}, {"id": 1}, {"id": 2}],
+                "edges": [
+                    {"source": 0, "target": 1, "weight": 0.25},
+                    {"source": 1, "target": 2},
+                    {"source": 1, "target": 0, "weight": 0.4},
+                ],
+            }
+        )
+    )
     with pytest.raises(TopologyError, match=r"edge 0-1 is listed twice with weights 0.25 and 0.4"):
         topo.build(str(path), 3)
 
 
-@pytest.mark.parametrize("doc", [[1, 2], {"graph": {}}, {"nodes": [0, 1]}, {"nodes": [{"id": 0}], "edges": [[0, 1]]},
-                                 "text"])
+@pytest.mark.parametrize(
+    "doc", [[1, 2], {"graph": {}}, {"nodes": [0, 1]}, {"nodes": [{"id": 0}], "edges": [[0, 1]]}, "text"]
+)
 def test_json_that_is_not_node_link_is_one_line(tmp_path, doc):
     path = tmp_path / "g.json"
     path.write_text(json.dumps(doc))
@@ -481,26 +504,32 @@ def test_unknown_name_rejected(spec):
     assert "path" in message and ".graphml" in message
 
 
-@pytest.mark.parametrize("spec, fragment", [
-    ("random-regular:x", "expected random-regular:D"),
-    ("random-regular", "expected random-regular:D"),
-    ("random-regular:3:1", "expected random-regular:D"),
-    ("small-world:4", "expected small-world:K:P"),
-    ("small-world:four:0.1", "expected small-world:K:P"),
-    ("ring:3", "takes no parameters"),
-])
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("random-regular:x", "expected random-regular:D"),
+        ("random-regular", "expected random-regular:D"),
+        ("random-regular:3:1", "expected random-regular:D"),
+        ("small-world:4", "expected small-world:K:P"),
+        ("small-world:four:0.1", "expected small-world:K:P"),
+        ("ring:3", "takes no parameters"),
+    ],
+)
 def test_malformed_spec_rejected(spec, fragment):
     with pytest.raises(TopologyError, match=fragment):
         topo.build(spec, 8)
 
 
-@pytest.mark.parametrize("spec, n, fragment", [
-    ("random-regular:3", 5, "n\\*D is odd"),
-    ("random-regular:4", 4, "0 <= D < 4"),
-    ("random-regular:1", 6, "never connected"),
-    ("small-world:8:0.1", 8, "2 <= K < 8"),
-    ("small-world:4:1.5", 8, "0 <= P <= 1"),
-])
+@pytest.mark.parametrize(
+    "spec, n, fragment",
+    [
+        ("random-regular:3", 5, "n\\*D is odd"),
+        ("random-regular:4", 4, "0 <= D < 4"),
+        ("random-regular:1", 6, "never connected"),
+        ("small-world:8:0.1", 8, "2 <= K < 8"),
+        ("small-world:4:1.5", 8, "0 <= P <= 1"),
+    ],
+)
 def test_impossible_parameters_rejected(spec, n, fragment):
     with pytest.raises(TopologyError, match=fragment):
         topo.build(spec, n)
@@ -521,13 +550,19 @@ def test_zero_ranks_rejected():
         topo.build("ring", 0)
 
 
-@pytest.mark.parametrize("mutate, fragment", [
-    (lambda W: W[:3], "shape"),
-    (lambda W: np.where(np.eye(4, dtype=bool), np.nan, W), "not finite"),
-    (lambda W: W + np.array([[0, 0.1, 0, 0], [0] * 4, [0] * 4, [0] * 4]) - np.diag([0.1, 0, 0, 0]), "not symmetric"),
-    (lambda W: W * 1.1, "row 0 sums to 1.1"),
-    (lambda W: W + 0.1 * (np.eye(4)[[2, 3, 0, 1]] - np.eye(4)), "not on an edge"),
-])
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (lambda W: W[:3], "shape"),
+        (lambda W: np.where(np.eye(4, dtype=bool), np.nan, W), "not finite"),
+        (
+            lambda W: W + np.array([[0, 0.1, 0, 0], [0] * 4, [0] * 4, [0] * 4]) - np.diag([0.1, 0, 0, 0]),
+            "not symmetric",
+        ),
+        (lambda W: W * 1.1, "row 0 sums to 1.1"),
+        (lambda W: W + 0.1 * (np.eye(4)[[2, 3, 0, 1]] - np.eye(4)), "not on an edge"),
+    ],
+)
 def test_validate_matrix_rejects(mutate, fragment):
     g = nx.cycle_graph(4)
     W = topo.mixing_matrix(g)
@@ -537,6 +572,7 @@ def test_validate_matrix_rejects(mutate, fragment):
 
 
 # ----------------------------------------------------------------------------- reporting
+
 
 def test_neighbours_sorted_and_unknown_rank():
     g = topo.build("ring", 6)
@@ -562,7 +598,9 @@ def test_draw_writes_png(tmp_path):
 
 
 def test_import_pulls_in_neither_torch_nor_mpi():
-    code = ("import sys, pcasgd_mpi.topology; "
-            "print(sorted(m for m in ('torch', 'mpi4py', 'matplotlib') if m in sys.modules))")
+    code = (
+        "import sys, pcasgd_mpi.topology; "
+        "print(sorted(m for m in ('torch', 'mpi4py', 'matplotlib') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

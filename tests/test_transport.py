@@ -90,8 +90,11 @@ def test_parts_that_do_not_fit_are_refused():
         t.stage_out(send)
 
 
-@pytest.mark.parametrize("make", [HostTransport, lambda: StagingTransport("cpu"), lambda: CudaAwareTransport("cpu")],
-                         ids=["host", "staging", "cuda-aware"])
+@pytest.mark.parametrize(
+    "make",
+    [HostTransport, lambda: StagingTransport("cpu"), lambda: CudaAwareTransport("cpu")],
+    ids=["host", "staging", "cuda-aware"],
+)
 def test_a_message_written_in_place_into_the_payload_is_sent_as_it_is(make):
     t = make()
     slot = t.alloc(HEADER, 2 * NUMEL * 4)
@@ -109,12 +112,16 @@ def test_a_message_written_in_place_into_the_payload_is_sent_as_it_is(make):
 def test_staging_allocates_nothing_per_step(monkeypatch):
     t = StagingTransport("cpu")
     send, recv = _slots(t)
-    pointers = lambda: (send.raw.ctypes.data, send.payload.data_ptr(), recv.raw.ctypes.data,  # noqa: E731
-                        recv.payload.data_ptr())
+
+    def pointers():
+        return send.raw.ctypes.data, send.payload.data_ptr(), recv.raw.ctypes.data, recv.payload.data_ptr()
+
     before = pointers()
     calls = []
-    for module, names in ((torch, ("empty", "zeros", "empty_like", "zeros_like", "from_numpy")),
-                          (np, ("empty", "zeros", "empty_like"))):
+    for module, names in (
+        (torch, ("empty", "zeros", "empty_like", "zeros_like", "from_numpy")),
+        (np, ("empty", "zeros", "empty_like")),
+    ):
         for name in names:
             real = getattr(module, name)
             monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1])
@@ -142,8 +149,13 @@ def test_send_waits_for_the_copy_event_and_compute_waits_for_the_copy():
     streams.log.clear()
     t.stage_out(send, list(_parts()))
     ev = send._event
-    assert streams.log == [("wait_stream", "side0", "main"), ("enter", "side0"), ("record", ev, "side0"),
-                           ("exit", "side0"), ("wait_event", "main", ev)]
+    assert streams.log == [
+        ("wait_stream", "side0", "main"),
+        ("enter", "side0"),
+        ("record", ev, "side0"),
+        ("exit", "side0"),
+        ("wait_event", "main", ev),
+    ]
     assert [t.ready(send) for _ in range(4)] == [False, False, False, True]
     t.stage_out(send, list(_parts()))
     assert not t.ready(send)
@@ -252,8 +264,9 @@ for t in (HostTransport(), StagingTransport("cpu"), CudaAwareTransport("cpu")):
     out[t.name] = (r.header.tolist() == list(range(7, 15)) and torch.equal(x[:n], w) and torch.equal(x[n:], g))
 print(json.dumps(out))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=mpi_env(),
-                          cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=mpi_env(), cwd=ROOT, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"host": True, "staging": True, "cuda-aware": True}
 
@@ -287,12 +300,21 @@ out["blocked_on_send_copies"] = sum(b.slot._event.blocked for b in ex._send_pool
 ex.close(time.monotonic() + 30)
 print(json.dumps(out))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=mpi_env(),
-                          cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=mpi_env(), cwd=ROOT, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got == {"scheduled": 1, "sent_at_once": 0, "second": 0, "step": 3, "intact": True,
-                   "sent": 1, "skipped": 1, "blocked_on_send_copies": 0}
+    assert got == {
+        "scheduled": 1,
+        "sent_at_once": 0,
+        "second": 0,
+        "step": 3,
+        "intact": True,
+        "sent": 1,
+        "skipped": 1,
+        "blocked_on_send_copies": 0,
+    }
 
 
 # ----------------------------------------------------------------------------------- on a GPU

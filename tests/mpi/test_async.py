@@ -23,8 +23,9 @@ def _shared_dir(tmp_path) -> str:
 def test_a_four_times_slower_rank_stays_in_the_mix(tmp_path):
     """Its neighbours see its copies as at most a few of its own steps old and never drop them."""
     out = _shared_dir(tmp_path)
-    summary = run(TrainConfig(out=out, algorithm="pc-asgd-av", steps=150, straggler=["3:4"], progress=False,
-                              timeout=60))
+    summary = run(
+        TrainConfig(out=out, algorithm="pc-asgd-av", steps=150, straggler=["3:4"], progress=False, timeout=60)
+    )
     if rank == 0:
         hist = summary["staleness_histogram"]
         for r in ("0", "2"):
@@ -116,8 +117,14 @@ def test_lockstep_ranks_with_unequal_step_counts_are_told_so():
 
     ds = data.load("digits")
     model = models.build("mlp", ds.input_shape, ds.num_classes, seed=0)
-    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, world=init("ring", comm=comm),
-                               algorithm="dsgd", mode="lockstep", timeout=60)
+    opt = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model,
+        world=init("ring", comm=comm),
+        algorithm="dsgd",
+        mode="lockstep",
+        timeout=60,
+    )
     error = None
     try:
         for _ in range(5 if rank == 1 else 10):

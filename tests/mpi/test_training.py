@@ -30,8 +30,14 @@ def test_lockstep_dsgd_without_delay_equals_single_process_simulation():
     shards = data.partition(ds.y_train, size, "iid", seed=seed)
     world = init("ring", comm=comm)
     model = models.build("mlp", ds.input_shape, ds.num_classes, seed=seed)
-    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr), model, world=world,
-                               algorithm="dsgd", mode="lockstep", delay="fixed:0")
+    opt = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=lr),
+        model,
+        world=world,
+        algorithm="dsgd",
+        mode="lockstep",
+        delay="fixed:0",
+    )
     sampler = data.ShardSampler(shards[rank], bs, seed, rank)
     for _ in range(steps):
         idx = torch.from_numpy(sampler.next_batch())
@@ -80,8 +86,7 @@ def test_same_seed_gives_same_model_hash_and_other_seed_differs(tmp_path):
 @pytest.mark.mpi(min_size=2)
 def test_lockstep_fixed_delay_shows_in_staleness_histogram(tmp_path):
     out = _shared_dir(tmp_path)
-    summary = run(TrainConfig(out=out, mode="lockstep", algorithm="pc-asgd", delay="fixed:3", steps=30,
-                              progress=False))
+    summary = run(TrainConfig(out=out, mode="lockstep", algorithm="pc-asgd", delay="fixed:3", steps=30, progress=False))
     if rank == 0:
         for r, per_nb in summary["staleness_histogram"].items():
             for n, hist in per_nb.items():
@@ -95,8 +100,11 @@ def test_lockstep_fixed_delay_shows_in_staleness_histogram(tmp_path):
 @pytest.mark.parametrize("algorithm", ["pc-asgd-pv", "pc-asgd-av", "dsgd", "allreduce"])
 def test_async_terminates_with_every_rank_reporting(tmp_path, algorithm):
     out = _shared_dir(tmp_path)
-    summary = run(TrainConfig(out=out, mode="async", algorithm=algorithm, steps=120, progress=False,
-                              straggler=["1:2"], stop="each"))
+    summary = run(
+        TrainConfig(
+            out=out, mode="async", algorithm=algorithm, steps=120, progress=False, straggler=["1:2"], stop="each"
+        )
+    )
     if rank == 0:
         # All ranks stop once the first has made its 120 steps; the straggler has made fewer by then.
         steps = summary["steps"]
@@ -124,8 +132,9 @@ def test_a_setup_error_on_one_rank_reaches_every_rank(tmp_path):
 @pytest.mark.mpi(min_size=2)
 def test_adaptive_variant_measures_substitutes_and_reports_theta(tmp_path):
     out = _shared_dir(tmp_path)
-    summary = run(TrainConfig(out=out, mode="lockstep", algorithm="pc-asgd-av", delay="fixed:3", steps=40,
-                              progress=False))
+    summary = run(
+        TrainConfig(out=out, mode="lockstep", algorithm="pc-asgd-av", delay="fixed:3", steps=40, progress=False)
+    )
     if rank == 0:
         for r, per_nb in summary["av"].items():
             for n, av in per_nb.items():
@@ -146,9 +155,16 @@ def test_a_diverged_rank_does_not_stall_its_lockstep_neighbours():
     world = init("ring", comm=comm)
     model = models.build("mlp", ds.input_shape, ds.num_classes, seed=0)
     # The diverged rank does not check itself (it would stop with Diverged): it keeps sending NaN.
-    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, world=world,
-                               algorithm="pc-asgd", mode="lockstep", delay="fixed:1", timeout=20,
-                               check_finite=rank != 1)
+    opt = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model,
+        world=world,
+        algorithm="pc-asgd",
+        mode="lockstep",
+        delay="fixed:1",
+        timeout=20,
+        check_finite=rank != 1,
+    )
     for k in range(15):
         loss = F.cross_entropy(model(ds.x_train[:32]), ds.y_train[:32])
         opt.zero_grad()
@@ -169,9 +185,16 @@ def test_a_diverged_rank_is_left_out_in_async_mode():
     model = models.build("mlp", ds.input_shape, ds.num_classes, seed=0)
     warnings = []
     # dsgd mixes whatever arrived, however old, so the bad message is met before the run ends
-    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, world=world,
-                               algorithm="dsgd", mode="async", timeout=20, warn=warnings.append,
-                               check_finite=rank != 1)
+    opt = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model,
+        world=world,
+        algorithm="dsgd",
+        mode="async",
+        timeout=20,
+        warn=warnings.append,
+        check_finite=rank != 1,
+    )
     steps = 15 if rank == 1 else 3000
     for k in range(steps):
         loss = F.cross_entropy(model(ds.x_train[:32]), ds.y_train[:32])
@@ -193,13 +216,19 @@ def test_a_diverged_rank_is_left_out_in_async_mode():
 def test_allreduce_through_device_collectives_gives_the_same_bits():
     """The path a CUDA-aware MPI takes (tensors handed to MPI as they are), run on CPU tensors."""
     ds = data.load("digits")
-    x, y = ds.x_train[rank * 32:(rank + 1) * 32], ds.y_train[rank * 32:(rank + 1) * 32]
+    x, y = ds.x_train[rank * 32 : (rank + 1) * 32], ds.y_train[rank * 32 : (rank + 1) * 32]
     results = []
     for transport in (None, CudaAwareTransport("cpu")):
         world = init("ring", comm=comm)
         model = models.build("mlp", ds.input_shape, ds.num_classes, seed=0)
-        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, world=world,
-                                   algorithm="allreduce", mode="lockstep", transport=transport)
+        opt = DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model,
+            world=world,
+            algorithm="allreduce",
+            mode="lockstep",
+            transport=transport,
+        )
         assert opt._device_collectives == (transport is not None)
         initial = opt.flat.data.clone()
         for _ in range(5):
