@@ -4,6 +4,8 @@ import os
 import signal
 import sys
 
+from mpi4py import MPI
+
 import pcasgd_mpi.optimizer as optimizer
 from pcasgd_mpi import cli
 
@@ -12,7 +14,8 @@ _step = optimizer.DistributedOptimizer.step
 
 
 def step(self, closure=None):
-    if self.world.rank == DIE_RANK and self.step_count == DIE_STEP:
+    # The rank in MPI_COMM_WORLD: after a repair the optimizer's own world renumbers the survivors.
+    if MPI.COMM_WORLD.Get_rank() == DIE_RANK and self.step_count == DIE_STEP:
         os.kill(os.getpid(), signal.SIGKILL)
     return _step(self, closure)
 
