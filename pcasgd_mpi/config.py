@@ -2,7 +2,7 @@
 
 The `train` command line is generated from these fields, `--config FILE.yaml` and experiment grids
 are checked by them, and the run directory's config.yaml is written from them. Importable without
-MPI or torch, and imports only checks.py of this package (every other module may import it).
+MPI or torch, and imports only checks.py and choices.py of this package (every other module may import it).
 """
 
 from __future__ import annotations
@@ -13,112 +13,27 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 
 from .checks import Choice, Flag, Number, Repeated, Shape, Text, _is_number, _spec_text, link_delay_spec
+from .choices import (  # noqa: F401  (the options' choices are part of this module's API)
+    Algorithm,
+    Balance,
+    CudaAware,
+    Dataset,
+    Device,
+    Group,
+    LamMode,
+    Mode,
+    Model,
+    Slope,
+    Stop,
+    TextEnum,
+    WeightRule,
+)
 
 DEFAULT_STEPS = 500
 
 
-# ----------------------------------------------------------------------------- choices
-class TextEnum(str, Enum):
-    """An enum that compares, prints and formats as its text (enum.StrEnum needs Python 3.11)."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-
-class Algorithm(TextEnum):
-    DSGD = "dsgd"
-    CLIP = "clip"
-    PREDICT = "predict"
-    PC_ASGD = "pc-asgd"
-    PC_ASGD_PV = "pc-asgd-pv"
-    PC_ASGD_AV = "pc-asgd-av"
-    ALLREDUCE = "allreduce"
-
-    @property
-    def sends_gradient(self) -> bool:
-        return self in (Algorithm.PREDICT, Algorithm.PC_ASGD, Algorithm.PC_ASGD_PV, Algorithm.PC_ASGD_AV)
-
-
-class Mode(TextEnum):
-    LOCKSTEP = "lockstep"
-    ASYNC = "async"
-
-
-class LamMode(TextEnum):
-    FIXED = "fixed"
-    ADAPTIVE = "adaptive"
-
-
-class WeightRule(TextEnum):
-    METROPOLIS = "metropolis"
-    UNIFORM = "uniform"
-    MAX_DEGREE = "max-degree"
-    FILE = "file"
-
-
-class Dataset(TextEnum):
-    DIGITS = "digits"
-    SYNTHETIC = "synthetic"
-    MNIST = "mnist"
-    FASHION_MNIST = "fashion-mnist"
-    CIFAR10 = "cifar10"
-    MNIST1D = "mnist1d"
-
-
-class Model(TextEnum):
-    MLP = "mlp"
-    CNN = "cnn"
-    RESNET20 = "resnet20"
-    VGG11 = "vgg11"
-
-
-class Device(TextEnum):
-    CPU = "cpu"
-    CUDA = "cuda"
-    AUTO = "auto"
-
-
-class CudaAware(TextEnum):
-    AUTO = "auto"
-    YES = "yes"
-    NO = "no"
-
-
-class Slope(TextEnum):
-    UPDATE = "update"
-    GRADIENT = "gradient"
-    VELOCITY = "velocity"
-
-
-class Stop(TextEnum):
-    FIRST = "first"
-    EACH = "each"
-
-
-class Balance(TextEnum):
-    NONE = "none"
-    LR = "lr"
-
-
-class Group(TextEnum):
-    """Sections of `pcasgd-mpi train --help`, in this order."""
-
-    GRAPH = "graph"
-    ALGORITHM = "algorithm"
-    EXECUTION = "execution"
-    DATA = "data and model"
-    OPTIMISATION = "optimisation"
-    OUTPUT = "output"
-    CHECKPOINTS = "checkpoints"
-
-
-# ----------------------------------------------------------------------------- one option
 def option(
     default,
     help: str,

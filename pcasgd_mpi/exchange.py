@@ -16,85 +16,21 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
 from .collectives import Timeout, spin
+from .message import HEADER_BYTES, Buffer, Message, done_or_failed, header_problem, read, step_of, write_header
 from .transport import HostTransport, Transport
 
-MAGIC = 0x3144475341435050  # b"PPCASGD1" read as a little-endian int64
-HEADER_BYTES = 64
-_WORDS = HEADER_BYTES // 8
-_MAGIC, _SENDER, _STEP, _NUMEL, _SIGNATURE, _FLAGS, _MADE_AT, _ALPHA = range(8)
-FLAG_GRAD = 1
-_STOP_SHIFT = 8  # flags above this bit: 1 + the step after which the sender asks everyone to stop
-TAG = 7401
 MAX_HELD = 256  # messages a delayed link may hold at once; beyond that the oldest is dropped
+TAG = 7401
 
 ExchangeTimeout = Timeout  # a wait in the exchange passed its deadline
 
 
-class PeerFailed(RuntimeError):
-    """MPI reported a neighbour as failed (ULFM)."""
-
-    def __init__(self, rank: int):
-        super().__init__(f"rank {rank} failed")
-        self.rank = rank
-
-
-@dataclass
-class Message:
-    """A received message. Tensors are views into exchange buffers, valid until the next poll."""
-
-    source: int
-    step: int
-    weights: torch.Tensor
-    grad: torch.Tensor | None
-    made_at: float = 0.0  # when the sender made it, on the clock the ranks share
-    alpha: float = 0.0  # the sender's step size, for reading its slope
-    stop_at: int | None = None  # the sender asks every rank to stop after this step
-
-
 def _ranks(ranks: list[int]) -> str:
     return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
-
-
-def _message(source: int, buf: _Buffer) -> Message:
-    h = buf.header
-    made_at, alpha = (float(v) for v in h[_MADE_AT : _ALPHA + 1].view(np.float64))
-    stop = int(h[_FLAGS]) >> _STOP_SHIFT
-    return Message(source, int(h[_STEP]), buf.weights, buf.grad, made_at, alpha, stop - 1 if stop else None)
-
-
-class _Buffer:
-    """One message-sized buffer; where it lives and how bytes reach it is the transport's business."""
-
-    def __init__(self, transport: Transport, nbytes: int, numel: int, dtype: torch.dtype, with_grad: bool):
-        self.slot = transport.alloc(HEADER_BYTES, nbytes - HEADER_BYTES)
-        self.raw = self.slot.raw
-        self.header = self.slot.header
-        self.payload = self.slot.payload.view(dtype)
-        self.weights = self.payload[:numel]
-        self.grad = self.payload[numel:] if with_grad else None
-        self.requests: list[MPI.Request] = []
-        self.staged = False  # its bytes are still being copied in; the sends start after that
-        self.held = False  # waiting out an emulated link delay
-
-    def busy(self) -> bool:
-        if self.staged or self.held:
-            return True
-        if self.requests:
-            self.requests = [r for r in self.requests if not _done_or_failed(r)]
-        return bool(self.requests)
-
-
-def _done_or_failed(req: MPI.Request) -> bool:
-    # A send to a failed peer never completes; the exchange has recorded the failure already.
-    try:
-        return req.Test()
-    except MPI.Exception:
-        return True
 
 
 @dataclass
@@ -142,16 +78,16 @@ class Exchange:
         self._warned: set[str] = set()
         itemsize = torch.empty((), dtype=dtype).element_size()
         self.nbytes = HEADER_BYTES + numel * itemsize * (2 if with_grad else 1)
-        make = lambda: _Buffer(self.transport, self.nbytes, numel, dtype, with_grad)  # noqa: E731
+        make = lambda: Buffer(self.transport, self.nbytes, numel, dtype, with_grad)  # noqa: E731
         # Each neighbour has at most one send in flight, so deg + 1 buffers always leave one free.
         self._send_pool = [make() for _ in range(len(self.neighbours) + 1)]
         self._make = make
         self.hold = float(hold)
-        self._held: deque[tuple[float, _Buffer]] = deque()
-        self._prepared: _Buffer | None = None
+        self._held: deque[tuple[float, Buffer]] = deque()
+        self._prepared: Buffer | None = None
         # dest -> its send; None while the send waits for its buffer's copy to finish
         self._in_flight: dict[int, MPI.Request | None] = {}
-        self._staged: list[tuple[_Buffer, list[int]]] = []
+        self._staged: list[tuple[Buffer, list[int]]] = []
         self._inbox = {n: make() for n in self.neighbours}
         self._latest = {n: make() for n in self.neighbours}
         self._latest_step = {n: -1 for n in self.neighbours}
@@ -259,7 +195,7 @@ class Exchange:
         self.stats.skipped += len(self.neighbours) - len(targets) - len(self.failed & set(self.neighbours))
         return targets
 
-    def _free_buffer(self) -> _Buffer:
+    def _free_buffer(self) -> Buffer:
         free = next((b for b in self._send_pool if not b.busy()), None)
         if free is not None:
             return free
@@ -273,7 +209,7 @@ class Exchange:
 
     def _start(
         self,
-        buf: _Buffer,
+        buf: Buffer,
         head: tuple[int, float, float, int | None],
         targets: list[int],
         parts: list[torch.Tensor | None] | None = None,
@@ -282,11 +218,17 @@ class Exchange:
         buffer is still running (a GPU's), from a later progress call: the caller never waits
         for it. Until then the targets count as in flight, so flow control holds for them too."""
         step, made_at, alpha, stop_at = head
-        h = buf.header
-        h[_MAGIC], h[_SENDER], h[_STEP], h[_NUMEL] = MAGIC, self.rank, step, self.numel
-        stop = 0 if stop_at is None else (int(stop_at) + 1) << _STOP_SHIFT
-        h[_SIGNATURE], h[_FLAGS] = self.signature, (FLAG_GRAD if self.with_grad else 0) | stop
-        h[_MADE_AT : _ALPHA + 1] = np.array([made_at, alpha], dtype=np.float64).view(np.int64)
+        write_header(
+            buf.header,
+            sender=self.rank,
+            step=step,
+            numel=self.numel,
+            signature=self.signature,
+            with_grad=self.with_grad,
+            made_at=made_at,
+            alpha=alpha,
+            stop_at=stop_at,
+        )
         # parts None: the payload was written in place through send_buffer().
         self.transport.stage_out(buf.slot, parts)
         if self.hold > 0:
@@ -296,7 +238,7 @@ class Exchange:
         self._stage(buf, targets)
         return len(targets)
 
-    def _stage(self, buf: _Buffer, targets: list[int]) -> None:
+    def _stage(self, buf: Buffer, targets: list[int]) -> None:
         buf.staged = True
         for dest in targets:
             self._in_flight[dest] = None
@@ -354,16 +296,15 @@ class Exchange:
         raise exc
 
     def _validate(self, source: int, status: MPI.Status) -> str | None:
-        h = self._inbox[source].header
         if status.Get_count(MPI.BYTE) != self.nbytes:
             return "wrong message size"
-        if h[_MAGIC] != MAGIC or h[_SENDER] != source or h[_NUMEL] != self.numel:
-            return "malformed header"
-        if h[_SIGNATURE] != self.signature:
-            return "foreign model signature"
-        if bool(int(h[_FLAGS]) & FLAG_GRAD) != self.with_grad:
-            return "gradient flag mismatch"
-        return None
+        return header_problem(
+            self._inbox[source].header,
+            source=source,
+            numel=self.numel,
+            signature=self.signature,
+            with_grad=self.with_grad,
+        )
 
     def poll(self, handler: Callable[[Message], None] | None = None) -> list[int]:
         """Take every message that has arrived; returns the neighbours with a newer message.
@@ -396,9 +337,9 @@ class Exchange:
                 else:
                     self.stats.received += 1
                     buf = self._inbox[source]
-                    step = int(buf.header[_STEP])
+                    step = step_of(buf.header)
                     if handler is not None:
-                        handler(_message(source, buf))
+                        handler(read(source, buf))
                     if step > self._latest_step[source]:
                         self._inbox[source], self._latest[source] = self._latest[source], buf
                         self._latest_step[source] = step
@@ -410,7 +351,7 @@ class Exchange:
     def latest(self, source: int) -> Message | None:
         if self._latest_step[source] < 0:
             return None
-        return _message(source, self._latest[source])
+        return read(source, self._latest[source])
 
     def latest_step(self, source: int) -> int:
         return self._latest_step[source]
@@ -481,9 +422,7 @@ class Exchange:
                 req.Cancel()
             except MPI.Exception as exc:
                 self._peer_error(source, exc)
-        spin(
-            lambda: all(_done_or_failed(r) for r in live.values()), deadline, lambda: "receives could not be cancelled"
-        )
+        spin(lambda: all(done_or_failed(r) for r in live.values()), deadline, lambda: "receives could not be cancelled")
         if not shrink:
             self.comm.Free()  # a grid runs many optimizers in one process: do not leak communicators
             self._survivors = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -14,149 +13,44 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from . import checkpoint, collectives, data, models, repair, rundir, stopping
+from . import checkpoint, collectives, data, models, repair, stopping
 from .config import Stop, TrainConfig
-from .delay import DelayModel, Straggler, link_delays
-from .device import decide_cuda_aware, local_rank, local_rank_from_comm, select_device
+from .device import local_rank, local_rank_from_comm
 from .metrics import beyond_horizon, evaluate, merge_metrics, metrics_before, model_sha256, progress
-from .optimizer import NEVER, Algorithm, DistributedOptimizer, Mode
+from .optimizer import NEVER, Algorithm, Mode
 from .roster import StopReason
-from .transport import make_transport
-from .world import World, init
+from .startup import (  # noqa: F401  (SetupError is part of this module's API)
+    SETUP_TIMEOUT,
+    UNBOUNDED,
+    Setup,
+    SetupError,
+    agree,
+    checkpoint_state,
+    output_dir,
+    resume,
+    set_threads,
+)
+from .world import init
 
-
-class SetupError(RuntimeError):
-    """A problem with the configuration or the inputs, found before training started."""
-
-
-UNBOUNDED = 2**62
-BN_CALIBRATION_SAMPLES = 4096
-SETUP_TIMEOUT = 900.0
-
-
-def _warn(rank: int):
-    return lambda msg: print(f"pcasgd-mpi [rank {rank}]: warning: {msg}", file=sys.stderr, flush=True)
-
-
-class _Setup:
-    """Everything a rank builds before training; errors are collected, then agreed on by all ranks."""
-
-    def __init__(self, cfg: TrainConfig, world: World, node_rank: int):
-        self.cfg, self.world = cfg, world
-        rank, size = world.rank, world.size
-        self.local_rank = node_rank
-        self.device = select_device(cfg.device, node_rank)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self.cuda_aware = decide_cuda_aware(cfg.cuda_aware, self.device)
-        self.stragglers = {s.rank: s.factor for s in map(Straggler.parse, cfg.straggler)}
-        bad = sorted(r for r in self.stragglers if r >= size)
-        if bad:
-            raise SetupError(f"--straggler names ranks {bad} but the job has {size} ranks")
-        delay = DelayModel.parse(cfg.delay, seed=cfg.seed)
-        if delay.max_delay > 0 and Mode(cfg.mode) is Mode.ASYNC:
-            raise SetupError("--delay injects delays in --mode lockstep; in async mode use --straggler")
-        if cfg.tensorboard and world.rank == 0 and importlib.util.find_spec("tensorboard") is None:
-            raise SetupError("--tensorboard needs the tensorboard package: pip install tensorboard")
-        self.dataset = data.load(
-            cfg.dataset, root=cfg.data_dir, seed=cfg.seed, synthetic_shape=tuple(cfg.synthetic_shape)
-        )
-        shards = data.partition(self.dataset.y_train, size, cfg.partition, seed=cfg.seed)
-        smallest = min(range(size), key=lambda r: len(shards[r]))
-        if cfg.batch_size > len(shards[smallest]):
-            # Every rank sees every shard: all raise the same line, naming the smallest shard.
-            raise SetupError(
-                f"--batch-size {cfg.batch_size} is larger than rank {smallest}'s shard of "
-                f"{len(shards[smallest])} samples; use --batch-size {len(shards[smallest])} or less"
-            )
-        self.shards = shards  # a survivor of a failed rank takes over part of its shard (repair.py)
-        self.sampler = data.ShardSampler(shards[rank], cfg.batch_size, cfg.seed, rank)
-        self.link_delays = link_delays(cfg.link_delay, size)
-        if cfg.duration is not None and Mode(cfg.mode) is not Mode.ASYNC:
-            raise SetupError("--duration is a shared wall-time stop for --mode async; in lockstep use --steps")
-        if cfg.duration is not None and cfg.steps is None and cfg.epochs is None:
-            self.steps = UNBOUNDED  # the wall-time budget ends the run
-        else:
-            self.steps = cfg.resolved_steps(len(self.dataset.y_train), size)
-        if self.steps < 1:
-            raise SetupError(f"--steps must be >= 1, got {self.steps}")
-        self.model = models.build(cfg.model, self.dataset.input_shape, self.dataset.num_classes, seed=cfg.seed).to(
-            self.device
-        )
-        inner = torch.optim.SGD(
-            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-        self.opt = DistributedOptimizer(
-            inner,
-            self.model,
-            world=world,
-            algorithm=cfg.algorithm,
-            mode=cfg.mode,
-            theta=cfg.theta,
-            lam=cfg.lam,
-            lam_mode=cfg.lam_mode,
-            tolerance=cfg.tolerance,
-            horizon=cfg.horizon,
-            delay=delay,
-            timeout=cfg.timeout,
-            fault_tolerant=cfg.fault_tolerant,
-            warn=_warn(rank),
-            transport=make_transport(self.device, self.cuda_aware.cuda_aware),
-            slope=cfg.slope,
-            link_delay=self.link_delays.get(rank, 0.0),
-            balance=cfg.balance,
-        )
-
-
-def _agree(comm: MPI.Comm, error: str | None, cfg_hash: str) -> None:
-    """All ranks learn whether any rank failed its setup, and whether all run the same config."""
-    # Start-up may include compiling a kernel and loading data: a generous deadline, but a deadline.
-    reports = collectives.allgather_object(
-        comm, (error, cfg_hash), time.monotonic() + SETUP_TIMEOUT, "not every rank finished its set-up"
-    )
-    for r, (err, _) in enumerate(reports):
-        if err is not None:
-            raise SetupError(err if comm.Get_size() == 1 else f"[rank {r}] {err}")
-    hashes = {h for _, h in reports}
-    if len(hashes) > 1:
-        groups = {h: [r for r, (_, hh) in enumerate(reports) if hh == h] for h in hashes}
-        raise SetupError(
-            f"ranks were started with different configurations (ranks by config: "
-            f"{sorted(groups.values())}); launch every rank with the same options"
-        )
-
-
-def _output_dir(cfg: TrainConfig, comm: MPI.Comm) -> Path:
-    """Rank 0 picks the run directory and checks it by the run-directory rules; all ranks agree."""
-    out, error = cfg.out, None
-    if comm.Get_rank() == 0:
-        if out is None:
-            out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.algorithm}")
-        try:
-            rundir.prepare(out, cfg.checkpoint_dir, overwrite=cfg.overwrite, resume=cfg.resume)
-            (Path(out) / "metrics").mkdir(exist_ok=True)
-        except (rundir.RunDirError, OSError) as exc:
-            error = str(exc)
-    _agree(comm, error, cfg.config_hash())
-    return Path(comm.bcast(out, root=0))
+BN_CALIBRATION_SAMPLES = 4096  # training samples that give the average model its BatchNorm statistics
 
 
 def run(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
     """Train on every rank; returns the summary on rank 0 (None elsewhere)."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     rank = comm.Get_rank()
-    _set_threads(cfg.threads, comm)
+    set_threads(cfg.threads, comm)
     node_rank = local_rank()
     if node_rank is None:
         node_rank = local_rank_from_comm(comm)  # collective: every rank takes this branch or none
     error, setup = None, None
     try:
         world = init(cfg.topology, cfg.weights, comm=comm, seed=cfg.seed)
-        setup = _Setup(cfg, world, node_rank)
+        setup = Setup(cfg, world, node_rank)
     except (ValueError, SetupError, OSError) as exc:
         error = str(exc)
-    _agree(comm, error, cfg.config_hash())
-    out = _output_dir(cfg, comm)
+    agree(comm, error, cfg.config_hash())
+    out = output_dir(cfg, comm)
     if rank == 0:
         import yaml
 
@@ -164,67 +58,12 @@ def run(cfg: TrainConfig, comm: MPI.Comm | None = None) -> dict | None:
         used = cfg.effective(steps=setup.steps, tolerance=setup.opt.tolerance)
         (out / "config.yaml").write_text(yaml.safe_dump(used.to_file(), sort_keys=False, allow_unicode=True))
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out / "checkpoints"
-    resumed_from = _resume(cfg, setup, ckpt_dir, comm) if cfg.resume else None
+    resumed_from = resume(cfg, setup, ckpt_dir, comm) if cfg.resume else None
     return _Loop(cfg, setup, out, ckpt_dir, resumed_from).run()
 
 
-def _checkpoint_state(cfg: TrainConfig, setup: _Setup) -> dict:
-    return {
-        "world_size": setup.world.size,
-        "signature": setup.opt.signature,
-        "training_hash": cfg.training_hash(),
-        "optimizer": setup.opt.state_dict(),
-        "sampler": setup.sampler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-    }
-
-
-def _resume(cfg: TrainConfig, setup: _Setup, ckpt_dir: Path, comm: MPI.Comm) -> int | None:
-    """Load the newest checkpoint step all ranks have (lockstep) or each rank's newest (async)."""
-    rank, size = comm.Get_rank(), comm.Get_size()
-    available = collectives.allgather_object(
-        comm,
-        checkpoint.steps_available(ckpt_dir, rank),
-        time.monotonic() + SETUP_TIMEOUT,
-        "not every rank looked for checkpoints",
-    )
-    if not all(available):
-        missing = [r for r, steps in enumerate(available) if not steps]
-        if rank == 0:
-            print(
-                f"pcasgd-mpi: --resume: no checkpoint for ranks {missing} in {ckpt_dir}; starting from step 0",
-                file=sys.stderr,
-                flush=True,
-            )
-        return None
-    if Mode(cfg.mode) is Mode.LOCKSTEP:
-        common = set.intersection(*map(set, available))
-        if not common:
-            raise SetupError(
-                f"--resume: the ranks in {ckpt_dir} share no checkpoint step; delete the folder to start afresh"
-            )
-        step = max(common)
-    else:
-        step = available[rank][-1]
-    error = None
-    try:
-        state = checkpoint.load(
-            ckpt_dir,
-            rank,
-            step,
-            {"rank": rank, "world_size": size, "signature": setup.opt.signature, "training_hash": cfg.training_hash()},
-        )
-        setup.opt.load_state_dict(state["optimizer"])
-        setup.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-    except (ValueError, KeyError, RuntimeError) as exc:
-        error = str(exc) if not isinstance(exc, KeyError) else f"checkpoint of step {step} lacks {exc}"
-    _agree(comm, error, cfg.config_hash())
-    return step
-
-
 class _Loop:
-    def __init__(self, cfg: TrainConfig, setup: _Setup, out: Path, ckpt_dir: Path, resumed_from: int | None):
+    def __init__(self, cfg: TrainConfig, setup: Setup, out: Path, ckpt_dir: Path, resumed_from: int | None):
         self.cfg, self.s, self.out, self.ckpt_dir = cfg, setup, out, ckpt_dir
         self.world, self.opt, self.model = setup.world, setup.opt, setup.model
         self.rank = self.world.rank
@@ -247,7 +86,7 @@ class _Loop:
             self.ckpt_dir,
             self.rank,
             self.opt.step_count,
-            _checkpoint_state(self.cfg, self.s),
+            checkpoint_state(self.cfg, self.s),
             self.cfg.keep_checkpoints,
         )
 
@@ -511,12 +350,3 @@ class _Loop:
         (self.out / "stopped.json").unlink(missing_ok=True)  # a resumed run that finished
         merge_metrics(self.out, [p["rank"] for p in per_rank])
         return summary
-
-
-def _set_threads(threads: int | None, comm: MPI.Comm) -> None:
-    """Share the node's cores among the ranks on it: oversubscribed torch threads slow everyone."""
-    if threads is None:
-        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-        threads = max(1, (os.cpu_count() or 1) // local.Get_size())
-        local.Free()
-    torch.set_num_threads(threads)
