@@ -148,6 +148,7 @@ class DistributedOptimizer(RuleStep):
                 self.clock_offset = clock_offset(self.world.comm, deadline) if self.world.size > 1 else 0.0
             offset = self.clock_offset
             self.clock = SenderClock(self.neighbours, now=lambda: time.time() + offset)
+            self.clock.start = self.clock.now()
             self.view = AsyncNeighbours(self.exchange, weights, self.clock, self.slope is Slope.VELOCITY)
         if self.algorithm is Algorithm.PC_ASGD_AV:
             self.trackers = {n: rule.SubstitutionTracker(beta=av_beta, horizon=self.horizon) for n in self.neighbours}
@@ -188,6 +189,11 @@ class DistributedOptimizer(RuleStep):
         import dataclasses
 
         return dataclasses.asdict(self.exchange.stats)
+
+    def mark_start(self) -> None:
+        """Every rank starts stepping now (after a barrier): the staleness clock's reference time."""
+        if self.clock is not None:
+            self.clock.start = self.clock.now()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)

@@ -51,6 +51,13 @@ class StepRate:
         """Steps per second, None until two messages with different steps were seen."""
         return self._steps / self._seconds if self._seconds > 0 else None
 
+    def rate_since(self, start: float | None) -> float | None:
+        """Before a second message: the sender made steps 0..s between `start` (when every rank
+        began) and its first message, which bounds its rate from what it has shown so far."""
+        if self._last is None or start is None or self._last[1] <= start:
+            return None
+        return (self._last[0] + 1) / (self._last[1] - start)
+
 
 @dataclass
 class Estimate:
@@ -65,6 +72,9 @@ class SenderClock:
         self.now = now
         self.rates = {n: StepRate(beta) for n in neighbours}
         self.own = StepRate(beta)
+        # When every rank started stepping (the shared clock); the prior rate of a neighbour that
+        # has sent one message. Our own rate would make a slow starter look stale at once.
+        self.start: float | None = None
 
     def observe(self, source: int, step: int, made_at: float) -> None:
         """Every message that arrives (in order of arrival) refines the sender's rate."""
@@ -77,7 +87,9 @@ class SenderClock:
     def rate(self, source: int) -> float:
         rate = self.rates[source].rate
         if rate is None:
-            rate = self.own.rate
+            # At most our own rate: after a resume the sender's step count did not start at `start`.
+            shown, own = self.rates[source].rate_since(self.start), self.own.rate
+            rate = own if shown is None else (shown if own is None else min(shown, own))
         return rate if rate is not None else 0.0
 
     def estimate(self, source: int, step: int, made_at: float, now: float | None = None) -> Estimate:

@@ -102,6 +102,7 @@ class _Loop:
             print(f"pcasgd-mpi: device {s.device}; CUDA-aware MPI: {s.cuda_aware}", file=sys.stderr, flush=True)
         bar = progress(cfg, s.steps, self.rank)
         collectives.barrier(self.world.comm, time.monotonic() + SETUP_TIMEOUT, "not every rank started training")
+        opt.mark_start()
         t0 = time.perf_counter()
         self.end_time = None if cfg.duration is None else time.monotonic() + cfg.duration
         first = opt.step_count

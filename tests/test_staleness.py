@@ -112,3 +112,17 @@ def test_link_delays_parse_and_reject():
         link_delays(["5:1"], 4)
     with pytest.raises(SpecError):
         link_delays(["0:inf"], 4)
+
+
+def test_a_slow_starter_is_not_stale_before_its_second_message():
+    """Its first step took 40 ms while ours take 1 ms: our own rate would call it 40 steps old."""
+    now = FakeTime(1000.0)
+    clock = SenderClock([3], now=now)
+    clock.start = 1000.0
+    for k in range(60):
+        clock.tick(k, 1000.0 + 0.001 * k)
+    clock.observe(3, 0, 1000.04)  # step 0, made 40 ms after the start
+    now.t = 1000.07  # 30 ms later, no second message yet
+    assert clock.estimate(3, 0, 1000.04).staleness <= 1
+    now.t = 1001.0  # but a sender that never sends again still ages past the horizon
+    assert clock.estimate(3, 0, 1000.04).staleness > 16

@@ -30,9 +30,9 @@ def test_a_four_times_slower_rank_stays_in_the_mix(tmp_path):
         hist = summary["staleness_histogram"]
         for r in ("0", "2"):
             per = hist[r]["3"]
-            beyond = sum(c for t, c in per.items() if t == "never" or int(t) > 16)
-            assert beyond <= 2, (r, per)  # only the very first steps, before its first message
-            assert summary["beyond_horizon"][r]["3"] <= 0.05
+            # "never": the first steps, before its first message arrived; none of its copies aged past H
+            beyond = sum(c for t, c in per.items() if t != "never" and int(t) > 16)
+            assert beyond == 0, (r, per)
         steps = summary["steps"]
         # the shared stop: one rank did all its steps, the straggler far fewer, nobody trained on alone
         assert max(steps) == 150 and steps[3] < 150, steps
