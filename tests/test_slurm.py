@@ -629,9 +629,13 @@ def _job_field(env: dict, job: str, field: str) -> str | None:
 
 
 def _restarts(env: dict, job: str) -> str | None:
-    """How often the job was requeued, once it was; None before."""
+    """How often the job was requeued, once it was and its first start has fully ended (pending
+    again); None before. Starting it while the old batch step is still being torn down makes
+    slurmd refuse the launch ("already killed, do not launch batch job")."""
     restarts = _job_field(env, job, "Restarts")
-    return restarts if restarts not in (None, "0") else None
+    if restarts in (None, "0") or _job_field(env, job, "JobState") != "PENDING":
+        return None
+    return restarts
 
 
 def _run_cifar10(slurm2, tmp: Path, name: str, during=None) -> tuple[dict, str, Path]:
@@ -692,6 +696,7 @@ def test_two_nodes_preemption_notice_checkpoints_requeues_and_resumes_to_the_sam
         seen["restarts"] = _wait_for("the requeue", lambda: _restarts(env, jobid), job, 120)
         # Before the second start: later scheduled checkpoints replace the older ones (the last 3 kept).
         seen["checkpoints"] = [_checkpoints(out, r) for r in range(4)]
+        time.sleep(3)  # let slurmd finish forgetting the first start before it is asked for the second
         subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], env=env, timeout=60)
 
     summary, log, out = _run_cifar10(slurm2, tmp_path, "preempt-2n", during=preempt)
