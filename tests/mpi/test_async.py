@@ -138,5 +138,6 @@ def test_lockstep_ranks_with_unequal_step_counts_are_told_so():
     if rank == 1:
         assert error is None
     else:
-        assert error is not None and "rank 1 finished after 5 steps" in error, error
+        # rank 1, or a rank that already stopped because of it (they all stop after 5 steps)
+        assert error is not None and "finished after 5 steps" in error, error
         assert "same number of steps" in error
