@@ -140,13 +140,8 @@ class Exchange:
         copied into a pool buffer only when at least one send starts.
         """
         self._prepared = None
-        targets = self._targets(block, deadline)
-        if not targets:
-            return 0
-        buf = self._free_buffer()
-        return self._start(
-            buf, (step, made_at, alpha, stop_at), targets, [weights, grad] if self.with_grad else [weights]
-        )
+        parts = [weights, grad] if self.with_grad else [weights]
+        return self._send_from(None, (step, made_at, alpha, stop_at), parts, block, deadline)
 
     def send_buffer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Views (weights, grad) of the pool buffer the next `send_prepared` sends from.
@@ -172,28 +167,49 @@ class Exchange:
         if self._prepared is None:
             raise RuntimeError("send_prepared() needs a send_buffer() first")
         buf, self._prepared = self._prepared, None
-        targets = self._targets(block, deadline)
-        return self._start(buf, (step, made_at, alpha, stop_at), targets) if targets else 0
+        return self._send_from(buf, (step, made_at, alpha, stop_at), None, block, deadline)
 
-    def _targets(self, block: bool, deadline: float) -> list[int]:
+    def _send_from(self, buf: Buffer | None, head: tuple, parts, block: bool, deadline: float) -> int:
+        """Sends to every neighbour that is ready now; with `block`, then waits (up to `deadline`)
+        for each of the others' previous send to complete and sends to it too. A neighbour that is
+        slow to receive so never holds up the messages to the rest."""
+        targets = self._targets()
+        started = 0
+        if targets:
+            buf = buf if buf is not None else self._free_buffer()
+            started = self._start(buf, head, targets, parts)
+        rest = [n for n in self.neighbours if n not in targets and n not in self.failed]
+        if not block or not rest or self.hold > 0:
+            self.stats.skipped += len(rest)
+            return started
+
+        def rest_ready() -> bool:
+            self._progress_sends()
+            return not any(n in self._in_flight for n in rest)
+
+        spin(
+            rest_ready,
+            deadline,
+            lambda: (
+                f"sends to {_ranks(sorted(n for n in rest if n in self._in_flight))} did not complete in time "
+                f"(frozen, dead or much slower than the rest)"
+            ),
+        )
+        rest = [n for n in rest if n not in self.failed]
+        if rest:
+            if buf is None:
+                buf = self._free_buffer()
+            else:
+                parts = None  # the buffer holds the payload already; it may still be in flight
+            started += self._start(buf, head, rest, parts)
+        return started
+
+    def _targets(self) -> list[int]:
+        self._progress_sends()
         if self.hold > 0:
             # A held message picks its targets when its delay is over; it goes to every live neighbour.
-            self._progress_sends()
             return [n for n in self.neighbours if n not in self.failed]
-        if block:
-            spin(
-                self.send_ready,
-                deadline,
-                lambda: (
-                    f"sends to {_ranks(sorted(self._in_flight))} did not complete in time "
-                    f"(frozen, dead or much slower than the rest)"
-                ),
-            )
-        else:
-            self._progress_sends()
-        targets = [n for n in self.neighbours if n not in self._in_flight and n not in self.failed]
-        self.stats.skipped += len(self.neighbours) - len(targets) - len(self.failed & set(self.neighbours))
-        return targets
+        return [n for n in self.neighbours if n not in self._in_flight and n not in self.failed]
 
     def _free_buffer(self) -> Buffer:
         free = next((b for b in self._send_pool if not b.busy()), None)

@@ -1,6 +1,7 @@
 """Training under mpirun -n 4: lockstep equals a one-process simulation, seeds reproduce, async ends."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +196,7 @@ def test_a_diverged_rank_is_left_out_in_async_mode():
         warn=warnings.append,
         check_finite=rank != 1,
     )
-    steps = 15 if rank == 1 else 3000
+    steps = 200 if rank == 1 else 3000
     for k in range(steps):
         loss = F.cross_entropy(model(ds.x_train[:32]), ds.y_train[:32])
         opt.zero_grad()
@@ -203,6 +204,8 @@ def test_a_diverged_rank_is_left_out_in_async_mode():
         if rank == 1 and k == 5:
             opt.flat.data.fill_(float("nan"))
         opt.step()
+        if rank == 1 and k > 5:
+            time.sleep(0.005)  # bad messages keep coming, each newer than the last, at a pace they are met
         if rank != 1 and (1 not in world.neighbours or opt.non_finite[1] >= 3):
             break
     opt.finalize()
