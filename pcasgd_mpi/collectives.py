@@ -23,15 +23,27 @@ class Timeout(RuntimeError):
     """A wait for other ranks passed its deadline."""
 
 
+LONG_WAIT = 1.0  # seconds of waiting after which polling slows down to 100 times a second
+
+
 def spin(done: Callable[[], bool], deadline: float, what: Callable[[], str]) -> None:
-    """Poll `done` until it holds or the deadline passes; back off so idle ranks yield the core."""
+    """Poll `done` until it holds or the deadline passes; back off so idle ranks yield the core.
+
+    A short wait polls up to 1000 times a second (a step's message is usually a millisecond away);
+    a wait that has lasted a second (start-up while the other ranks import torch, a slow rank)
+    polls 100 times a second, so that ranks waiting for minutes cost next to no CPU.
+    """
     spins = 0
+    started = None
     while not done():
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise Timeout(what())
         spins += 1
         if spins > 50:
-            time.sleep(min(1e-3, 1e-5 * (spins - 50)))
+            started = now if started is None else started
+            cap = 1e-2 if now - started > LONG_WAIT else 1e-3
+            time.sleep(min(cap, 1e-5 * (spins - 50)))
 
 
 def wait(req: MPI.Request, deadline: float, what: Callable[[], str], poll: Callable[[], Any] | None = None) -> None:
