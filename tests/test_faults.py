@@ -108,13 +108,13 @@ def test_sigterm_to_one_rank_in_async_mode_stops_every_rank_with_a_checkpoint(tm
     assert not (out / "summary.json").exists()
 
 
-def test_sigstop_of_one_rank_in_lockstep_ends_the_job_naming_it(tmp_path):
-    out = tmp_path / "run"
-    proc = _start(out, ["--mode", "lockstep", "--steps", "100000", "--timeout", "10", "--straggler", "0:2"])
+def _freeze_one_rank(out: Path, args: list[str], victim: int) -> tuple[int, str]:
+    """Start a job, SIGSTOP one rank once all train, and return how the job ended."""
+    proc = _start(out, args)
     try:
         pids = _wait_training(proc, out)
-        os.kill(pids[2], signal.SIGSTOP)
-        code, err = _finish(proc, 120)
+        os.kill(pids[victim], signal.SIGSTOP)
+        return _finish(proc, 120)
     finally:
         for pid in _rank_pids(proc.pid).values():
             try:
@@ -123,6 +123,12 @@ def test_sigstop_of_one_rank_in_lockstep_ends_the_job_naming_it(tmp_path):
                 pass
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_sigstop_of_one_rank_in_lockstep_ends_the_job_naming_it(tmp_path):
+    out = tmp_path / "run"
+    args = ["--mode", "lockstep", "--steps", "100000", "--timeout", "10", "--straggler", "0:2"]
+    code, err = _freeze_one_rank(out, args, victim=2)
     assert code != 0
     ours = [line for line in err.splitlines() if line.startswith("pcasgd-mpi")]
     # The first line comes from a neighbour of the frozen rank, which waits on it first.
@@ -132,19 +138,7 @@ def test_sigstop_of_one_rank_in_lockstep_ends_the_job_naming_it(tmp_path):
 
 def test_sigstop_of_one_rank_in_async_mode_is_named_at_the_end(tmp_path):
     out = tmp_path / "run"
-    proc = _start(out, ["--steps", "600", "--timeout", "10"])
-    try:
-        pids = _wait_training(proc, out)
-        os.kill(pids[3], signal.SIGSTOP)
-        code, err = _finish(proc, 120)
-    finally:
-        for pid in _rank_pids(proc.pid).values():
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    code, err = _freeze_one_rank(out, ["--steps", "600", "--timeout", "10"], victim=3)
     assert code != 0
     ours = [line for line in err.splitlines() if line.startswith("pcasgd-mpi")]
     assert ours and "rank 3 did not reach the end of training" in ours[0], err[-3000:]
