@@ -9,14 +9,17 @@ A grid (YAML)::
     steps: 300
     eval_every: 30
     algorithms: [dsgd, clip, predict, "pc-asgd:0.25", pc-asgd-pv, pc-asgd-av, allreduce]
-    delays: [none, "fixed:2", "random:0.5:4", "ranks:0,2:8"]
+    delays: [none, "fixed:2", "random:0.5:4", "ranks:0,2:8"]   # async: none, "straggler:3:4", "link:0,2:30"
     seeds: [0, 1, 2]
     partitions: [iid, "dirichlet:0.3"]   # optional axis (else the base `partition`)
     lrs: [0.1, 0.5]                      # optional axis (else the base `lr`)
     exclude:                             # optional: combinations not to run
       - {algorithm: allreduce, delay: ["fixed:2", "random:0.5:4"]}
 
-`pc-asgd:THETA` is pc-asgd with θ = THETA (`pc-asgd` alone: θ = 0.5). Importable without MPI or torch.
+`pc-asgd:THETA` is pc-asgd with θ = THETA (`pc-asgd` alone: θ = 0.5). In async mode, where staleness
+is not injected but comes from speeds and links, the delay axis names those conditions instead:
+`straggler:RANK:FACTOR` (`--straggler`) and `link:RANKS:MS` (`--link-delay`). Importable without MPI
+or torch.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 import yaml
 
 from .config import Algorithm, Mode, TrainConfig
-from .delay import DelayModel, SpecError
+from .delay import DelayModel, SpecError, Straggler, link_delays
 
 ALGORITHMS = tuple(a.value for a in Algorithm)
 DEFAULT_THETA = TrainConfig.theta
@@ -108,7 +111,7 @@ class RunSpec:
         fields = dict(
             base,
             algorithm=self.algorithm.name,
-            delay=self.delay,
+            **_delay_fields(self.delay),
             partition=self.partition,
             lr=self.lr,
             seed=self.seed,
@@ -179,6 +182,40 @@ class Grid:
             "lrs": self.lrs,
             "exclude": self.exclude,
         }
+
+
+# Async conditions on the delay axis: prefix -> the TrainConfig field it sets (a one-entry list).
+ASYNC_CONDITIONS = {"straggler": "straggler", "link": "link_delay"}
+
+
+def _delay_fields(delay: str) -> dict:
+    """The TrainConfig fields a delay-axis entry sets: --delay, or one async condition."""
+    kind, sep, rest = delay.partition(":")
+    if sep and kind in ASYNC_CONDITIONS:
+        return {"delay": "none", ASYNC_CONDITIONS[kind]: [rest]}
+    return {"delay": delay}
+
+
+def _parse_delay(entry, ranks: int, mode: Mode) -> str:
+    """One delay-axis entry, checked; raises ValueError (or SpecError) naming the problem."""
+    text = str(entry).strip()
+    kind, sep, rest = text.partition(":")
+    if sep and kind in ASYNC_CONDITIONS:
+        if mode is not Mode.ASYNC and kind == "link":
+            raise ValueError(f"{text!r} needs mode async (in lockstep, inject delays with fixed:, random:, ranks:)")
+        named = [Straggler.parse(rest).rank] if kind == "straggler" else list(link_delays([rest], 1 << 30))
+        beyond = [r for r in named if r >= ranks]
+        if beyond:
+            raise ValueError(f"{text!r} names rank {beyond[0]} but the job has only {ranks} ranks")
+        return f"{kind}:{rest}"
+    model = DelayModel.parse(text)
+    model.check_ranks(ranks)
+    if model.max_delay > 0 and mode is not Mode.LOCKSTEP:
+        raise ValueError(
+            "injected delays need mode lockstep; async runs make their own staleness "
+            "(use straggler:RANK:FACTOR or link:RANKS:MS)"
+        )
+    return str(model)
 
 
 def _matches(rule: dict, spec: RunSpec) -> bool:
@@ -258,13 +295,9 @@ def parse_grid(raw, path: str | Path = "<grid>") -> Grid:
     delays = []
     for i, entry in enumerate(_checked_list(raw, "delays", fail)):
         try:
-            model = DelayModel.parse(str(entry))
-            model.check_ranks(ranks)
-        except SpecError as exc:
+            delays.append(_parse_delay(entry, ranks, Mode(base["mode"])))
+        except (SpecError, ValueError) as exc:
             fail(f"delays[{i}]: {str(exc).replace('--delay ', 'delay ')}")
-        if model.max_delay > 0 and base["mode"] != Mode.LOCKSTEP:
-            fail(f"delays[{i}]: injected delays need mode lockstep (async runs make their own staleness)")
-        delays.append(str(model))
     seeds = []
     for i, entry in enumerate(_checked_list(raw, "seeds", fail)):
         if not isinstance(entry, int) or isinstance(entry, bool):

@@ -91,10 +91,14 @@ class LockstepNeighbours:
         dtype: torch.dtype,
         device: torch.device,
         with_grad: bool,
+        velocity: bool = False,
     ):
         self.exchange, self.weights, self.delay, self.rank = exchange, weights, delay, rank
-        # A neighbour can be one step ahead while we wait, hence depth max_delay + 2.
-        self.history = _History(list(weights), delay.max_delay + 2, numel, dtype, with_grad, device)
+        self.velocity = velocity
+        # A neighbour can be one step ahead while we wait, hence depth max_delay + 2; the velocity
+        # also reads the message before the one used.
+        depth = delay.max_delay + (3 if velocity else 2)
+        self.history = _History(list(weights), depth, numel, dtype, with_grad, device)
         self.stop_at: int | None = None  # the earliest stop step any message asked for
         self.done_steps: dict[int, int] = {}  # ranks that finished training, and after how many steps
         self._scaled: dict[int, torch.Tensor] = {}
@@ -127,11 +131,24 @@ class LockstepNeighbours:
         for n, w in self.weights.items():
             s = k - self.delay.delay(n, self.rank, k)
             xs, gs = self.history.get(n, s) if s >= 0 else (None, None)
-            if xs is not None:
+            if xs is not None and self.velocity:
+                gs = self._velocity(n, s, xs, lr)
+            elif xs is not None:
                 gs = _slope(gs, self._alpha.get((n, s % self.history.depth), 0.0), lr, self._scaled, n)
             nbs.append(rule.Neighbour(w, xs, gs, k - s if xs is not None else 0))
             steps.append(s if xs is not None else None)
         return View(nbs, steps, [k if s is not None else None for s in steps])
+
+    def _velocity(self, n: int, s: int, xs: torch.Tensor, lr: float) -> torch.Tensor | None:
+        """−(x_s − x_{s−1})/lr: the sender's whole last movement (its step and its mixing) as a
+        slope; None when the message of step s − 1 is not held."""
+        prev, _ = self.history.get(n, s - 1) if s >= 1 else (None, None)
+        if prev is None:
+            return None
+        buf = self._scaled.get(n)
+        if buf is None or buf.shape != xs.shape:
+            buf = self._scaled[n] = torch.empty_like(xs)
+        return torch.sub(prev, xs, out=buf).div_(lr)
 
 
 class AsyncNeighbours:

@@ -140,6 +140,7 @@ class DistributedOptimizer(RuleStep):
                 self.flat.dtype,
                 self.flat.device,
                 wire_slope,
+                velocity=self.slope is Slope.VELOCITY,
             )
             self._diameter = nx.diameter(self.world.graph) if self.world.size > 1 else 0
             self.clock = None
@@ -181,7 +182,7 @@ class DistributedOptimizer(RuleStep):
         if not self.trackers:
             return None
         return {
-            str(n): {"theta": t.theta, "e_p": t.e_p, "e_c": t.e_c, "measurements": t.measurements}
+            str(n): {"theta": t.theta, "e_p": t.e_p, "e_c": t.e_c, "cross": t.cross, "measurements": t.measurements}
             for n, t in self.trackers.items()
         }
 
@@ -430,10 +431,8 @@ def _check_settings(opt: DistributedOptimizer, link_delay: float) -> None:
         raise ValueError("--fault-tolerant needs --mode async and a decentralized algorithm (not allreduce)")
     if not opt.timeout > 0 or opt.timeout == float("inf"):
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {opt.timeout}")
-    if opt.mode is Mode.LOCKSTEP and (link_delay > 0 or opt.slope is Slope.VELOCITY or opt.balance is not Balance.NONE):
-        raise ValueError(
-            "--link-delay, --slope velocity and --balance lr are for --mode async; in lockstep use --delay for delays"
-        )
+    if opt.mode is Mode.LOCKSTEP and (link_delay > 0 or opt.balance is not Balance.NONE):
+        raise ValueError("--link-delay and --balance lr are for --mode async; in lockstep use --delay for delays")
     for group in opt.inner.param_groups:
         lr = group.get("lr", 1.0)
         if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):

@@ -52,6 +52,18 @@ def test_run_fields_set_algorithm_theta_delay_and_keep_the_base():
     assert "theta" not in clip.train_fields(g.base, ROOT / "x")
 
 
+def test_async_conditions_on_the_delay_axis_set_straggler_and_link_delay():
+    g = grid_of(mode="async", delays=["none", "straggler:3:4", "link:0,2:30"], algorithms=["dsgd", "pc-asgd-av"])
+    fields = {r.name: r.train_fields(g.base, ROOT / "x") for r in g.runs()}
+    assert {r.delay for r in g.runs()} == {"none", "straggler:3:4", "link:0,2:30"}
+    slow = fields["pc-asgd-av__straggler-3-4__iid__lr0.1__s0"]
+    assert slow["straggler"] == ["3:4"] and slow["delay"] == "none" and "link_delay" not in slow
+    link = fields["dsgd__link-0_2-30__iid__lr0.1__s0"]
+    assert link["link_delay"] == ["0,2:30"] and link["delay"] == "none" and "straggler" not in link
+    config.TrainConfig(**slow)
+    config.TrainConfig(**link)
+
+
 def test_exclude_removes_matching_runs_and_delays_are_canonical():
     g = grid_of(
         algorithms=["dsgd", "clip", "allreduce"],
@@ -123,7 +135,10 @@ def test_importing_the_experiment_does_not_start_mpi():
         ({"lr": 0.1, "lrs": [0.1]}, r"both 'lr' and 'lrs' are given"),
         ({"exclude": [{"algorithm": "dsgd"}]}, r"'exclude' leaves no run"),
         ({"exclude": [{"colour": "red"}]}, r"exclude\[0\]: unknown key 'colour'"),
-        ({"mode": "async", "delays": ["fixed:2"]}, r"injected delays need mode lockstep"),
+        ({"mode": "async", "delays": ["fixed:2"]}, r"injected delays need mode lockstep.*straggler:RANK:FACTOR"),
+        ({"delays": ["link:0,2:30"]}, r"delays\[0\]: 'link:0,2:30' needs mode async"),
+        ({"mode": "async", "delays": ["straggler:9:4"]}, r"straggler"),
+        ({"mode": "async", "delays": ["link:0,2:-5"]}, r"link"),
         ({"ranks": 0}, r"ranks must be a whole number >= 1"),
     ],
 )

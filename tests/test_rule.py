@@ -381,6 +381,58 @@ def test_tracker_theta_from_known_errors_and_mean_squares():
     assert tr.measurements == 2
 
 
+def test_tracker_theta_minimises_the_measured_error_of_the_blend():
+    # Correlated errors: both substitutes miss the truth in the same direction (coordinate 0).
+    gen = torch.Generator().manual_seed(5)
+    tr = SubstitutionTracker(beta=0.9)
+    pairs = []
+    for t in range(40):
+        shared = torch.zeros(8, dtype=F64)
+        shared[0] = 2.0 + torch.rand((), generator=gen, dtype=F64)
+        e_p = shared + 0.8 * torch.randn(8, generator=gen, dtype=F64)
+        e_c = shared + 0.3 * torch.randn(8, generator=gen, dtype=F64)
+        pairs.append((e_p, e_c))
+        assert tr.record(t, e_p, e_c) and tr.observe(t, torch.zeros(8, dtype=F64))
+    weights = [0.9 ** (len(pairs) - 1 - i) * (0.1 if i else 1.0) for i in range(len(pairs))]
+
+    def blend_error(theta):  # the same averages the tracker keeps, of ‖θ e_P + (1 − θ) e_C‖²
+        return sum(w * torch.sum((theta * p + (1 - theta) * c) ** 2).item() for w, (p, c) in zip(weights, pairs))
+
+    grid = [i / 1000 for i in range(1001)]
+    best = min(grid, key=blend_error)
+    assert tr.cross is not None and tr.cross > 0
+    assert abs(tr.theta - best) <= 1e-3
+    independent = tr.e_c**2 / (tr.e_p**2 + tr.e_c**2)
+    assert blend_error(tr.theta) < blend_error(independent)
+
+
+def test_tracker_theta_is_clamped_to_the_unit_interval():
+    truth = torch.zeros(2, dtype=F64)
+    worse = SubstitutionTracker()  # x̂ further out on the same side as x^j: no weight for it
+    worse.record(1, t64(3.0, 0.0), t64(1.0, 0.0))
+    worse.observe(1, truth)
+    assert worse.theta == 0.0
+    better = SubstitutionTracker()  # x̂ closer than x^j on the same side: all weight for it
+    better.record(1, t64(0.5, 0.0), t64(2.0, 0.0))
+    better.observe(1, truth)
+    assert better.theta == 1.0
+    same = SubstitutionTracker()  # both substitutes the same vector: any θ blends the same
+    same.record(1, t64(1.0, 1.0), t64(1.0, 1.0))
+    same.observe(1, truth)
+    assert same.theta == 0.5
+
+
+def test_tracker_loads_a_state_without_the_cross_term():
+    tr = SubstitutionTracker()
+    tr.record(1, HAT_1, SELF_2)
+    tr.observe(1, TRUTH)
+    state = tr.state_dict()
+    del state["cross"]  # written before the cross term was kept
+    old = SubstitutionTracker()
+    old.load_state_dict(state)
+    assert old.theta == pytest.approx(4.0 / 5.0)
+
+
 def test_tracker_default_memory_is_long():
     assert SubstitutionTracker().beta == 0.97
 
@@ -491,7 +543,7 @@ def test_tracker_state_dict_round_trip():
     assert (clone.beta, clone.eps, clone.horizon, clone.sketch_size, clone.seed) == (0.6, 1e-9, 5, 100, 4)
     assert clone.pending_steps == (7, 8) and clone.measurements == 1 and clone.theta == tr.theta
     assert tr.observe(8, truth) and clone.observe(8, truth)
-    assert (clone.e_p, clone.e_c, clone.theta) == (tr.e_p, tr.e_c, tr.theta)
+    assert (clone.e_p, clone.e_c, clone.cross, clone.theta) == (tr.e_p, tr.e_c, tr.cross, tr.theta)
     assert clone.pending_steps == tr.pending_steps == ()
 
 

@@ -1,0 +1,72 @@
+"""LockstepNeighbours without MPI: a scripted exchange hands in the messages."""
+
+from __future__ import annotations
+
+import torch
+
+from pcasgd_mpi.delay import DelayModel
+from pcasgd_mpi.message import Message
+from pcasgd_mpi.neighbours import LockstepNeighbours
+
+
+class ScriptedExchange:
+    """Delivers every queued message of a step ≤ the one waited for, as the real exchange does."""
+
+    def __init__(self, messages: list[Message]):
+        self.queue = list(messages)
+
+    def wait_for_step(self, step, deadline, handler=None, also=None):
+        ready = [m for m in self.queue if m.step <= step]
+        self.queue = [m for m in self.queue if m.step > step]
+        for m in ready:
+            handler(m)
+
+
+def _positions(steps: int) -> list[torch.Tensor]:
+    """A neighbour's weights at each step: an irregular path, so a wrong step pair shows."""
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(steps)]
+
+
+def _view(delay: str, lr: float, k: int, velocity: bool, xs: list[torch.Tensor], grads=None):
+    msgs = [Message(1, s, x.clone(), None if grads is None else grads[s].clone(), alpha=lr) for s, x in enumerate(xs)]
+    nb = LockstepNeighbours(
+        ScriptedExchange(msgs),
+        {1: 1 / 3},
+        DelayModel.parse(delay),
+        0,
+        6,
+        torch.float64,
+        torch.device("cpu"),
+        with_grad=grads is not None,
+        velocity=velocity,
+    )
+    view = None
+    for step in range(k + 1):
+        view = nb.at(step, deadline=1e18, lr=lr)
+    return view
+
+
+def test_lockstep_velocity_is_the_senders_last_movement():
+    xs, lr, k = _positions(12), 0.05, 10
+    view = _view("fixed:3", lr, k, velocity=True, xs=xs)
+    (n,) = view.neighbours
+    s = k - 3
+    assert view.steps == [s] and n.staleness == 3
+    assert torch.equal(n.x, xs[s])
+    # x̂ = x_s − lr·g·τ with g = −(x_s − x_{s−1})/lr rolls the last movement forward τ steps
+    assert torch.allclose(n.grad, -(xs[s] - xs[s - 1]) / lr, rtol=0, atol=1e-12)
+
+
+def test_lockstep_velocity_has_no_slope_for_the_first_message():
+    xs = _positions(6)
+    view = _view("fixed:2", 0.1, 2, velocity=True, xs=xs)
+    (n,) = view.neighbours
+    assert view.steps == [0] and torch.equal(n.x, xs[0]) and n.grad is None
+
+
+def test_lockstep_update_slope_is_the_message_slope():
+    xs, grads = _positions(10), _positions(10)
+    view = _view("fixed:2", 0.1, 8, velocity=False, xs=xs, grads=grads)
+    (n,) = view.neighbours
+    assert view.steps == [6] and torch.equal(n.grad, grads[6])
