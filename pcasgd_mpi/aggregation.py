@@ -68,6 +68,7 @@ def aggregate(grid: Grid, summaries: dict[str, dict]) -> dict:
                 "pv_predict_share": _pv_share(s),
                 "av_theta": _av_theta(s),
                 "wall_time_s": s.get("wall_time_s"),
+                "diverged": s.get("diverged") or {},
             }
         runs.append(row)
         cells.setdefault(spec.algorithm.label, {}).setdefault(spec.setting.key, []).append(row)

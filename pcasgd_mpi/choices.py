@@ -91,6 +91,11 @@ class Balance(TextEnum):
     LR = "lr"
 
 
+class OnDiverge(TextEnum):
+    ABORT = "abort"
+    CONTINUE = "continue"
+
+
 class Group(TextEnum):
     """Sections of `pcasgd-mpi train --help`, in this order."""
 

@@ -206,12 +206,16 @@ def _train(args) -> int:
     if summary is not None and "stopped_at" in summary:
         return 0
     if summary is not None and "final_accuracy" in summary:
+        consensus = summary["consensus_distance"]
         print(
             f"final test accuracy of the average model: {summary['final_accuracy']:.4f} "
             f"(agents: {', '.join(f'{a:.3f}' for a in summary['agent_accuracies'])}; "
-            f"consensus distance {summary['consensus_distance']:.3g}; "
+            f"consensus distance {'not finite' if consensus is None else f'{consensus:.3g}'}; "
             f"{summary['wall_time_s']:.1f} s)"
         )
+        if summary.get("diverged"):
+            ranks = ", ".join(f"rank {r} at step {k}" for r, k in summary["diverged"].items())
+            print(f"diverged (their weights became inf or NaN): {ranks}")
         print(f"results in {summary['out']}")
     if summary is not None and summary.get("failed_ranks"):
         # The survivors finished, but the job lost ranks: say so, and let the exit status say it too.

@@ -25,6 +25,7 @@ from .choices import (  # noqa: F401  (the options' choices are part of this mod
     LamMode,
     Mode,
     Model,
+    OnDiverge,
     Slope,
     Stop,
     TextEnum,
@@ -177,6 +178,13 @@ class TrainConfig:
         Group.EXECUTION,
         _FINITE_POS,
         metavar="SECONDS",
+    )
+    on_diverge: OnDiverge = option(
+        OnDiverge.ABORT,
+        "a rank whose weights become inf or NaN: abort the job (one line, exit 1), or continue "
+        "without it (its neighbours leave its messages out; summary.json names it). Grids continue",
+        Group.EXECUTION,
+        Choice(OnDiverge),
     )
     dataset: Dataset = option(Dataset.DIGITS, "training data", Group.DATA, Choice(Dataset))
     data_dir: str | None = option(

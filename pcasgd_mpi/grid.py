@@ -118,6 +118,8 @@ class RunSpec:
             out=str(out),
             progress=False,
         )
+        # One diverging run is a result of the comparison, not the end of the grid.
+        fields.setdefault("on_diverge", "continue")
         if self.algorithm.theta is not None:
             fields["theta"] = self.algorithm.theta
         return fields

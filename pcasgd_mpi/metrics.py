@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -12,6 +13,18 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .optimizer import NEVER
+
+
+def finite_json(value):
+    """``value`` with every inf or NaN float replaced by None: strict JSON, which a diverged run's
+    losses would otherwise break (json writes them as bare NaN, which other readers reject)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 from mpi4py import MPI
 
 from . import collectives, rule
-from .config import Algorithm, Balance, Mode, Slope, TrainConfig, check_rule_settings
+from .config import Algorithm, Balance, Mode, OnDiverge, Slope, TrainConfig, check_rule_settings
 from .delay import DelayModel
 from .exchange import Exchange
 from .flat import FlatParameters
@@ -71,6 +71,7 @@ class DistributedOptimizer(RuleStep):
         slope: Slope | str = _D.slope,
         link_delay: float = 0.0,
         balance: Balance | str = _D.balance,
+        on_diverge: OnDiverge | str = _D.on_diverge,
     ):
         self.inner, self.model, self.world = optimizer, model, world
         self.algorithm, self.mode = Algorithm(algorithm), Mode(mode)
@@ -80,6 +81,8 @@ class DistributedOptimizer(RuleStep):
         self.delay = DelayModel.parse(delay) if isinstance(delay, str) else (delay or DelayModel())
         self.timeout = float(timeout)
         self.check_finite = check_finite
+        self.on_diverge = OnDiverge(on_diverge)
+        self.diverged_at: int | None = None  # the step this agent's weights became inf or NaN
         self.fault_tolerant = fault_tolerant
         self.slope, self.balance = Slope(slope), Balance(balance)
         self._warn = warn or (lambda msg: None)

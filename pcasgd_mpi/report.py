@@ -82,6 +82,17 @@ def render_markdown(agg: dict, figures: list[str] | None = None) -> str:
     for lab in labels:
         if lab in worst:
             lines.append(f"- {lab}: {100 * worst[lab]['gap']:+.1f} pp at {worst[lab]['setting']}")
+    diverged = [r for r in agg["runs"] if r.get("diverged")]
+    if diverged:
+        lines += [
+            "",
+            f"In {len(diverged)} run(s) a rank's weights became inf or NaN; the run went on without it "
+            "and its cell counts the accuracy of the average model that resulted:",
+            "",
+        ] + [
+            f"- {r['name']}: " + ", ".join(f"rank {rank} at step {k}" for rank, k in r["diverged"].items())
+            for r in diverged
+        ]
     if any(lab.startswith("allreduce") for lab in labels):
         lines += [
             "",

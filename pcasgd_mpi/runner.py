@@ -27,6 +27,7 @@ _BOOKKEEPING = (
     "checkpoint_every",
     "checkpoint_dir",
     "keep_checkpoints",
+    "on_diverge",
 )
 
 
@@ -87,9 +88,10 @@ def run_grid(grid: Grid, out: Path, comm, log=print) -> None:
             continue
         summary = run(TrainConfig(**fields), comm)
         if rank == 0:
+            diverged = summary.get("diverged")
             log(
                 f"[{i}/{len(runs)}] {spec.name}: accuracy {summary['final_accuracy']:.4f} "
-                f"({time.perf_counter() - t0:.1f} s)"
+                f"({time.perf_counter() - t0:.1f} s)" + (f"; ranks {', '.join(diverged)} diverged" if diverged else "")
             )
     comm.Barrier()
     if rank == 0:

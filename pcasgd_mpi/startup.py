@@ -100,6 +100,7 @@ class Setup:
             slope=cfg.slope,
             link_delay=self.link_delays.get(rank, 0.0),
             balance=cfg.balance,
+            on_diverge=cfg.on_diverge,
         )
 
 

@@ -16,7 +16,7 @@ from mpi4py import MPI
 from . import checkpoint, collectives, data, models, repair, stopping
 from .config import Stop, TrainConfig
 from .device import local_rank, local_rank_from_comm
-from .metrics import beyond_horizon, evaluate, merge_metrics, metrics_before, model_sha256, progress
+from .metrics import beyond_horizon, evaluate, finite_json, merge_metrics, metrics_before, model_sha256, progress
 from .optimizer import NEVER, Algorithm, Mode
 from .roster import StopReason
 from .startup import (  # noqa: F401  (SetupError is part of this module's API)
@@ -91,7 +91,7 @@ class _Loop:
         )
 
     def _log(self, record: dict) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.write(json.dumps(finite_json(record)) + "\n")
 
     def run(self) -> dict | None:
         cfg, s, opt = self.cfg, self.s, self.opt
@@ -287,6 +287,7 @@ class _Loop:
                 "clock_offset_s": opt.clock_offset,
                 "scale": opt.scale,
                 "repairs": [r.to_dict() for r in opt.repairs],
+                "diverged_at": opt.diverged_at,
             },
             time.monotonic() + self.cfg.timeout,
             "not every rank reported its results",
@@ -347,6 +348,9 @@ class _Loop:
             ]
         if opt.algorithm is Algorithm.PC_ASGD_AV:
             summary["av"] = {str(p["rank"]): p["av"] for p in per_rank}
+        # --on-diverge continue: the ranks whose weights became inf or NaN, and at which step
+        summary["diverged"] = {str(p["rank"]): p["diverged_at"] for p in per_rank if p["diverged_at"] is not None}
+        summary = finite_json(summary)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (self.out / "stopped.json").unlink(missing_ok=True)  # a resumed run that finished
         merge_metrics(self.out, [p["rank"] for p in per_rank])

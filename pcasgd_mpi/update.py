@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import rule
-from .config import Algorithm, Slope
+from .config import Algorithm, OnDiverge, Slope
 from .finite import all_finite, left_out, message_finite
 from .neighbours import View
 
@@ -85,10 +85,13 @@ class RuleStep:
             info.choice = None
             self._update(x_k, view, closure, info)
         if not all_finite(self.flat.data):
-            raise Diverged(
-                f"rank {self.world.rank}: the model's weights became inf or NaN at step "
-                f"{self.step_count}; lower --lr (now {self.lr:g}) or --momentum"
-            )
+            what = f"rank {self.world.rank}: the model's weights became inf or NaN at step {self.step_count}"
+            if self.on_diverge is not OnDiverge.CONTINUE:
+                raise Diverged(f"{what}; lower --lr (now {self.lr:g}) or --momentum")
+            if self.diverged_at is None:
+                # Its neighbours leave its messages out from now on, as they do any non-finite message.
+                self.diverged_at = self.step_count
+                self._warn(f"{what}; training goes on without it (--on-diverge continue)")
 
     def _update(self, x_k: torch.Tensor, view: View, closure, info: StepInfo) -> None:
         """Writes x^j_{k+1} into the parameters (ALGORITHM.md "The two candidates and the update")."""

@@ -50,6 +50,9 @@ def test_run_fields_set_algorithm_theta_delay_and_keep_the_base():
     assert f["algorithm"] == "pc-asgd" and f["theta"] == 0.75 and f["delay"] == "fixed:2"
     assert f["lr"] == 0.3 and f["eval_every"] == 5 and f["mode"] == "lockstep" and f["progress"] is False
     assert "theta" not in clip.train_fields(g.base, ROOT / "x")
+    assert f["on_diverge"] == "continue", "one diverging run must not end the grid"
+    strict = grid_of(on_diverge="abort").runs()[0].train_fields(grid_of(on_diverge="abort").base, ROOT / "x")
+    assert str(strict["on_diverge"]) == "abort"
 
 
 def test_async_conditions_on_the_delay_axis_set_straggler_and_link_delay():
@@ -277,6 +280,16 @@ def test_missing_runs_are_left_out_and_reported():
     assert cell["finished"] == 2 and cell["accuracy"]["mean"] == pytest.approx(0.855)
     text = report.render_markdown(agg)
     assert "1 run(s) have no summary yet" in text
+
+
+def test_runs_with_a_diverged_rank_are_named_in_the_report():
+    g, summaries = fabricated()
+    name = next(n for n in summaries if n.startswith("clip__fixed-2"))
+    summaries[name] = dict(summaries[name], diverged={"1": 17})
+    text = report.render_markdown(aggregation.aggregate(g, summaries))
+    assert "In 1 run(s) a rank's weights became inf or NaN" in text
+    assert f"- {name}: rank 1 at step 17" in text
+    assert "inf or NaN" not in report.render_markdown(aggregation.aggregate(*fabricated()))
 
 
 def test_markdown_has_the_tables_and_the_gap_row():

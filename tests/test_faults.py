@@ -155,3 +155,20 @@ def test_a_diverging_run_stops_with_one_line_and_a_failure_status(tmp_path):
     assert not (out / "summary.json").exists()
     for line in (out / "metrics" / "rank-0.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"metrics hold a bare {c}"))
+
+
+def test_on_diverge_continue_finishes_the_run_and_names_the_diverged_ranks(tmp_path):
+    out = tmp_path / "run"
+    args = ["--mode", "lockstep", "--steps", "40", "--lr", "1e6", "--algorithm", "dsgd", "--on-diverge", "continue"]
+    proc = _start(out, args)
+    code, err = _finish(proc, 180)
+    assert code == 0, err[-3000:]
+    strict = dict(parse_constant=lambda c: pytest.fail(f"a bare {c} in the JSON output"))
+    summary = json.loads((out / "summary.json").read_text(), **strict)
+    assert sorted(summary["diverged"]) == ["0", "1", "2", "3"], summary["diverged"]
+    assert all(0 <= k < 40 for k in summary["diverged"].values())
+    assert summary["steps"] == [40] * 4 and 0.0 <= summary["final_accuracy"] <= 1.0
+    assert summary["final_test_loss"] is None  # not finite: written as null
+    assert sum("training goes on without it" in line for line in err.splitlines()) == 4, err[-3000:]
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, **strict)
