@@ -86,7 +86,8 @@ def run_grid(grid: Grid, out: Path, comm, log=print) -> None:
                 acc = json.loads((run_dir / "summary.json").read_text())["final_accuracy"]
                 log(f"[{i}/{len(runs)}] {spec.name}: accuracy {acc:.4f} (finished earlier, skipped)")
             continue
-        summary = run(TrainConfig(**fields), comm)
+        # A run directory without a summary is one this grid started and was stopped in: start it again.
+        summary = run(TrainConfig(**fields, overwrite=True), comm)
         if rank == 0:
             diverged = summary.get("diverged")
             log(

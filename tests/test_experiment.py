@@ -363,6 +363,15 @@ def test_tiny_grid_under_mpirun_then_resumed_through_the_relaunch(tmp_path):
     assert proc.returncode == 0, log
     assert "launching:" in proc.stdout and proc.stdout.count("finished earlier, skipped") == 2, log
 
+    # A run the grid was stopped in (its directory without a summary) is run again from the start.
+    (out / "runs" / "pc-asgd-pv__fixed-2__iid__lr0.1__s0" / "summary.json").unlink()
+    proc = run(mpirun_prefix(2) + cmd, timeout=300)
+    log = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, log
+    assert proc.stdout.count("finished earlier, skipped") == 1, log
+    assert "[2/2] pc-asgd-pv__fixed-2__iid__lr0.1__s0: accuracy" in proc.stdout, log
+    assert (out / "runs" / "pc-asgd-pv__fixed-2__iid__lr0.1__s0" / "summary.json").exists()
+
 
 # ----------------------------------------------------------------------------- the convex check
 def test_convex_check_runs_tiny_and_answers_from_its_data(tmp_path):
