@@ -181,11 +181,18 @@ class DistributedOptimizer(RuleStep):
         return self.transport.name
 
     def av_state(self) -> dict | None:
-        """pc-asgd-av: θ_l, E_P, E_C and the number of measurements per neighbour."""
+        """pc-asgd-av: θ_l, r_l, E_P, E_C, E_PC and the number of measurements per neighbour."""
         if not self.trackers:
             return None
         return {
-            str(n): {"theta": t.theta, "e_p": t.e_p, "e_c": t.e_c, "cross": t.cross, "measurements": t.measurements}
+            str(n): {
+                "theta": t.theta,
+                "reach": t.reach,
+                "e_p": t.e_p,
+                "e_c": t.e_c,
+                "cross": t.cross,
+                "measurements": t.measurements,
+            }
             for n, t in self.trackers.items()
         }
 

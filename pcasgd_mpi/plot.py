@@ -139,7 +139,8 @@ def load_run(run_dir: str | Path) -> RunData:
                     slot.setdefault(key, []).append(float(value))
             continue
         if "loss" in rec:
-            losses.setdefault(step, []).append(float(rec["loss"]))
+            # null: not finite (a rank diverged); NaN keeps the step without faking a number
+            losses.setdefault(step, []).append(np.nan if rec["loss"] is None else float(rec["loss"]))
         for tau in (rec.get("staleness") or {}).values():
             logged_staleness[NEVER if tau is None else int(tau)] += 1
     steps = np.array(sorted(losses), dtype=int)

@@ -398,9 +398,14 @@ def mix(
     segments: Sequence[int] | None = None,
     on_predict: Callable[[int, Tensor], None] | None = None,
     out: Tensor | None = None,
+    reaches: Sequence[float] | None = None,
 ) -> Tensor:
     """One-pass update with a θ_l per neighbour (sections "The two candidates and the update" and
     "Adaptive variant"): a stale neighbour contributes W·(θ_l x̂^l + (1 − θ_l) x^j_k).
+
+    ``reaches`` (AV, aligned with ``neighbours``, each in [0, 1], None = all 1) take only the part
+    r_l of each roll-forward: the stale neighbour contributes W·(θ_l (x_s + r_l (x̂^l − x_s)) +
+    (1 − θ_l) x^j_k).
 
     The (1 − θ_l)·W·x^j_k parts are folded into the coefficient of x, so a stale neighbour costs
     one pass (its prediction) and none at θ_l = 0. With all θ_l = θ this equals
@@ -415,6 +420,14 @@ def mix(
         raise ValueError(f"{len(thetas)} thetas for {len(neighbours)} neighbours")
     for theta in thetas:
         _check_theta(theta)
+    if reaches is not None:
+        if len(reaches) != len(neighbours):
+            raise ValueError(f"{len(reaches)} reaches for {len(neighbours)} neighbours")
+        for reach in reaches:
+            if not 0.0 <= reach <= 1.0:
+                raise ValueError(f"reach must lie in [0, 1], got {reach}")
+        if all(r == 1.0 for r in reaches):
+            reaches = None
     if out is not None:
         _check_out([out], x, delta, neighbours)
     status = [classify(nb, tolerance, horizon) for nb in neighbours]
@@ -427,6 +440,7 @@ def mix(
     operands = (x, delta) if out is None else (x, delta, out)
     if (
         on_predict is None
+        and reaches is None
         and Status.FRESH not in status
         and _use_fused([nb for nb, _ in predicted], lam, lam_mode, *operands)
     ):
@@ -435,13 +449,17 @@ def mix(
         return fused.combine(out, delta, own, x, terms, lr, lam)
     out = torch.add(delta, x, alpha=own, out=out)
     for i, (nb, s, theta) in enumerate(zip(neighbours, status, thetas)):
+        reach = 1.0 if reaches is None else reaches[i]
         if s is Status.FRESH:
             out.add_(nb.x, alpha=nb.weight)
-        elif s is Status.STALE and on_predict is not None:
+        elif s is Status.STALE and (on_predict is not None or reach != 1.0):
             x_hat = _predict(nb.x, nb.grad, nb.staleness, lr, lam, lam_mode, segments)
-            on_predict(i, x_hat)
+            if on_predict is not None:
+                on_predict(i, x_hat)
             if theta > 0.0:
-                out.add_(x_hat, alpha=nb.weight * theta)
+                out.add_(x_hat, alpha=nb.weight * theta * reach)
+                if reach != 1.0:
+                    out.add_(nb.x, alpha=nb.weight * theta * (1.0 - reach))
         elif s is Status.STALE and theta > 0.0:
             _add_prediction_(out, nb.weight * theta, nb, lr, lam, lam_mode, segments)
     return out

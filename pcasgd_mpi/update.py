@@ -109,23 +109,24 @@ class RuleStep:
             return
         on_predict = None
         if self.algorithm is Algorithm.PC_ASGD_AV:
-            thetas, on_predict = self._av_thetas(view, x_k)
+            thetas, reaches, on_predict = self._av_blend(view, x_k)
             info.thetas = {n: t for n, t, s in zip(self.neighbours, thetas, stale) if s}
         else:
             # PV without a stale neighbour: both candidates are x^C, the θ = 0 mix.
             theta = {Algorithm.CLIP: 0.0, Algorithm.PREDICT: 1.0, Algorithm.PC_ASGD_PV: 0.0}.get(
                 self.algorithm, self.theta
             )
-            thetas = [theta] * len(nbs)
-        rule.mix(x_k, delta, w_self, nbs, thetas, on_predict=on_predict, out=x, **kw)
+            thetas, reaches = [theta] * len(nbs), None
+        rule.mix(x_k, delta, w_self, nbs, thetas, on_predict=on_predict, out=x, reaches=reaches, **kw)
 
     def _candidate_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._pv_buffers is None:
             self._pv_buffers = (torch.empty_like(self.flat.data), torch.empty_like(self.flat.data))
         return self._pv_buffers
 
-    def _av_thetas(self, view: View, x_k):
-        """θ_l from each tracker; measure the substitutes of earlier steps against what arrived.
+    def _av_blend(self, view: View, x_k):
+        """θ_l and r_l from each tracker; measure the substitutes of earlier steps against what
+        arrived.
 
         Records are keyed by the sender's step: the substitute made now stands for the sender's
         weights at its current (estimated) step, and is measured against its message of that step.
@@ -134,13 +135,13 @@ class RuleStep:
         for tracker, nb, s in zip(trackers, view.neighbours, view.steps):
             if nb.x is not None:
                 tracker.observe(s, nb.x)
-        thetas = [t.theta for t in trackers]
+        thetas, reaches = zip(*(t.blend for t in trackers)) if trackers else ((), ())
 
         def record(i: int, x_hat: torch.Tensor) -> None:
             if view.sender_steps[i] is not None:
-                trackers[i].record(view.sender_steps[i], x_hat, x_k)
+                trackers[i].record(view.sender_steps[i], x_hat, x_k, view.neighbours[i].x)
 
-        return thetas, record
+        return list(thetas), list(reaches), record
 
     @torch.no_grad()
     def _loss_at(self, vec: torch.Tensor, closure) -> float:

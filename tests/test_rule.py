@@ -422,15 +422,73 @@ def test_tracker_theta_is_clamped_to_the_unit_interval():
     assert same.theta == 0.5
 
 
-def test_tracker_loads_a_state_without_the_cross_term():
+def test_tracker_blend_minimises_the_measured_error_over_theta_and_reach():
+    # The truth lies between x^j and the stale copy, and the roll-forward overshoots sideways:
+    # the best blend moves part of the way to the copy and takes little of the roll-forward.
+    gen = torch.Generator().manual_seed(11)
+    tr = SubstitutionTracker(beta=0.9)
+    samples = []
+    for t in range(60):
+        noise = lambda s: s * torch.randn(6, generator=gen, dtype=F64)  # noqa: E731
+        truth = noise(1.0)
+        x_self = truth + torch.tensor([1.0, 0, 0, 0, 0, 0], dtype=F64) + noise(0.2)
+        x_stale = truth - torch.tensor([0.5, 0, 0, 0, 0, 0], dtype=F64) + noise(0.2)
+        x_hat = x_stale + torch.tensor([0, 2.0, 0, 0, 0, 0], dtype=F64) + noise(0.2)
+        samples.append((x_hat - truth, x_self - truth, x_stale - truth))
+        assert tr.record(t, x_hat, x_self, x_stale) and tr.observe(t, truth)
+    weights = [0.9 ** (len(samples) - 1 - i) * (0.1 if i else 1.0) for i in range(len(samples))]
+
+    def error(theta, reach):  # ‖x^j + θ (x_s + r ρ − x^j) − x‖², averaged as the tracker does
+        return sum(
+            w * torch.sum((c + theta * (s + reach * (p - s) - c)) ** 2).item() for w, (p, c, s) in zip(weights, samples)
+        )
+
+    grid = [i / 100 for i in range(101)]
+    best = min(((a, r) for a in grid for r in grid), key=lambda ar: error(*ar))
+    theta, reach = tr.blend
+    assert (theta, reach) == (tr.theta, tr.reach)
+    assert error(theta, reach) <= error(*best) + 1e-9
+    assert abs(theta - best[0]) <= 0.02 and abs(reach - best[1]) <= 0.05
+    assert 0.3 < theta < 1.0 and reach < 0.3
+    # The rule restricted to r = 1 (the blend with x̂ alone) does worse on the same records.
+    assert error(theta, reach) < min(error(a, 1.0) for a in grid)
+
+
+def test_tracker_without_the_stale_copy_keeps_the_whole_roll_forward():
     tr = SubstitutionTracker()
-    tr.record(1, HAT_1, SELF_2)
-    tr.observe(1, TRUTH)
-    state = tr.state_dict()
-    del state["cross"]  # written before the cross term was kept
+    tr.record(1, t64(3.0, 0.0), t64(1.0, 0.0))  # no x_s: θ along x̂ − x^j only
+    tr.observe(1, t64(0.0, 0.0))
+    assert tr.blend == (0.0, 1.0)
+
+
+def test_tracker_loads_a_state_of_the_rule_without_the_gram_matrix():
+    # What the rule that averaged E_P², E_C² and E_PC alone wrote: e_P = 1, e_C = 2, orthogonal.
+    state = SubstitutionTracker().state_dict() | {"e_p": 1.0, "e_c": 2.0, "cross": 0.0, "measurements": 1}
+    del state["gram"], state["split"]
     old = SubstitutionTracker()
     old.load_state_dict(state)
-    assert old.theta == pytest.approx(4.0 / 5.0)
+    assert old.e_p == pytest.approx(1.0) and old.e_c == pytest.approx(2.0) and old.cross == pytest.approx(0.0)
+    assert old.theta == pytest.approx(4.0 / 5.0) and old.reach == 1.0
+    del state["cross"]  # and the rule before it, without the cross term
+    older = SubstitutionTracker()
+    older.load_state_dict(state)
+    assert older.theta == pytest.approx(4.0 / 5.0)
+
+
+def test_mix_with_reaches_takes_part_of_the_roll_forward():
+    x, delta = t64(1.0, 1.0), t64(0.0, 0.0)
+    stale = Neighbour(0.25, t64(3.0, 5.0), t64(-2.0, 0.0), 2)  # x̂ = x_s − lr·τ·g = (3 + 0.4, 5)
+    kw = dict(lr=0.1, lam=0.0, tolerance=0, horizon=16)
+    got = mix(x, delta, 0.75, [stale], [0.6], reaches=[0.25], **kw)
+    x_hat = t64(3.4, 5.0)
+    sub = x_hat * 0.25 + stale.x * 0.75  # x_s + r (x̂ − x_s)
+    want = 0.75 * x + 0.25 * (0.6 * sub + 0.4 * x)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert torch.equal(
+        mix(x, delta, 0.75, [stale], [0.6], reaches=[1.0], **kw), mix(x, delta, 0.75, [stale], [0.6], **kw)
+    )
+    with pytest.raises(ValueError, match="reach"):
+        mix(x, delta, 0.75, [stale], [0.6], reaches=[1.5], **kw)
 
 
 def test_tracker_default_memory_is_long():

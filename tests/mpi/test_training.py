@@ -142,9 +142,9 @@ def test_adaptive_variant_measures_substitutes_and_reports_theta(tmp_path):
                 # A record is made when a neighbour is stale and checked 3 steps later: ~40/4 measurements.
                 assert av["measurements"] >= 8, (r, n, av)
                 assert av["e_p"] > 0 and av["e_c"] > 0
-                e_p2, e_c2, cross = av["e_p"] ** 2, av["e_c"] ** 2, av["cross"]
-                best = min(1.0, max(0.0, (e_c2 - cross) / (e_p2 + e_c2 - 2 * cross)))
-                assert av["theta"] == pytest.approx(best, rel=1e-6, abs=1e-9)
+                assert 0.0 <= av["theta"] <= 1.0 and 0.0 <= av["reach"] <= 1.0
+                # E_PC is an inner product of the two errors: Cauchy–Schwarz bounds it
+                assert abs(av["cross"]) <= av["e_p"] * av["e_c"] * (1 + 1e-9)
         lines = [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
         thetas = [t for l in lines if "theta" in l for t in l["theta"].values()]
         assert thetas and all(0.0 <= t <= 1.0 for t in thetas)
