@@ -88,7 +88,7 @@ class TrainConfig:
         Choice(WeightRule),
     )
     algorithm: Algorithm = option(
-        Algorithm.PC_ASGD_AV, "what a rank does with a stale neighbour", Group.ALGORITHM, Choice(Algorithm)
+        Algorithm.PC_ASGD_PV, "what a rank does with a stale neighbour", Group.ALGORITHM, Choice(Algorithm)
     )
     theta: float = option(0.5, "predict/clip tradeoff of pc-asgd", Group.ALGORITHM, Number(float, 0, 1))
     lam: float = option(0.04, "Taylor-prediction coefficient λ (>= 0)", Group.ALGORITHM, _FINITE_NONNEG)

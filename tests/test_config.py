@@ -42,7 +42,7 @@ def usage_error(capsys, *argv) -> str:
 # ----------------------------------------------------------------------------- the dataclass
 def test_defaults_and_enums():
     cfg = TrainConfig()
-    assert cfg.algorithm is Algorithm.PC_ASGD_AV and cfg.mode is Mode.ASYNC and cfg.lam == 0.04
+    assert cfg.algorithm is Algorithm.PC_ASGD_PV and cfg.mode is Mode.ASYNC and cfg.lam == 0.04
     assert cfg.slope is Slope.UPDATE and cfg.stop is Stop.FIRST and cfg.balance is Balance.NONE
     assert cfg.link_delay == [] and cfg.duration is None and Dataset("mnist1d") is Dataset.MNIST1D
     # strings from the Python API become the enums; the enums still compare equal to their text
@@ -154,7 +154,7 @@ def test_effective_config_resolves_steps_and_tolerance_and_reads_back(tmp_path):
     written = used.to_file()
     assert written["steps"] == steps and written["epochs"] is None and written["tolerance"] == 0
     assert "out" not in written and "overwrite" not in written and "resume" not in written
-    assert written["algorithm"] == "pc-asgd-av" and type(written["algorithm"]) is str
+    assert written["algorithm"] == "pc-asgd-pv" and type(written["algorithm"]) is str
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(written, sort_keys=False, allow_unicode=True))
     again = parse("--config", str(path))
@@ -261,7 +261,7 @@ def test_help_shows_each_default_once_and_correctly():
     for entry in entries.values():
         assert entry.count("(default") <= 1, entry
     for flag, default in [
-        ("--algorithm", "pc-asgd-av"),
+        ("--algorithm", "pc-asgd-pv"),
         ("--mode", "async"),
         ("--model", "mlp"),
         ("--dataset", "digits"),
