@@ -36,6 +36,17 @@ def parse_args(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def run_meta(started: float, load_start: tuple[float, float, float]) -> dict:
+    """What a benchmark's JSON records about its own run: command, cores, load at both ends, minutes."""
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "nproc": os.cpu_count(),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "minutes": (time.time() - started) / 60,
+    }
+
+
 def emit(record: dict) -> None:
     record.setdefault("load_average", list(os.getloadavg()))
     print(MARKER + json.dumps(record), flush=True)

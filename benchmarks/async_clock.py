@@ -30,22 +30,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pcasgd_mpi.launch import mpi_environment, mpirun_command  # noqa: E402
+from _bench import run_meta  # noqa: E402
+from pcasgd_mpi.launch import mpi_environment, train_command  # noqa: E402
 
 RANKS = 4
 
 
 def train(args: list[str], out: Path, timeout: float = 900) -> dict:
-    cmd = mpirun_command(RANKS) + [
-        sys.executable,
-        "-m",
-        "pcasgd_mpi.cli",
-        "train",
-        "--no-progress",
-        "--out",
-        str(out),
-        *args,
-    ]
+    cmd = train_command(RANKS, ["--out", str(out), *args])
     proc = subprocess.run(cmd, env=mpi_environment(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
@@ -216,13 +208,7 @@ def main() -> int:
             rows += part_s(Path(tmp), seeds, args.steps)
         if "L" in args.parts:
             rows += part_l_m(Path(tmp), seeds, args.steps)
-    meta = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "nproc": os.cpu_count(),
-        "load_average_start": load,
-        "load_average_end": os.getloadavg(),
-        "minutes": (time.time() - started) / 60,
-    }
+    meta = run_meta(started, load)
     (ROOT / "benchmarks" / "async_clock.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(json.dumps(meta))
     print(report(rows))

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _bench import run_meta  # noqa: E402
 from pcasgd_mpi.launch import mpi_environment, mpirun_command  # noqa: E402
 
 
@@ -84,13 +85,7 @@ def main() -> int:
                         }
                     )
                     print(json.dumps(rows[-1]), flush=True)
-    meta = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "nproc": os.cpu_count(),
-        "load_average_start": load,
-        "load_average_end": os.getloadavg(),
-        "minutes": (time.time() - started) / 60,
-    }
+    meta = run_meta(started, load)
     (ROOT / "benchmarks" / "dead_rank.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(json.dumps(meta))
     print("| topology (killed) | partition | clean (per seed) | survivors (per seed) | gap pp: mean, worst |")

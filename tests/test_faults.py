@@ -5,13 +5,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from launch import ROOT, mpi_env, mpirun_prefix
+from launch import ROOT, mpi_env, train_command
 from pcasgd_mpi import checkpoint
 
 pytestmark = pytest.mark.mpi
@@ -52,16 +51,7 @@ def _rank_pids(root_pid: int) -> dict[int, int]:
 
 
 def _start(out: Path, args: list[str]) -> subprocess.Popen:
-    cmd = mpirun_prefix(4) + [
-        sys.executable,
-        "-m",
-        "pcasgd_mpi.cli",
-        "train",
-        "--no-progress",
-        "--out",
-        str(out),
-        *args,
-    ]
+    cmd = train_command(4, ["--out", str(out), *args])
     return subprocess.Popen(
         cmd, env=mpi_env(), cwd=ROOT, start_new_session=True, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )

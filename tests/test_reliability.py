@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from launch import ROOT, mpi_env, mpirun_prefix, run, train
+from launch import ROOT, mpi_env, mpirun_prefix, run, train, train_command
 from pcasgd_mpi import checkpoint
 
 LOCKSTEP = ["--mode", "lockstep", "--algorithm", "pc-asgd-pv", "--delay", "random:0.5:3", "--steps", "60"]
@@ -55,20 +55,7 @@ def test_killed_run_resumes_to_the_identical_model(tmp_path):
     assert train(4, [*LOCKSTEP, "--out", str(whole)]).returncode == 0
     out = tmp_path / "killed"
     # The straggler only sleeps, so it slows the run down enough to kill it midway without changing it.
-    cmd = mpirun_prefix(4) + [
-        sys.executable,
-        "-m",
-        "pcasgd_mpi.cli",
-        "train",
-        "--no-progress",
-        *LOCKSTEP,
-        "--out",
-        str(out),
-        "--checkpoint-every",
-        "10",
-        "--straggler",
-        "0:30",
-    ]
+    cmd = train_command(4, [*LOCKSTEP, "--out", str(out), "--checkpoint-every", "10", "--straggler", "0:30"])
     proc = subprocess.Popen(
         cmd, env=mpi_env(), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -93,7 +80,7 @@ def test_killed_run_resumes_to_the_identical_model(tmp_path):
 def test_sigusr1_checkpoints_every_rank_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     args = ["--mode", "lockstep", "--steps", "100000", "--out", str(out), "--straggler", "1:5"]
-    cmd = mpirun_prefix(4) + [sys.executable, "-m", "pcasgd_mpi.cli", "train", "--no-progress", *args]
+    cmd = train_command(4, args)
     proc = subprocess.Popen(
         cmd, env=mpi_env(), cwd=ROOT, start_new_session=True, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -182,21 +169,7 @@ def _die_on_rank_2(out, extra_mpirun=(), extra=()):
 @pytest.mark.mpi
 def test_with_ulfm_the_survivors_of_a_killed_rank_finish_and_report(tmp_path):
     clean = tmp_path / "clean"
-    cmd = mpirun_prefix(4) + [
-        *ULFM,
-        sys.executable,
-        "-m",
-        "pcasgd_mpi.cli",
-        "train",
-        "--no-progress",
-        "--fault-tolerant",
-        "--steps",
-        "800",
-        "--stop",
-        "each",
-        "--out",
-        str(clean),
-    ]
+    cmd = train_command(4, ["--fault-tolerant", "--steps", "800", "--stop", "each", "--out", str(clean)], ULFM)
     assert run(cmd, timeout=240).returncode == 0
     out = tmp_path / "failed"
     proc = _die_on_rank_2(out, ULFM, ["--fault-tolerant"])
