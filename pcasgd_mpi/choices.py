@@ -79,6 +79,7 @@ class Slope(TextEnum):
     UPDATE = "update"
     GRADIENT = "gradient"
     VELOCITY = "velocity"
+    OWN = "own"
 
 
 class Stop(TextEnum):

@@ -98,8 +98,8 @@ class TrainConfig:
     slope: Slope = option(
         Slope.UPDATE,
         "slope of the Taylor prediction: the sender's last actual update "
-        "(update), its raw gradient (gradient), or estimated from its two newest messages "
-        "(velocity, half the bytes)",
+        "(update), its raw gradient (gradient), estimated from its two newest messages "
+        "(velocity, half the bytes), or this rank's own steps since the copy was made (own, half the bytes)",
         Group.ALGORITHM,
         Choice(Slope),
     )

@@ -5,7 +5,8 @@ neighbour's newest message and counts its staleness in the neighbour's own steps
 Both turn the message into the slope the prediction needs (`Slope`):
 - update: the sender's last actual step Δ, sent as g = −Δ/α (plain SGD sends g itself);
 - gradient: the sender's raw gradient;
-- velocity: no slope on the wire; (x_s − x_s')/(s − s') from the two newest messages, as g = −v/α.
+- velocity: no slope on the wire; (x_s − x_s')/(s − s') from the two newest messages, as g = −v/α;
+- own: no slope on the wire; the receiver's own recent steps (trail.py), set by the optimizer.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class View:
     neighbours: list[rule.Neighbour]
     steps: list[int | None]  # the step of each message used (None: nothing usable)
     sender_steps: list[int | None]  # the step each neighbour is at now (estimated in async)
+    made_at: list[float | None] | None = None  # async: when each copy was made (this rank's clock)
 
 
 def _slope(msg_grad: torch.Tensor | None, alpha: float, lr: float, scratch: dict, source: int):
@@ -177,13 +179,14 @@ class AsyncNeighbours:
     def at(self, k: int, lr: float, now: float) -> View:
         self._lr = lr
         self.exchange.poll(self._on_message)
-        nbs, steps, current = [], [], []
+        nbs, steps, current, made = [], [], [], []
         for n, w in self.weights.items():
             msg = self.exchange.latest(n)
             if msg is None or n in self.exchange.failed:
                 nbs.append(rule.Neighbour(w, None, None, 0))
                 steps.append(None)
                 current.append(None)
+                made.append(None)
                 continue
             est = self.clock.estimate(n, msg.step, msg.made_at, now)
             if self.velocity:
@@ -193,4 +196,5 @@ class AsyncNeighbours:
             nbs.append(rule.Neighbour(w, msg.weights, grad, est.staleness))
             steps.append(msg.step)
             current.append(est.sender_step)
-        return View(nbs, steps, current)
+            made.append(msg.made_at)
+        return View(nbs, steps, current, made)

@@ -7,6 +7,7 @@ the wrapped optimizer does (plain SGD, momentum, weight decay, ...): Δ = x afte
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from .flat import FlatParameters
 from .neighbours import AsyncNeighbours, LockstepNeighbours, View
 from .roster import Roster, StopReason
 from .staleness import SenderClock, clock_offset
+from .trail import OwnTrail
 from .transport import CudaAwareTransport, Transport, make_transport
 from .update import Diverged, RuleStep, StepInfo  # noqa: F401  (Diverged: part of this module's API)
 from .world import World
@@ -116,10 +118,20 @@ class DistributedOptimizer(RuleStep):
         self._graph = world.graph  # named by original ranks; repaired when ranks die
         self.names = list(range(world.size))  # rank in the current communicator -> original rank
         self._link_delay, self._av_beta = link_delay, av_beta
+        self.trail = self._make_trail()
+        self._own_slopes: dict[int, torch.Tensor] = {}
         self._setup_exchange(link_delay, av_beta)
 
+    def _make_trail(self) -> OwnTrail | None:
+        """--slope own: this rank's recent updates. Lockstep uses copies at most max_delay steps old;
+        async keeps 2(H + 1) steps, and rolls an older copy forward by the average step over them."""
+        if self.slope is not Slope.OWN or not self.algorithm.sends_gradient:
+            return None
+        depth = self.delay.max_delay + 2 if self.mode is Mode.LOCKSTEP else 2 * (self.horizon + 1)
+        return OwnTrail(self.flat.numel, self.flat.dtype, self.flat.device, depth)
+
     def _setup_exchange(self, link_delay: float, av_beta: float, measure_clock: bool = True) -> None:
-        wire_slope = self.algorithm.sends_gradient and self.slope is not Slope.VELOCITY
+        wire_slope = self.algorithm.sends_gradient and self.slope not in (Slope.VELOCITY, Slope.OWN)
         self.exchange = Exchange(
             self.world.comm,
             self.neighbours,
@@ -197,8 +209,6 @@ class DistributedOptimizer(RuleStep):
         }
 
     def exchange_stats(self) -> dict | None:
-        import dataclasses
-
         return dataclasses.asdict(self.exchange.stats)
 
     def mark_start(self) -> None:
@@ -227,6 +237,8 @@ class DistributedOptimizer(RuleStep):
         weights, grad = self.exchange.send_buffer()
         weights.copy_(x)  # x_k: the message and the snapshot the rule reads (not written before the next step)
         x_k = weights
+        if self.trail is not None:
+            self.trail.mark(k, self._now())
         send_after = grad is not None and self.slope is Slope.UPDATE
         if grad is not None and not send_after:
             self.flat.gather_grad(out=grad)
@@ -244,6 +256,8 @@ class DistributedOptimizer(RuleStep):
         if self.fault_tolerant and (self.exchange.failed or self.exchange.revoked):
             self._repair(k)
             view = self._view(k)
+        if self.trail is not None:
+            self._use_own_slopes(view)
         info = StepInfo(
             k, {n: (None if nb.x is None else nb.staleness) for n, nb in zip(self.neighbours, view.neighbours)}
         )
@@ -252,8 +266,24 @@ class DistributedOptimizer(RuleStep):
         self._update_checked(x_k, view, closure, info)
         if info.choice is not None:
             self.pv_wins[info.choice] += 1
+        if self.trail is not None:
+            self.trail.add(self._delta)
         self.step_count += 1
         return info
+
+    def _use_own_slopes(self, view: View) -> None:
+        """--slope own: each copy's slope is this rank's average step since the copy was made."""
+        for i, (n, nb) in enumerate(zip(self.neighbours, view.neighbours)):
+            if nb.x is None or nb.staleness == 0:
+                continue
+            buf = self._own_slopes.get(n)
+            if view.made_at is None:
+                g = self.trail.slope(self.lr, step=view.steps[i], out=buf)
+            else:
+                g = self.trail.slope(self.lr, made_at=view.made_at[i], out=buf)
+            if g is not None:
+                self._own_slopes[n] = g
+            view.neighbours[i] = dataclasses.replace(nb, grad=g)
 
     def _send(self, k: int) -> None:
         self.exchange.send_prepared(
@@ -327,6 +357,7 @@ class DistributedOptimizer(RuleStep):
             "inner": self.inner.state_dict(),
             "history": self.view.history.state_dict() if self.mode is Mode.LOCKSTEP else None,
             "trackers": {str(n): t.state_dict() for n, t in self.trackers.items()},
+            "trail": self.trail.state_dict() if self.trail is not None else None,
             "staleness_histogram": {
                 str(n): {str(t): c for t, c in h.items()} for n, h in self.staleness_histogram.items()
             },
@@ -345,6 +376,8 @@ class DistributedOptimizer(RuleStep):
             self.view.history.load_state_dict(state["history"])
         for n, t in self.trackers.items():
             t.load_state_dict(state["trackers"][str(n)])
+        if self.trail is not None and state.get("trail") is not None:
+            self.trail.load_state_dict(state["trail"])
         for n in self.neighbours:
             hist = state["staleness_histogram"].get(str(n), {})
             self.staleness_histogram[n] = Counter({(t if t == NEVER else int(t)): c for t, c in hist.items()})

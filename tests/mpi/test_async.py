@@ -1,5 +1,6 @@
 """Async mode across ranks: staleness in the sender's steps, slopes, slow links, a shared stop."""
 
+import math
 import time
 from pathlib import Path
 
@@ -63,6 +64,25 @@ def test_velocity_slope_sends_half_the_bytes(tmp_path):
         per_msg = lambda s: s["exchange"][0]["bytes_sent"] / s["exchange"][0]["sent"]  # noqa: E731
         assert per_msg(v) < 0.55 * per_msg(u)
         assert 0.0 <= v["final_accuracy"] <= 1.0
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("mode", ["lockstep", "async"])
+def test_own_slope_sends_half_the_bytes_and_trains(tmp_path, mode):
+    out = Path(_shared_dir(tmp_path))
+    common = dict(algorithm="pc-asgd-av", mode=mode, steps=80, progress=False, stop="each")
+    if mode == "lockstep":
+        common["delay"] = "fixed:4"
+    o = run(TrainConfig(out=str(out / "own"), slope="own", **common))
+    u = run(TrainConfig(out=str(out / "update"), slope="update", **common))
+    if rank == 0:
+        per_msg = lambda s: s["exchange"][0]["bytes_sent"] / s["exchange"][0]["sent"]  # noqa: E731
+        assert per_msg(o) < 0.55 * per_msg(u)
+        assert o["final_accuracy"] > 0.5, o["final_accuracy"]
+        if mode == "lockstep":
+            # every neighbour four steps late: AV measured the own-step predictions it made
+            measured = [v for v in o["av"]["0"].values()]
+            assert all(v["measurements"] > 0 and math.isfinite(v["e_p"]) for v in measured), measured
 
 
 @pytest.mark.mpi(min_size=2)

@@ -1,0 +1,77 @@
+"""OwnTrail, the slope of --slope own: this rank's own steps since a copy was made."""
+
+import pytest
+import torch
+
+from pcasgd_mpi import rule
+from pcasgd_mpi.trail import OwnTrail
+
+
+def _walk(trail: OwnTrail, steps: list[torch.Tensor], times=None) -> None:
+    for k, delta in enumerate(steps):
+        trail.mark(k, float(k) if times is None else times[k])
+        trail.add(delta)
+
+
+def test_lockstep_prediction_adds_the_own_steps_since_the_copy():
+    torch.manual_seed(0)
+    deltas = [torch.randn(5) for _ in range(7)]
+    trail = OwnTrail(5, torch.float32, "cpu", depth=6)
+    _walk(trail, deltas)
+    k = 7
+    trail.mark(k, 7.0)
+    s, lr = 3, 0.05
+    x_s = torch.randn(5)
+    g = trail.slope(lr, step=s)
+    x_hat = rule.predict_weights(x_s, g, k - s, lr, lam=0.0)
+    torch.testing.assert_close(x_hat, x_s + sum(deltas[s:k]), rtol=1e-5, atol=1e-6)
+
+
+def test_async_rolls_forward_tau_times_the_average_own_step():
+    deltas = [torch.full((3,), float(k + 1)) for k in range(8)]  # steps of 1, 2, ..., 8
+    trail = OwnTrail(3, torch.float32, "cpu", depth=10)
+    _walk(trail, deltas, times=[10.0 * k for k in range(8)])
+    trail.mark(8, 80.0)
+    # A copy made at t = 45: the newest own step begun by then is step 4, so the window is steps
+    # 4..7 (5 + 6 + 7 + 8 = 26 over 4 steps); the sender made τ = 2 steps meanwhile.
+    g = trail.slope(1.0, made_at=45.0)
+    x_hat = rule.predict_weights(torch.zeros(3), g, 2, 1.0, lam=0.0)
+    torch.testing.assert_close(x_hat, torch.full((3,), 2 * 26 / 4))
+
+
+def test_a_copy_older_than_the_trail_uses_the_oldest_steps_held():
+    trail = OwnTrail(2, torch.float32, "cpu", depth=3)
+    _walk(trail, [torch.ones(2) * (k + 1) for k in range(5)])  # marks of steps 2, 3, 4 are held
+    trail.mark(5, 5.0)  # now 3, 4, 5
+    g = trail.slope(1.0, made_at=-100.0)
+    torch.testing.assert_close(-g, torch.full((2,), (4 + 5) / 2))
+
+
+def test_no_slope_without_an_own_step_since_the_copy_or_for_a_step_not_held():
+    trail = OwnTrail(2, torch.float32, "cpu", depth=3)
+    _walk(trail, [torch.ones(2)] * 4)
+    trail.mark(4, 4.0)
+    assert trail.slope(0.1, made_at=4.5) is None  # made after this rank's newest step began
+    assert trail.slope(0.1, step=0) is None  # step 0's mark was overwritten
+    assert trail.slope(0.1, step=4) is None
+    assert trail.slope(0.1, step=3) is not None
+    with pytest.raises(ValueError):
+        trail.slope(0.1, step=3, made_at=1.0)
+
+
+def test_state_dict_round_trip_gives_the_same_slopes():
+    torch.manual_seed(1)
+    a = OwnTrail(4, torch.float32, "cpu", depth=5)
+    _walk(a, [torch.randn(4) for _ in range(9)])
+    a.mark(9, 9.0)
+    b = OwnTrail(4, torch.float32, "cpu", depth=5)
+    b.load_state_dict(a.state_dict())
+    for s in (6, 7, 8):
+        torch.testing.assert_close(a.slope(0.1, step=s), b.slope(0.1, step=s), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shape"):
+        OwnTrail(4, torch.float32, "cpu", depth=4).load_state_dict(a.state_dict())
+
+
+def test_half_precision_models_keep_the_sums_in_float32():
+    trail = OwnTrail(2, torch.bfloat16, "cpu", depth=3)
+    assert trail.total.dtype == torch.float32
