@@ -323,7 +323,7 @@ def parse_grid(raw, path: str | Path = "<grid>") -> Grid:
         dup = [v for v, n in Counter(values).items() if n > 1]
         if dup:
             fail(f"'{axis}' lists {dup[0]!r} more than once")
-    exclude = _parse_exclude(raw.get("exclude", []), fail)
+    exclude = _parse_exclude(raw.get("exclude", []), fail, ranks, Mode(base["mode"]))
     grid = Grid(
         path,
         str(raw.get("name", path.stem)),
@@ -370,7 +370,7 @@ def _check_partition(scheme: str, ranks: int, fail) -> None:
         fail(str(exc))
 
 
-def _parse_exclude(raw, fail) -> list[dict]:
+def _parse_exclude(raw, fail, ranks: int, mode: Mode) -> list[dict]:
     if not isinstance(raw, list):
         fail("'exclude' must be a list of mappings such as {algorithm: allreduce, delay: fixed:2}")
     rules = []
@@ -391,12 +391,12 @@ def _parse_exclude(raw, fail) -> list[dict]:
                     if unknown:
                         raise ValueError(f"unknown algorithm '{unknown[0]}'")
                 elif key == "delay":
-                    values = [str(DelayModel.parse(str(v))) for v in values]
+                    values = [_parse_delay(v, ranks, mode) for v in values]  # as the delay axis reads them
                 elif key == "lr":
                     values = [float(v) for v in values]
                 elif key == "partition":
                     values = [str(v) for v in values]
-            except (ValueError, TypeError) as exc:
+            except (SpecError, ValueError, TypeError) as exc:
                 fail(f"exclude[{i}].{key}: {str(exc).replace('--delay ', 'delay ')}")
             norm[key] = values
         rules.append(norm)

@@ -65,6 +65,15 @@ def test_async_conditions_on_the_delay_axis_set_straggler_and_link_delay():
     assert link["link_delay"] == ["0,2:30"] and link["delay"] == "none" and "straggler" not in link
     config.TrainConfig(**slow)
     config.TrainConfig(**link)
+    only = grid_of(
+        mode="async",
+        delays=["none", "straggler:3:4", "link:0,2:30"],
+        algorithms=["dsgd", "pc-asgd-av"],
+        exclude=[{"algorithm": "dsgd", "delay": ["straggler:3:4", "link:0,2:30"]}],
+    )
+    assert {(r.algorithm.label, r.delay) for r in only.runs() if r.algorithm.label == "dsgd"} == {("dsgd", "none")}
+    with pytest.raises(gridfile.GridError, match=r"exclude\[0\]\.delay: 'link:0,2:30' needs mode async"):
+        grid_of(delays=["none"], exclude=[{"algorithm": "dsgd", "delay": "link:0,2:30"}])
 
 
 def test_exclude_removes_matching_runs_and_delays_are_canonical():
