@@ -11,6 +11,7 @@ Both turn the message into the slope the prediction needs (`Slope`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -162,9 +163,12 @@ class AsyncNeighbours:
         self._vel: dict[int, torch.Tensor] = {}
         self._vel_step: dict[int, int] = {}
         self._lr = 0.0
+        self.observe: Callable[[Message], None] | None = None  # sees every message as it arrives
 
     def _on_message(self, msg: Message) -> None:
         self.clock.observe(msg.source, msg.step, msg.made_at)
+        if self.observe is not None:
+            self.observe(msg)
         if not self.velocity:
             return
         old = self.exchange.latest(msg.source)  # still the previous newest: the swap comes after this call

@@ -168,6 +168,8 @@ class DistributedOptimizer(RuleStep):
             self.view = AsyncNeighbours(self.exchange, weights, self.clock, self.slope is Slope.VELOCITY)
         if self.algorithm is Algorithm.PC_ASGD_AV:
             self.trackers = {n: rule.SubstitutionTracker(beta=av_beta, horizon=self.horizon) for n in self.neighbours}
+            if self.mode is Mode.ASYNC:
+                self.view.observe = self._observe_arrival
         if self.algorithm.sends_gradient:
             # at set-up, not in the middle of training when the first neighbour turns stale
             rule.prepare(self.flat.data, self.lam, self.lam_mode)

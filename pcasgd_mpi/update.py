@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import rule
-from .config import Algorithm, OnDiverge, Slope
+from .config import Algorithm, Mode, OnDiverge, Slope
 from .finite import all_finite, left_out, message_finite
 from .neighbours import View
 
@@ -132,9 +132,18 @@ class RuleStep:
         weights at its current (estimated) step, and is measured against its message of that step.
         """
         trackers = [self.trackers[n] for n in self.neighbours]
-        for tracker, nb, s in zip(trackers, view.neighbours, view.steps):
-            if nb.x is not None:
-                tracker.observe(s, nb.x)
+        for n, tracker, nb, s in zip(self.neighbours, trackers, view.neighbours, view.steps):
+            if nb.x is None:
+                continue
+            for t in tracker.pending_steps:  # oldest first
+                if t >= s:
+                    break
+                # Lockstep: the message of step s makes every older one delivered too (newest wins),
+                # so a record it overtook is measured against its own step's message, not lost.
+                x_t = self.view.history.get(n, t)[0] if self.mode is Mode.LOCKSTEP else None
+                if x_t is not None:
+                    tracker.observe(t, x_t)
+            tracker.observe(s, nb.x)
         thetas, reaches = zip(*(t.blend for t in trackers)) if trackers else ((), ())
 
         def record(i: int, x_hat: torch.Tensor) -> None:
@@ -142,6 +151,13 @@ class RuleStep:
                 trackers[i].record(view.sender_steps[i], x_hat, x_k, view.neighbours[i].x)
 
         return list(thetas), list(reaches), record
+
+    def _observe_arrival(self, msg) -> None:
+        """Async AV: every message measures the record of its step as it arrives, also one that a
+        newer message replaces before the next step reads it."""
+        tracker = self.trackers.get(msg.source)
+        if tracker is not None:
+            tracker.observe(msg.step, msg.weights)
 
     @torch.no_grad()
     def _loss_at(self, vec: torch.Tensor, closure) -> float:

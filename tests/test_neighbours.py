@@ -6,7 +6,9 @@ import torch
 
 from pcasgd_mpi.delay import DelayModel
 from pcasgd_mpi.message import Message
-from pcasgd_mpi.neighbours import LockstepNeighbours
+from pcasgd_mpi.neighbours import AsyncNeighbours, LockstepNeighbours
+from pcasgd_mpi.staleness import SenderClock
+from pcasgd_mpi.tracker import SubstitutionTracker
 
 
 class ScriptedExchange:
@@ -70,3 +72,40 @@ def test_lockstep_update_slope_is_the_message_slope():
     view = _view("fixed:2", 0.1, 8, velocity=False, xs=xs, grads=grads)
     (n,) = view.neighbours
     assert view.steps == [6] and torch.equal(n.grad, grads[6])
+
+
+class BurstExchange:
+    """Async: one poll delivers a burst of messages, and only the newest stays readable."""
+
+    def __init__(self, messages: list[Message]):
+        self.queue, self.newest, self.failed = list(messages), {}, set()
+
+    def poll(self, handler=None):
+        for m in self.queue:
+            if handler is not None:
+                handler(m)
+            self.newest[m.source] = m
+        self.queue = []
+
+    def latest(self, source):
+        return self.newest.get(source)
+
+
+def test_async_av_measures_every_message_of_a_burst():
+    xs = _positions(4)
+    msgs = [Message(1, s, x.clone(), None, made_at=100.0 + s, alpha=0.1) for s, x in enumerate(xs)]
+    clock = SenderClock([1], now=lambda: 104.0)
+    view = AsyncNeighbours(BurstExchange(msgs), {1: 1 / 3}, clock, velocity=False)
+    tracker = SubstitutionTracker(horizon=16)
+    for t in (1, 2, 3):  # substitutes that stood for the neighbour's steps 1 to 3
+        tracker.record(t, xs[t] + 1.0, torch.zeros(6, dtype=torch.float64), xs[t] - 1.0)
+    seen = []
+
+    def observe(msg):
+        seen.append(msg.step)
+        tracker.observe(msg.step, msg.weights)
+
+    view.observe = observe
+    got = view.at(4, lr=0.1, now=104.0)
+    assert seen == [0, 1, 2, 3] and got.steps == [3]
+    assert tracker.measurements == 3 and tracker.pending_steps == ()

@@ -153,6 +153,23 @@ def test_adaptive_variant_measures_substitutes_and_reports_theta(tmp_path):
 
 
 @pytest.mark.mpi(min_size=2)
+def test_adaptive_variant_measures_every_record_when_delays_shrink(tmp_path):
+    # random:0.5:4: a step's message may be used before an older one ever was; the older
+    # messages count as delivered then (newest wins), so their records are measured, not lost.
+    out = _shared_dir(tmp_path)
+    summary = run(
+        TrainConfig(out=out, mode="lockstep", algorithm="pc-asgd-av", delay="random:0.5:4", steps=60, progress=False)
+    )
+    if rank == 0:
+        for r, per_nb in summary["av"].items():
+            for n, av in per_nb.items():
+                hist = summary["staleness_histogram"][r][n]
+                stale = sum(c for tau, c in hist.items() if tau != "never" and 0 < int(tau))
+                # one record per stale step; at most the last 4 steps' records are still waiting
+                assert av["measurements"] >= stale - 4, (r, n, av["measurements"], hist)
+
+
+@pytest.mark.mpi(min_size=2)
 def test_a_diverged_rank_does_not_stall_its_lockstep_neighbours():
     ds = data.load("digits")
     world = init("ring", comm=comm)
