@@ -75,3 +75,30 @@ def test_state_dict_round_trip_gives_the_same_slopes():
 def test_half_precision_models_keep_the_sums_in_float32():
     trail = OwnTrail(2, torch.bfloat16, "cpu", depth=3)
     assert trail.total.dtype == torch.float32
+
+
+def test_the_optimizer_gives_each_stale_copy_the_trails_slope():
+    from types import SimpleNamespace
+
+    from pcasgd_mpi.neighbours import View
+    from pcasgd_mpi.optimizer import DistributedOptimizer
+
+    trail = OwnTrail(3, torch.float32, "cpu", depth=6)
+    _walk(trail, [torch.full((3,), 0.5)] * 4, times=[0.0, 1.0, 2.0, 3.0])
+    trail.mark(4, 4.0)
+    fake = SimpleNamespace(trail=trail, neighbours=[1, 2, 3], _own_slopes={}, lr=0.1)
+    nbs = [
+        rule.Neighbour(0.25, torch.zeros(3), None, 2),  # stale: rolled forward
+        rule.Neighbour(0.25, torch.zeros(3), None, 0),  # fresh: left as it is
+        rule.Neighbour(0.25, None, None, 0),  # nothing received
+    ]
+    lockstep = View(list(nbs), [2, 4, None], [4, 4, None])
+    DistributedOptimizer._use_own_slopes(fake, lockstep)
+    x_hat = rule.predict_weights(torch.zeros(3), lockstep.neighbours[0].grad, 2, 0.1, lam=0.0)
+    torch.testing.assert_close(x_hat, torch.full((3,), 1.0))  # two own steps of 0.5
+    assert lockstep.neighbours[1].grad is None and lockstep.neighbours[2].grad is None
+    # async: the copy's time stamp picks the window, τ (the sender's steps) scales the average step
+    timed = View(list(nbs), [7, 9, None], [9, 9, None], made_at=[1.5, 3.9, None])
+    DistributedOptimizer._use_own_slopes(fake, timed)
+    x_hat = rule.predict_weights(torch.zeros(3), timed.neighbours[0].grad, 2, 0.1, lam=0.0)
+    torch.testing.assert_close(x_hat, torch.full((3,), 1.0))  # τ = 2 times the average own step 0.5
