@@ -130,21 +130,27 @@ def test_a_setup_error_on_one_rank_reaches_every_rank(tmp_path):
         run(TrainConfig(out=out, mode="lockstep", delay=bad, steps=5, progress=False))
 
 
-@pytest.mark.mpi(min_size=2)
-def test_adaptive_variant_measures_substitutes_and_reports_theta(tmp_path):
+def _lockstep_av(tmp_path, delay: str, steps: int):
+    """A lockstep pc-asgd-av run; returns its folder, its summary and, per rank and neighbour, AV's state."""
     out = _shared_dir(tmp_path)
     summary = run(
-        TrainConfig(out=out, mode="lockstep", algorithm="pc-asgd-av", delay="fixed:3", steps=40, progress=False)
+        TrainConfig(out=out, mode="lockstep", algorithm="pc-asgd-av", delay=delay, steps=steps, progress=False)
     )
+    states = [(r, n, av) for r, per_nb in summary["av"].items() for n, av in per_nb.items()] if rank == 0 else []
+    return out, summary, states
+
+
+@pytest.mark.mpi(min_size=2)
+def test_adaptive_variant_measures_substitutes_and_reports_theta(tmp_path):
+    out, summary, states = _lockstep_av(tmp_path, "fixed:3", 40)
     if rank == 0:
-        for r, per_nb in summary["av"].items():
-            for n, av in per_nb.items():
-                # A record is made when a neighbour is stale and checked 3 steps later: ~40/4 measurements.
-                assert av["measurements"] >= 8, (r, n, av)
-                assert av["e_p"] > 0 and av["e_c"] > 0
-                assert 0.0 <= av["theta"] <= 1.0 and 0.0 <= av["reach"] <= 1.0
-                # E_PC is an inner product of the two errors: Cauchy–Schwarz bounds it
-                assert abs(av["cross"]) <= av["e_p"] * av["e_c"] * (1 + 1e-9)
+        for r, n, av in states:
+            # A record is made when a neighbour is stale and checked 3 steps later: ~40/4 measurements.
+            assert av["measurements"] >= 8, (r, n, av)
+            assert av["e_p"] > 0 and av["e_c"] > 0
+            assert 0.0 <= av["theta"] <= 1.0 and 0.0 <= av["reach"] <= 1.0
+            # E_PC is an inner product of the two errors: Cauchy–Schwarz bounds it
+            assert abs(av["cross"]) <= av["e_p"] * av["e_c"] * (1 + 1e-9)
         lines = [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
         thetas = [t for l in lines if "theta" in l for t in l["theta"].values()]
         assert thetas and all(0.0 <= t <= 1.0 for t in thetas)
@@ -156,17 +162,12 @@ def test_adaptive_variant_measures_substitutes_and_reports_theta(tmp_path):
 def test_adaptive_variant_measures_every_record_when_delays_shrink(tmp_path):
     # random:0.5:4: a step's message may be used before an older one ever was; the older
     # messages count as delivered then (newest wins), so their records are measured, not lost.
-    out = _shared_dir(tmp_path)
-    summary = run(
-        TrainConfig(out=out, mode="lockstep", algorithm="pc-asgd-av", delay="random:0.5:4", steps=60, progress=False)
-    )
-    if rank == 0:
-        for r, per_nb in summary["av"].items():
-            for n, av in per_nb.items():
-                hist = summary["staleness_histogram"][r][n]
-                stale = sum(c for tau, c in hist.items() if tau != "never" and 0 < int(tau))
-                # one record per stale step; at most the last 4 steps' records are still waiting
-                assert av["measurements"] >= stale - 4, (r, n, av["measurements"], hist)
+    _, summary, states = _lockstep_av(tmp_path, "random:0.5:4", 60)
+    for r, n, av in states:
+        hist = summary["staleness_histogram"][r][n]
+        stale = sum(c for tau, c in hist.items() if tau != "never" and 0 < int(tau))
+        # one record per stale step; at most the last 4 steps' records are still waiting
+        assert av["measurements"] >= stale - 4, (r, n, av["measurements"], hist)
 
 
 @pytest.mark.mpi(min_size=2)
