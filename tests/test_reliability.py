@@ -50,12 +50,18 @@ def test_a_checkpoint_holding_arbitrary_objects_is_refused(tmp_path):
 
 
 @pytest.mark.mpi
-def test_killed_run_resumes_to_the_identical_model(tmp_path):
+@pytest.mark.parametrize(
+    "rule",
+    [[], ["--algorithm", "pc-asgd-av", "--slope", "own"]],
+    ids=["pv", "av-own"],  # av-own: AV's records and the own-step trail are restored too
+)
+def test_killed_run_resumes_to_the_identical_model(tmp_path, rule):
+    setting = [*LOCKSTEP, *rule]
     whole = tmp_path / "whole"
-    assert train(4, [*LOCKSTEP, "--out", str(whole)]).returncode == 0
+    assert train(4, [*setting, "--out", str(whole)]).returncode == 0
     out = tmp_path / "killed"
     # The straggler only sleeps, so it slows the run down enough to kill it midway without changing it.
-    cmd = train_command(4, [*LOCKSTEP, "--out", str(out), "--checkpoint-every", "10", "--straggler", "0:30"])
+    cmd = train_command(4, [*setting, "--out", str(out), "--checkpoint-every", "10", "--straggler", "0:30"])
     proc = subprocess.Popen(
         cmd, env=mpi_env(), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -69,7 +75,7 @@ def test_killed_run_resumes_to_the_identical_model(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "summary.json").exists()
-    resumed = train(4, [*LOCKSTEP, "--out", str(out), "--checkpoint-every", "10", "--resume"])
+    resumed = train(4, [*setting, "--out", str(out), "--checkpoint-every", "10", "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _summary(out)["model_sha256"] == _summary(whole)["model_sha256"]
     steps = [json.loads(l)["step"] for l in (out / "metrics" / "rank-0.jsonl").read_text().splitlines()]
