@@ -10,7 +10,8 @@ S  straggler: rank 3 is 4x slower (`--straggler 3:4`). Reference: lockstep dsgd 
 L  slow links: `--link-delay 0,2:MS` with MS about 6 step times, async, 400 steps (stop first):
    pc-asgd-av against dsgd, and the staleness the receivers saw of ranks 0 and 2, in their steps.
 M  momentum 0.9, slow links as in L, pc-asgd-av: AV's measured prediction error E_P with
-   `--slope update` against `--slope gradient`, and against the clipping error E_C.
+   `--slope update` against `--slope gradient`, and against the clipping error E_C (and the
+   other slopes, velocity and own, beside them).
 Each for IID and dirichlet:0.3 (S), Dirichlet (L), seeds 0..2. Prints a markdown report and
 writes benchmarks/async_clock.json.
 """
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SLOPES = ("update", "gradient", "velocity", "own")
 sys.path.insert(0, str(ROOT))
 
 from _bench import run_meta  # noqa: E402
@@ -129,7 +131,7 @@ def part_l_m(tmp: Path, seeds: list[int], steps: int) -> list[dict]:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-        for slope in ("update", "gradient", "velocity"):
+        for slope in SLOPES:
             s = train(
                 [*base, "--algorithm", "pc-asgd-av", "--momentum", "0.9", "--lr", "0.02", "--slope", slope, *delay],
                 tmp / f"m-{slope}-{seed}",
@@ -184,7 +186,7 @@ def report(rows: list[dict]) -> str:
     m_rows = [r for r in rows if r["part"] == "M"]
     if m_rows:
         lines += ["", "| slope | E_P (per seed) | E_C (per seed) | accuracy |", "|---|---|---|---|"]
-        for slope in ("update", "gradient", "velocity"):
+        for slope in SLOPES:
             sel = [r for r in m_rows if r["slope"] == slope]
             lines.append(
                 f"| {slope} | {', '.join(format(r['e_p'], '.4f') for r in sel)} | "
