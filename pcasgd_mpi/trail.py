@@ -23,6 +23,7 @@ class OwnTrail:
     def __init__(self, numel: int, dtype: torch.dtype, device: torch.device | str, depth: int) -> None:
         if depth < 2:
             raise ValueError(f"depth must be >= 2, got {depth}")
+        self.dtype = dtype  # the slopes come out in the model's dtype, like the neighbours' copies
         dtype = torch.promote_types(dtype, torch.float32)  # sums of small steps need the bits
         self.depth = int(depth)
         self.total = torch.zeros(numel, dtype=dtype, device=device)  # U of the step under way
@@ -73,7 +74,7 @@ class OwnTrail:
         if n <= 0:
             return None
         if out is None:
-            out = torch.empty_like(self.total)
+            out = torch.empty_like(self.total, dtype=self.dtype)
         return torch.sub(self._marks[slot], self.total, out=out).div_(n * lr)
 
     def state_dict(self) -> dict:

@@ -135,14 +135,8 @@ class RuleStep:
         for n, tracker, nb, s in zip(self.neighbours, trackers, view.neighbours, view.steps):
             if nb.x is None:
                 continue
-            for t in tracker.pending_steps:  # oldest first
-                if t >= s:
-                    break
-                # Lockstep: the message of step s makes every older one delivered too (newest wins),
-                # so a record it overtook is measured against its own step's message, not lost.
-                x_t = self.view.history.get(n, t)[0] if self.mode is Mode.LOCKSTEP else None
-                if x_t is not None:
-                    tracker.observe(t, x_t)
+            if self.mode is Mode.LOCKSTEP:  # async measures every message as it arrives instead
+                self._measure_overtaken(n, tracker, s)
             tracker.observe(s, nb.x)
         thetas, reaches = zip(*(t.blend for t in trackers)) if trackers else ((), ())
 
@@ -151,6 +145,16 @@ class RuleStep:
                 trackers[i].record(view.sender_steps[i], x_hat, x_k, view.neighbours[i].x)
 
         return list(thetas), list(reaches), record
+
+    def _measure_overtaken(self, n: int, tracker, s: int) -> None:
+        """Lockstep: the message of step s makes every older one delivered too (newest wins), so a
+        record it overtook is measured against the kept message of its own step, not lost."""
+        for t in tracker.pending_steps:  # oldest first
+            if t >= s:
+                return
+            x_t, _ = self.view.history.get(n, t)
+            if x_t is not None:
+                tracker.observe(t, x_t)
 
     def _observe_arrival(self, msg) -> None:
         """Async AV: every message measures the record of its step as it arrives, also one that a

@@ -72,9 +72,14 @@ def test_state_dict_round_trip_gives_the_same_slopes():
         OwnTrail(4, torch.float32, "cpu", depth=4).load_state_dict(a.state_dict())
 
 
-def test_half_precision_models_keep_the_sums_in_float32():
+def test_half_precision_models_keep_the_sums_in_float32_and_get_slopes_in_their_dtype():
     trail = OwnTrail(2, torch.bfloat16, "cpu", depth=3)
     assert trail.total.dtype == torch.float32
+    _walk(trail, [torch.full((2,), 1e-3)] * 3)
+    trail.mark(3, 3.0)
+    g = trail.slope(0.1, step=1)
+    assert g.dtype == torch.bfloat16, "the slope matches the model's copies"
+    torch.testing.assert_close(g.float(), torch.full((2,), -1e-2), rtol=1e-2, atol=0)
 
 
 def test_the_optimizer_gives_each_stale_copy_the_trails_slope():
