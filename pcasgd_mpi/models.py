@@ -47,6 +47,21 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def warm_up(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> None:
+    """One forward and backward before the clock starts, then everything as it was.
+
+    The first pass pays for lazy set-up (allocations, kernel selection), several times a step's
+    cost; in async mode a neighbour's first message would arrive that much later (a straggler's
+    slowness multiplies it), and it would be dropped as never heard from in the meantime.
+    """
+    buffers = [b.detach().clone() for b in model.buffers()]
+    nn.functional.cross_entropy(model(xb), yb).backward()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), buffers):
+            b.copy_(saved)
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> None:
     """Recompute BatchNorm running statistics as an exact average over ``x``; leaves eval mode."""

@@ -101,6 +101,7 @@ class _Loop:
         if self.rank == 0 and s.device.type != "cpu":
             print(f"pcasgd-mpi: device {s.device}; CUDA-aware MPI: {s.cuda_aware}", file=sys.stderr, flush=True)
         bar = progress(cfg, s.steps, self.rank)
+        self._warm_up()
         collectives.barrier(self.world.comm, time.monotonic() + SETUP_TIMEOUT, "not every rank started training")
         opt.mark_start()
         t0 = time.perf_counter()
@@ -122,6 +123,11 @@ class _Loop:
             self.metrics.close()
             return {"stopped_at": self.stopped, "checkpoint_dir": str(self.ckpt_dir)}
         return self._finish(wall, opt.step_count, opt.step_count - first)
+
+    def _warm_up(self) -> None:
+        s = self.s
+        idx = torch.from_numpy(s.sampler.indices[: s.sampler.batch_size])
+        models.warm_up(self.model, s.dataset.x_train[idx].to(s.device), s.dataset.y_train[idx].to(s.device))
 
     def _adopt(self, record) -> None:
         """A rank died: take over this rank's part of its data shard, so no data is lost."""
@@ -182,10 +188,14 @@ class _Loop:
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()
+        if self.slow > 1.0:
+            # A slower machine: its gradient is ready later, so is the message made from it. Sleep
+            # rather than compute, so that a straggler does not steal the other ranks' cores.
+            time.sleep((self.slow - 1.0) * (time.perf_counter() - t_step))
+        t_opt = time.perf_counter()
         info = opt.step(closure=lambda: F.cross_entropy(model(xb), yb))
         if self.slow > 1.0:
-            # Sleep rather than compute, so a straggler does not steal the other ranks' cores.
-            time.sleep((self.slow - 1.0) * (time.perf_counter() - t_step))
+            time.sleep((self.slow - 1.0) * (time.perf_counter() - t_opt))
         known = [t for t in info.staleness.values() if t is not None]
         self.stale_sum += sum(known)
         self.stale_n += len(known)

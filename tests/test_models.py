@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pcasgd_mpi.models import MODELS, build, count_parameters, recalibrate_bn
+from pcasgd_mpi.models import MODELS, build, count_parameters, recalibrate_bn, warm_up
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -148,3 +148,18 @@ def test_signal_models_learn_mnist1d_in_a_few_steps(name, mnist1d):
         losses.append(loss.item())
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_warm_up_leaves_weights_running_statistics_and_gradients_as_they_were():
+    model = build("resnet20", (1, 8, 8), 10).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = 3 + 2 * torch.randn(6, 1, 8, 8)
+    y = torch.randint(0, 10, (6,))
+    warm_up(model, x, y)
+    after = model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state), "weights and BatchNorm buffers unchanged"
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training
+    # without the restore the forward in train mode would have moved the running statistics
+    model(x)
+    assert not torch.equal(model.stem[1].running_mean, state["stem.1.running_mean"])
