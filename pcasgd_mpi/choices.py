@@ -80,6 +80,7 @@ class Slope(TextEnum):
     GRADIENT = "gradient"
     VELOCITY = "velocity"
     OWN = "own"
+    DRIFT = "drift"
 
 
 class Stop(TextEnum):

@@ -99,7 +99,8 @@ class TrainConfig:
         Slope.UPDATE,
         "slope of the Taylor prediction: the sender's last actual update "
         "(update), its raw gradient (gradient), estimated from its two newest messages "
-        "(velocity, half the bytes), or this rank's own steps since the copy was made (own, half the bytes)",
+        "(velocity, half the bytes), this rank's own steps since the copy was made (own, half the bytes), "
+        "or the sender's average movement per step, mixing included (drift)",
         Group.ALGORITHM,
         Choice(Slope),
     )

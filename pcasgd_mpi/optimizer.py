@@ -24,7 +24,7 @@ from .flat import FlatParameters
 from .neighbours import AsyncNeighbours, LockstepNeighbours, View
 from .roster import Roster, StopReason
 from .staleness import SenderClock, clock_offset
-from .trail import OwnTrail
+from .trail import Drift, OwnTrail
 from .transport import CudaAwareTransport, Transport, make_transport
 from .update import Diverged, RuleStep, StepInfo  # noqa: F401  (Diverged: part of this module's API)
 from .world import World
@@ -119,6 +119,7 @@ class DistributedOptimizer(RuleStep):
         self.names = list(range(world.size))  # rank in the current communicator -> original rank
         self._link_delay, self._av_beta = link_delay, av_beta
         self.trail = self._make_trail()
+        self.drift = Drift(self.flat.data) if self.slope is Slope.DRIFT and self.algorithm.sends_gradient else None
         self._own_slopes: dict[int, torch.Tensor] = {}
         self._setup_exchange(link_delay, av_beta)
 
@@ -242,7 +243,9 @@ class DistributedOptimizer(RuleStep):
         if self.trail is not None:
             self.trail.mark(k, self._now())
         send_after = grad is not None and self.slope is Slope.UPDATE
-        if grad is not None and not send_after:
+        if grad is not None and self.drift is not None:
+            self.drift.slope(x_k, self.lr, out=grad)
+        elif grad is not None and not send_after:
             self.flat.gather_grad(out=grad)
         if not send_after:
             self._send(k)
@@ -360,6 +363,7 @@ class DistributedOptimizer(RuleStep):
             "history": self.view.history.state_dict() if self.mode is Mode.LOCKSTEP else None,
             "trackers": {str(n): t.state_dict() for n, t in self.trackers.items()},
             "trail": self.trail.state_dict() if self.trail is not None else None,
+            "drift": self.drift.state_dict() if self.drift is not None else None,
             "staleness_histogram": {
                 str(n): {str(t): c for t, c in h.items()} for n, h in self.staleness_histogram.items()
             },
@@ -380,6 +384,8 @@ class DistributedOptimizer(RuleStep):
             t.load_state_dict(state["trackers"][str(n)])
         if self.trail is not None and state.get("trail") is not None:
             self.trail.load_state_dict(state["trail"])
+        if self.drift is not None and state.get("drift") is not None:
+            self.drift.load_state_dict(state["drift"])
         for n in self.neighbours:
             hist = state["staleness_histogram"].get(str(n), {})
             self.staleness_histogram[n] = Counter({(t if t == NEVER else int(t)): c for t, c in hist.items()})

@@ -1,6 +1,9 @@
-"""This rank's own recent updates, the slope of `--slope own` (ALGORITHM.md "The predicting step").
+"""This rank's own path: the slopes of `--slope own` and `--slope drift` (ALGORITHM.md "The
+predicting step").
 
-Pure tensor code, no MPI. The trail keeps U_k = Σ_{t<k} Δ_t, the local optimizer's steps summed
+Pure tensor code, no MPI.
+
+`OwnTrail` (receiver side, `own`): the trail keeps U_k = Σ_{t<k} Δ_t, the local optimizer's steps summed
 (mixing left out), at the start of each of the last ``depth`` steps, with the time each step began.
 A stale copy of a neighbour, made at its step s, is then rolled forward by the steps this rank made
 since: x̂ = x_s + τ · (U_k − U_then) / n, the average own step over the n own steps since the copy
@@ -92,3 +95,50 @@ class OwnTrail:
         self.total.copy_(state["total"])
         self._marks.copy_(state["marks"])
         self._steps, self._times, self._step = list(state["steps"]), list(state["times"]), int(state["step"])
+
+
+class Drift:
+    """Sender side, `--slope drift`: this rank's average movement per step, optimizer and mixing.
+
+    m_k = β m_{k−1} + (1 − β)(x_k − x_{k−1}), bias-corrected as Adam's moments are (divided by
+    1 − β^n after n movements), sent with x_k as the slope g = −m_k / α. The receiver rolls the
+    copy forward as x_s + τ m_s: the sender's recent path extended.
+
+    Why the whole movement: an agent's own optimizer step is mostly undone by its mixing (under
+    momentum its velocity carries its own minibatches' noise and, under label skew, its own
+    shard's pull, and the neighbours pull back), so rolling the copy forward by τ of its steps
+    overshoots; what the weights actually did, averaged over a few tens of steps, keeps the drift
+    they share and averages that noise out.
+    """
+
+    def __init__(self, like: torch.Tensor, beta: float = 0.95) -> None:
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"beta must be in (0, 1), got {beta}")
+        self.beta = float(beta)
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        self.mean = torch.zeros(like.numel(), dtype=dtype, device=like.device)
+        self.prev = torch.zeros_like(self.mean)
+        self.count = 0  # movements averaged so far
+        self.started = False  # prev holds x_{k-1}
+
+    def slope(self, x_k: torch.Tensor, lr: float, out: torch.Tensor) -> torch.Tensor:
+        """Takes x_k (this step's weights), writes g = −m_k / lr into ``out`` (zero before any movement)."""
+        x = x_k.reshape(-1)
+        if self.started:
+            self.mean.mul_(self.beta).add_(x - self.prev, alpha=1.0 - self.beta)
+            self.count += 1
+        self.prev.copy_(x)
+        self.started = True
+        if self.count == 0 or lr <= 0:
+            return out.zero_()
+        return torch.mul(self.mean, -1.0 / ((1.0 - self.beta**self.count) * lr), out=out)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.clone(), "prev": self.prev.clone(), "count": self.count, "started": self.started}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["mean"].shape != self.mean.shape:
+            raise ValueError(f"drift of shape {tuple(state['mean'].shape)}; this one is {tuple(self.mean.shape)}")
+        self.mean.copy_(state["mean"])
+        self.prev.copy_(state["prev"])
+        self.count, self.started = int(state["count"]), bool(state["started"])

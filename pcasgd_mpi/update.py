@@ -31,7 +31,7 @@ class Diverged(RuntimeError):
 
 class RuleStep:
     def _rule_kwargs(self) -> dict:
-        lam = 0.0 if self.slope in (Slope.VELOCITY, Slope.OWN) else self.lam  # both are plain extrapolations
+        lam = 0.0 if self.slope in (Slope.VELOCITY, Slope.OWN, Slope.DRIFT) else self.lam  # plain extrapolations
         if self.algorithm is Algorithm.DSGD:
             # Consensus SGD uses whatever arrived as it is: nothing is ever stale or too old.
             return dict(

@@ -52,8 +52,8 @@ def test_a_checkpoint_holding_arbitrary_objects_is_refused(tmp_path):
 @pytest.mark.mpi
 @pytest.mark.parametrize(
     "rule",
-    [[], ["--algorithm", "pc-asgd-av", "--slope", "own"]],
-    ids=["pv", "av-own"],  # av-own: AV's records and the own-step trail are restored too
+    [[], ["--algorithm", "pc-asgd-av", "--slope", "own"], ["--algorithm", "pc-asgd-av", "--slope", "drift"]],
+    ids=["pv", "av-own", "av-drift"],  # AV's records, the own-step trail and the drift are restored too
 )
 def test_killed_run_resumes_to_the_identical_model(tmp_path, rule):
     setting = [*LOCKSTEP, *rule]

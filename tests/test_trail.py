@@ -1,10 +1,10 @@
-"""OwnTrail, the slope of --slope own: this rank's own steps since a copy was made."""
+"""OwnTrail (--slope own: this rank's own steps since a copy was made) and Drift (--slope drift)."""
 
 import pytest
 import torch
 
 from pcasgd_mpi import rule
-from pcasgd_mpi.trail import OwnTrail
+from pcasgd_mpi.trail import Drift, OwnTrail
 
 
 def _walk(trail: OwnTrail, steps: list[torch.Tensor], times=None) -> None:
@@ -107,3 +107,47 @@ def test_the_optimizer_gives_each_stale_copy_the_trails_slope():
     DistributedOptimizer._use_own_slopes(fake, timed)
     x_hat = rule.predict_weights(torch.zeros(3), timed.neighbours[0].grad, 2, 0.1, lam=0.0)
     torch.testing.assert_close(x_hat, torch.full((3,), 1.0))  # τ = 2 times the average own step 0.5
+
+
+def test_drift_is_the_bias_corrected_average_movement_and_the_prediction_extends_it():
+    beta, lr = 0.9, 0.05
+    xs = [torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0]), torch.tensor([3.0, 0.0]), torch.tensor([4.0, 0.0])]
+    d = Drift(xs[0], beta=beta)
+    out = torch.empty(2)
+    assert torch.equal(d.slope(xs[0], lr, out), torch.zeros(2)), "no movement yet: nothing to roll forward"
+    mean = torch.zeros(2)
+    for n, (prev, x) in enumerate(zip(xs, xs[1:]), start=1):
+        mean = beta * mean + (1 - beta) * (x - prev)
+        g = d.slope(x, lr, out)
+        torch.testing.assert_close(g, -mean / (1 - beta**n) / lr)
+    # a steady walk is extended exactly: x_s + τ·(step) after the bias correction
+    d = Drift(torch.zeros(3))
+    for k in range(5):
+        g = d.slope(torch.full((3,), 0.2 * k), lr, torch.empty(3))
+    torch.testing.assert_close(rule.predict_weights(torch.full((3,), 0.8), g, 3, lr, 0.0), torch.full((3,), 1.4))
+
+
+def test_drift_state_dict_round_trip_continues_identically():
+    torch.manual_seed(2)
+    walk = [torch.randn(5) for _ in range(7)]
+    a = Drift(walk[0])
+    for x in walk[:4]:
+        a.slope(x, 0.1, torch.empty(5))
+    b = Drift(walk[0])
+    b.load_state_dict(a.state_dict())
+    for x in walk[4:]:
+        torch.testing.assert_close(a.slope(x, 0.1, torch.empty(5)), b.slope(x, 0.1, torch.empty(5)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shape"):
+        Drift(torch.zeros(4)).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="beta"):
+        Drift(torch.zeros(4), beta=1.0)
+
+
+def test_drift_of_a_half_precision_model_averages_in_float32():
+    d = Drift(torch.zeros(2, dtype=torch.bfloat16))
+    assert d.mean.dtype == torch.float32
+    out = torch.empty(2, dtype=torch.bfloat16)
+    d.slope(torch.zeros(2, dtype=torch.bfloat16), 0.1, out)
+    g = d.slope(torch.full((2,), 1e-2, dtype=torch.bfloat16), 0.1, out)
+    assert g.dtype == torch.bfloat16
+    torch.testing.assert_close(g.float(), torch.full((2,), -0.1), rtol=1e-2, atol=0)

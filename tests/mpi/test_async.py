@@ -85,6 +85,24 @@ def test_own_slope_sends_half_the_bytes_and_trains(tmp_path, mode):
             assert all(v["measurements"] > 0 and math.isfinite(v["e_p"]) for v in measured), measured
 
 
+@pytest.mark.mpi(min_size=4)
+def test_drift_slope_predicts_a_momentum_sender_better_than_its_update(tmp_path):
+    """Under momentum an agent's own step is mostly undone by its mixing: rolling a copy forward by
+    its update overshoots, by its average movement does not (AV's measured E_P)."""
+    out = Path(_shared_dir(tmp_path))
+    common = dict(
+        algorithm="pc-asgd-av", mode="lockstep", delay="ranks:0,2:8", momentum=0.9, lr=0.02, steps=150, progress=False
+    )
+    d = run(TrainConfig(out=str(out / "drift"), slope="drift", **common))
+    u = run(TrainConfig(out=str(out / "update"), slope="update", **common))
+    if rank == 0:
+        per_msg = lambda s: s["exchange"][0]["bytes_sent"] / s["exchange"][0]["sent"]  # noqa: E731
+        assert per_msg(d) == per_msg(u), "the drift travels as the update does"
+        e_p = lambda s: [v["e_p"] for per in s["av"].values() for v in per.values() if v["e_p"] is not None]  # noqa: E731
+        assert len(e_p(d)) >= 2 and max(e_p(d)) < min(e_p(u)), (e_p(d), e_p(u))
+        assert d["final_accuracy"] > 0.8, d["final_accuracy"]
+
+
 @pytest.mark.mpi(min_size=2)
 def test_link_delay_delays_delivery_and_never_blocks_the_sender():
     hold = 1.5
