@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SLOPES = ("update", "gradient", "velocity", "own")
+SLOPES = ("update", "gradient", "velocity", "own", "drift")
 sys.path.insert(0, str(ROOT))
 
 from _bench import run_meta  # noqa: E402
@@ -58,6 +58,18 @@ def staleness_seen(summary: dict, receivers: list[str], senders: list[str]) -> d
 
 def dropped(summary: dict, receivers: list[str], sender: str) -> float:
     return max(summary["beyond_horizon"][r][sender] for r in receivers)
+
+
+def dropped_parts(summary: dict, receivers: list[str], sender: str, horizon: int = 16) -> tuple[float, float]:
+    """The largest shares of the receivers' steps with nothing from the sender yet, and with its copy
+    past the horizon (the two kinds of drop that `dropped` adds up)."""
+    never, past = [], []
+    for r in receivers:
+        hist = summary["staleness_histogram"][r][sender]
+        total = sum(hist.values())
+        never.append(hist.get("never", 0) / total)
+        past.append(sum(c for t, c in hist.items() if t != "never" and int(t) > horizon) / total)
+    return max(never), max(past)
 
 
 def av_errors(summary: dict) -> tuple[float, float]:
@@ -100,6 +112,7 @@ def part_s(tmp: Path, seeds: list[int], steps: int) -> list[dict]:
                         "gap_pp": 100 * (ref["final_accuracy"] - s["final_accuracy"]),
                         "steps": s["steps"],
                         "straggler_dropped": dropped(s, ["0", "2"], "3"),
+                        "straggler_never_past": dropped_parts(s, ["0", "2"], "3"),
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
@@ -150,8 +163,8 @@ def report(rows: list[dict]) -> str:
     if s_rows:
         lines += [
             "| partition | algorithm | gap to lockstep dsgd without straggler, pp (per seed) | wall / W_ref "
-            "| straggler dropped by ranks 0, 2 (max share) |",
-            "|---|---|---|---|---|",
+            "| straggler dropped by ranks 0, 2 (max share) | of which: nothing received yet / past the horizon |",
+            "|---|---|---|---|---|---|",
         ]
         keys = sorted({(r["partition"], r["algorithm"]) for r in s_rows})
         for part, algo in keys:
@@ -160,7 +173,12 @@ def report(rows: list[dict]) -> str:
             mean_gap = statistics.fmean(r["gap_pp"] for r in sel)
             ratio = statistics.fmean(r["wall_s"] / r["reference_wall_s"] for r in sel)
             drop = max(r["straggler_dropped"] for r in sel)
-            lines.append(f"| {part} | {algo} | mean {mean_gap:+.1f} ({gaps}) | {ratio:.2f} | {100 * drop:.1f} % |")
+            never = max(r["straggler_never_past"][0] for r in sel)
+            past = max(r["straggler_never_past"][1] for r in sel)
+            lines.append(
+                f"| {part} | {algo} | mean {mean_gap:+.1f} ({gaps}) | {ratio:.2f} | {100 * drop:.1f} % "
+                f"| {100 * never:.1f} % / {100 * past:.1f} % |"
+            )
     l_rows = [r for r in rows if r["part"] == "L"]
     if l_rows:
         lines += [
