@@ -1,7 +1,9 @@
 """P3, straggler tolerance, and A, accuracy under a straggler: 4 ranks, ring, digits, MLP, batch 32.
 
-Rank 0 is slowed 4x the way `--straggler 0:4` does it: after each step it sleeps 3x the time
-that step took (sleeping, not computing, so it does not take the other ranks' cores).
+Rank 0 is slowed 4x the way `--straggler 0:4` does it: it sleeps 3x the time its gradient took
+before its optimizer step and 3x the optimizer step's time after it (sleeping, not computing, so it
+does not take the other ranks' cores). In the DDP run the gradient's allreduce happens inside the
+backward pass, so there all of the sleep comes after the step: the period is the same.
 
 P3 compares the fast ranks' (1, 2, 3) steps/s under that straggler in three trainings:
 - async: `trainer.run`, pc-asgd-pv, free-running;
@@ -52,7 +54,7 @@ FRACTIONS = [round(0.1 * i, 1) for i in range(2, 11)]
 
 
 def straggle(t_step: float) -> None:
-    # The same rule as the trainer's --straggler: sleep (FACTOR - 1) x this step's own time.
+    # The trainer's --straggler rule: sleep (FACTOR - 1) x the time since t_step.
     if rank == 0:
         time.sleep((FACTOR - 1.0) * (time.perf_counter() - t_step))
 
@@ -166,8 +168,10 @@ def async_curve(seed: int, budget: float) -> dict:
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()
-        opt.step(closure=lambda: F.cross_entropy(model(xb), yb))
         straggle(t_step)
+        t_opt = time.perf_counter()
+        opt.step(closure=lambda: F.cross_entropy(model(xb), yb))
+        straggle(t_opt)
         steps += 1
     wall = time.perf_counter() - t0
     opt.finalize()
