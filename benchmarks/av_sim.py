@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
 
 from pcasgd_mpi import data, models, rule, topology  # noqa: E402
 from pcasgd_mpi.delay import DelayModel  # noqa: E402
+from pcasgd_mpi.tracker import _gram_from_errors  # noqa: E402
 
 FOREVER = 2**62  # dsgd: nothing is ever stale (the optimizer's convention)
 
@@ -109,14 +110,19 @@ def _ema(tr, e_p: float, e_c: float) -> None:
 
 
 class NormAverageTracker(rule.SubstitutionTracker):
-    """Per-step records with the earlier averages of norms, E ← β E + (1 − β) e."""
+    """Per-step records with the earlier averages of norms, E ← β E + (1 − β) e, and the earlier
+    blend θ = E_C² / (E_P² + E_C²) (errors taken as independent, the whole roll-forward)."""
 
-    def _average(self, e_p: float, e_c: float) -> None:
-        if self._e_p is None:
-            self._e_p, self._e_c = e_p, e_c
-        else:
-            self._e_p = self.beta * self._e_p + (1.0 - self.beta) * e_p
-            self._e_c = self.beta * self._e_c + (1.0 - self.beta) * e_c
+    _norms: tuple[float, float] | None = None
+
+    def _average(self, gram: torch.Tensor) -> None:
+        # e_P = e_C + u + ρ, so ‖e_P‖² is the sum of the Gram matrix of (e_C, u, ρ)
+        e_p, e_c = math.sqrt(max(gram.sum().item(), 0.0)), math.sqrt(max(gram[0, 0].item(), 0.0))
+        if self._norms is not None:
+            e_p = self.beta * self._norms[0] + (1.0 - self.beta) * e_p
+            e_c = self.beta * self._norms[1] + (1.0 - self.beta) * e_c
+        self._norms = (e_p, e_c)
+        self._gram, self._split = _gram_from_errors(e_p, e_c, None), False
 
 
 def make_tracker(spec: str, args):
@@ -132,6 +138,27 @@ def make_tracker(spec: str, args):
     raise ValueError(f"unknown tracker {spec!r}; use step, step-norms, pending or oracle[:BETA]")
 
 
+def agents(n: int, partition: str, seed: int, batch: int):
+    """Digits, a ring of n agents with Metropolis weights, their minibatch streams and the MLP, seeded
+    as `pcasgd-mpi train` seeds them: (data set, W, neighbours, samplers, model)."""
+    ds = data.load("digits")
+    graph = topology.build("ring", n)
+    shards = data.partition(ds.y_train, n, partition, seed=seed)
+    samplers = [data.ShardSampler(shards[r], batch, seed, r) for r in range(n)]
+    model = models.build("mlp", ds.input_shape, ds.num_classes, seed=seed)
+    return ds, topology.mixing_matrix(graph), [topology.neighbours(graph, r) for r in range(n)], samplers, model
+
+
+def gradient(model: torch.nn.Module, x: torch.Tensor, ds, batch) -> torch.Tensor:
+    """The flat gradient of the training loss at weights x on the samples ``batch``."""
+    params = list(model.parameters())
+    vector_to_parameters(x, params)
+    idx = torch.as_tensor(batch)
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(ds.x_train[idx]), ds.y_train[idx]).backward()
+    return torch.cat([p.grad.reshape(-1) for p in params]).detach().clone()
+
+
 def run(
     algorithm: str,
     tracker: str | None,
@@ -143,15 +170,8 @@ def run(
     trace: list | None = None,
 ) -> dict:
     """One lockstep run; returns the final test accuracy of the average model and AV's θ."""
-    ds = data.load("digits")
-    n = args.agents
-    graph = topology.build("ring", n)
-    W = topology.mixing_matrix(graph)
-    nbrs = [topology.neighbours(graph, r) for r in range(n)]
-    shards = data.partition(ds.y_train, n, partition, seed=seed)
-    samplers = [data.ShardSampler(shards[r], args.batch, seed, r) for r in range(n)]
-    model = models.build("mlp", ds.input_shape, ds.num_classes, seed=seed)
-    params = list(model.parameters())
+    ds, W, nbrs, samplers, model = agents(args.agents, partition, seed, args.batch)
+    n, params = args.agents, list(model.parameters())
     xs = [parameters_to_vector(params).detach().clone() for _ in range(n)]
     delay = DelayModel.parse(delay_spec, seed=seed)
     tol, hor = (FOREVER, FOREVER) if algorithm == "dsgd" else (args.tolerance, args.horizon)
@@ -159,15 +179,10 @@ def run(
     av = algorithm == "pc-asgd-av"
     trackers = [{l: make_tracker(tracker, args) for l in nbrs[j]} for j in range(n)] if av else None
     history: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    loss_fn = torch.nn.CrossEntropyLoss()
     for k in range(args.steps):
         msgs = []
         for r in range(n):
-            vector_to_parameters(xs[r], params)
-            idx = torch.as_tensor(samplers[r].next_batch())
-            model.zero_grad(set_to_none=True)
-            loss_fn(model(ds.x_train[idx]), ds.y_train[idx]).backward()
-            msgs.append((xs[r], torch.cat([p.grad.reshape(-1) for p in params]).detach().clone()))
+            msgs.append((xs[r], gradient(model, xs[r], ds, samplers[r].next_batch())))
         history[k] = msgs
         history.pop(k - delay.max_delay - 1, None)
         new = []

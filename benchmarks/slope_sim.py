@@ -30,13 +30,15 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pcasgd_mpi import data, models, topology  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import av_sim  # noqa: E402
 
 BETAS = (0.8, 0.9, 0.95, 0.97, 0.98)
 DELAYED = (0, 2)
@@ -45,27 +47,15 @@ SKIP = 50  # the first steps, before the averages have anything to average
 
 def trajectories(args) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Per step, per agent: (x_k, Δ_k, g_k)."""
-    ds = data.load("digits")
+    ds, W, nbrs, samplers, model = av_sim.agents(args.agents, args.partition, args.seed, 32)
     n = args.agents
-    graph = topology.build("ring", n)
-    W = topology.mixing_matrix(graph)
-    nbrs = [topology.neighbours(graph, r) for r in range(n)]
-    shards = data.partition(ds.y_train, n, args.partition, seed=args.seed)
-    samplers = [data.ShardSampler(shards[r], 32, args.seed, r) for r in range(n)]
-    model = models.build("mlp", ds.input_shape, ds.num_classes, seed=args.seed)
-    params = list(model.parameters())
-    xs = [parameters_to_vector(params).detach().clone() for _ in range(n)]
+    xs = [parameters_to_vector(model.parameters()).detach().clone() for _ in range(n)]
     vel = [torch.zeros_like(xs[0]) for _ in range(n)]
-    loss_fn = torch.nn.CrossEntropyLoss()
     hist = []
     for k in range(args.steps):
         msgs = []
         for r in range(n):
-            vector_to_parameters(xs[r], params)
-            idx = torch.as_tensor(samplers[r].next_batch())
-            model.zero_grad(set_to_none=True)
-            loss_fn(model(ds.x_train[idx]), ds.y_train[idx]).backward()
-            g = torch.cat([p.grad.reshape(-1) for p in params]).detach().clone()
+            g = av_sim.gradient(model, xs[r], ds, samplers[r].next_batch())
             vel[r].mul_(args.momentum).add_(g)
             msgs.append((xs[r].clone(), -args.lr * vel[r], g))
         hist.append(msgs)

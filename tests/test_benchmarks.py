@@ -175,3 +175,19 @@ def test_slope_simulation_reports_every_prediction_against_the_copy():
     )
     assert proc.returncode == 0, proc.stderr
     assert "| drift 0.95 |" in proc.stdout and "| none | " in proc.stdout
+
+
+def test_av_simulation_runs_every_tracker():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "av_sim.py"),
+            *("--delays", "fixed:8", "--partitions", "dirichlet:0.3", "--lrs", "0.5", "--seeds", "0", "--steps", "40"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    gaps = [l for l in proc.stdout.splitlines() if l.strip().startswith(("step ", "step-norms", "pending", "oracle"))]
+    assert len(gaps) >= 3, proc.stdout
