@@ -4,8 +4,8 @@ Every run is the command line users run (`mpirun -n 4 pcasgd-mpi train ...`, rin
 
 S  straggler: rank 3 is 4x slower (`--straggler 3:4`). Reference: lockstep dsgd without a straggler,
    400 steps: accuracy A_ref and wall time W_ref. Then async runs with the straggler that stop all
-   ranks together after 0.6 x W_ref (`--duration`): pc-asgd-av, pc-asgd-pv, dsgd, and pc-asgd-av
-   with `--balance lr`. Reported: accuracy gap to A_ref, and how often the fast neighbours of the
+   ranks together after 0.6 x W_ref (`--duration`): pc-asgd-av, pc-asgd-pv, dsgd, pc-asgd-av
+   with `--balance lr`, and pc-asgd-av and dsgd with `--balance mix`. Reported: accuracy gap to A_ref, and how often the fast neighbours of the
    straggler (ranks 0, 2) had its copy past the horizon (dropped).
 L  slow links: `--link-delay 0,2:MS` with MS about 6 step times, async, 400 steps (stop first):
    pc-asgd-av against dsgd, and the staleness the receivers saw of ranks 0 and 2, in their steps.
@@ -93,6 +93,8 @@ def part_s(tmp: Path, seeds: list[int], steps: int) -> list[dict]:
                 ("pc-asgd-pv", []),
                 ("dsgd", []),
                 ("pc-asgd-av --balance lr", ["--balance", "lr"]),
+                ("pc-asgd-av --balance mix", ["--balance", "mix"]),
+                ("dsgd --balance mix", ["--balance", "mix"]),
             ):
                 algo = label.split()[0]
                 s = train(

@@ -91,6 +91,7 @@ class Stop(TextEnum):
 class Balance(TextEnum):
     NONE = "none"
     LR = "lr"
+    MIX = "mix"
 
 
 class OnDiverge(TextEnum):

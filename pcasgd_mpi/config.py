@@ -147,7 +147,8 @@ class TrainConfig:
     balance: Balance = option(
         Balance.NONE,
         "async: scale a rank's step by its measured slowness, so a slow "
-        "rank's data counts as much as a fast rank's (lr)",
+        "rank's data counts as much as a fast rank's (lr), or weigh a slower neighbour by its "
+        "speed relative to this rank, so that every pair mixes as much per second each way (mix)",
         Group.EXECUTION,
         Choice(Balance),
     )

@@ -30,6 +30,7 @@ class View:
     steps: list[int | None]  # the step of each message used (None: nothing usable)
     sender_steps: list[int | None]  # the step each neighbour is at now (estimated in async)
     made_at: list[float | None] | None = None  # async: when each copy was made (this rank's clock)
+    self_weight: float | None = None  # the agent's own weight when the neighbours' were rescaled
 
 
 def _slope(msg_grad: torch.Tensor | None, alpha: float, lr: float, scratch: dict, source: int):

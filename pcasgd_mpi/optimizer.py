@@ -304,7 +304,7 @@ class DistributedOptimizer(RuleStep):
         """The wrapped optimizer's step; with --balance lr, scaled by this rank's measured slowness."""
         if self.clock is not None:
             self.clock.tick(self.step_count)
-        if self.balance is Balance.NONE or self.clock is None:
+        if self.balance is not Balance.LR or self.clock is None:
             self.inner.step()
             return
         own = self.clock.own.rate
@@ -327,7 +327,27 @@ class DistributedOptimizer(RuleStep):
             if self.view.stop_at is not None and (self._stop_at is None or self.view.stop_at < self._stop_at):
                 self._stop_at = self.view.stop_at
             return view
-        return self.view.at(k, self.lr, self._now())
+        view = self.view.at(k, self.lr, self._now())
+        if self.balance is Balance.MIX:
+            self._mix_per_time(view)
+        return view
+
+    def _mix_per_time(self, view: View) -> None:
+        """--balance mix: a neighbour slower than this rank weighs W·r_l/r_own per step, so that
+        the two mix as much per second as each other; the rest stays with this rank's own weights."""
+        own = self.clock.own.rate
+        if not own:
+            return
+        moved = 0.0
+        for i, (n, nb) in enumerate(zip(self.neighbours, view.neighbours)):
+            rate = self.clock.rates[n].rate
+            if rate is None or rate >= own:
+                continue
+            w = nb.weight * rate / own
+            moved += nb.weight - w
+            view.neighbours[i] = dataclasses.replace(nb, weight=w)
+        if moved:
+            view.self_weight = self.world.self_weight + moved
 
     # ------------------------------------------------------------- stopping
     def request_stop(self, reason: StopReason = StopReason.SIGNAL) -> None:
@@ -483,7 +503,7 @@ def _check_settings(opt: DistributedOptimizer, link_delay: float) -> None:
     if not opt.timeout > 0 or opt.timeout == float("inf"):
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {opt.timeout}")
     if opt.mode is Mode.LOCKSTEP and (link_delay > 0 or opt.balance is not Balance.NONE):
-        raise ValueError("--link-delay and --balance lr are for --mode async; in lockstep use --delay for delays")
+        raise ValueError("--link-delay and --balance are for --mode async; in lockstep use --delay for delays")
     for group in opt.inner.param_groups:
         lr = group.get("lr", 1.0)
         if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):

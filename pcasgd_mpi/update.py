@@ -95,7 +95,8 @@ class RuleStep:
 
     def _update(self, x_k: torch.Tensor, view: View, closure, info: StepInfo) -> None:
         """Writes x^j_{k+1} into the parameters (ALGORITHM.md "The two candidates and the update")."""
-        x, delta, w_self, nbs = self.flat.data, self._delta, self.world.self_weight, view.neighbours
+        x, delta, nbs = self.flat.data, self._delta, view.neighbours
+        w_self = self.world.self_weight if view.self_weight is None else view.self_weight
         kw = self._rule_kwargs()
         stale = [rule.classify(nb, kw["tolerance"], kw["horizon"]) is rule.Status.STALE for nb in nbs]
         if self.algorithm is Algorithm.PC_ASGD_PV and any(stale):

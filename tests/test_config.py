@@ -88,7 +88,7 @@ def test_non_finite_float_flags_are_one_usage_line(capsys, name):
         ({"algorithm": "sgd"}, "--algorithm: must be one of dsgd, clip, predict, pc-asgd, pc-asgd-pv"),
         ({"slope": "curvature"}, "--slope: must be one of update, gradient, velocity"),
         ({"stop": "last"}, "--stop: must be one of first, each"),
-        ({"balance": "steps"}, "--balance: must be one of none, lr"),
+        ({"balance": "steps"}, "--balance: must be one of none, lr, mix"),
         ({"link_delay": ["1:-5"]}, "--link-delay: '1:-5': ranks must be >= 0 and MS a finite number >= 0"),
         ({"link_delay": ["1:inf"]}, "MS a finite number >= 0"),
         ({"link_delay": ["-1:5"]}, "ranks must be >= 0"),

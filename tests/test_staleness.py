@@ -126,3 +126,33 @@ def test_a_slow_starter_is_not_stale_before_its_second_message():
     assert clock.estimate(3, 0, 1000.04).staleness <= 1
     now.t = 1001.0  # but a sender that never sends again still ages past the horizon
     assert clock.estimate(3, 0, 1000.04).staleness > 16
+
+
+def test_balance_mix_weighs_a_slower_neighbour_by_its_relative_speed():
+    """--balance mix: W·r_l/r_own for a slower neighbour, the rest to the agent itself, rows still sum to 1."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pcasgd_mpi import rule
+    from pcasgd_mpi.neighbours import View
+    from pcasgd_mpi.optimizer import DistributedOptimizer
+
+    clock = SenderClock([1, 2, 3], now=lambda: 0.0)
+    for k in range(20):
+        clock.tick(k, at=k / 100)  # this rank: 100 steps/s
+        clock.observe(1, k, k / 25)  # 4x slower
+        clock.observe(2, k, k / 200)  # faster: left as it is
+    # neighbour 3 has sent one message: no rate yet, left as it is
+    clock.observe(3, 0, 0.0)
+    fake = SimpleNamespace(clock=clock, neighbours=[1, 2, 3], world=SimpleNamespace(self_weight=0.25))
+    view = View([rule.Neighbour(0.25, torch.zeros(2), None, 0) for _ in range(3)], [0, 0, 0], [0, 0, 0])
+    DistributedOptimizer._mix_per_time(fake, view)
+    weights = [nb.weight for nb in view.neighbours]
+    assert weights == pytest.approx([0.0625, 0.25, 0.25])
+    assert view.self_weight == pytest.approx(0.4375)
+    assert view.self_weight + sum(weights) == pytest.approx(1.0)
+    # nothing measured of this rank yet: the weights stay as the graph has them
+    fresh = View([rule.Neighbour(0.25, torch.zeros(2), None, 0) for _ in range(3)], [0, 0, 0], [0, 0, 0])
+    DistributedOptimizer._mix_per_time(SimpleNamespace(**{**vars(fake), "clock": SenderClock([1, 2, 3])}), fresh)
+    assert [nb.weight for nb in fresh.neighbours] == [0.25, 0.25, 0.25] and fresh.self_weight is None

@@ -21,11 +21,20 @@ def _shared_dir(tmp_path) -> str:
 
 
 @pytest.mark.mpi(min_size=4)
-def test_a_four_times_slower_rank_stays_in_the_mix(tmp_path):
+@pytest.mark.parametrize("balance", ["none", "mix"])
+def test_a_four_times_slower_rank_stays_in_the_mix(tmp_path, balance):
     """Its neighbours see its copies as a few of its own steps old and (almost) never drop them."""
     out = _shared_dir(tmp_path)
     summary = run(
-        TrainConfig(out=out, algorithm="pc-asgd-av", steps=150, straggler=["3:4"], progress=False, timeout=60)
+        TrainConfig(
+            out=out,
+            algorithm="pc-asgd-av",
+            steps=150,
+            straggler=["3:4"],
+            balance=balance,
+            progress=False,
+            timeout=60,
+        )
     )
     if rank == 0:
         hist = summary["staleness_histogram"]
