@@ -89,6 +89,7 @@ class Stop(TextEnum):
 
 
 class Balance(TextEnum):
+    AUTO = "auto"  # mix in async mode, none in lockstep
     NONE = "none"
     LR = "lr"
     MIX = "mix"

@@ -145,10 +145,10 @@ class TrainConfig:
         Choice(Stop),
     )
     balance: Balance = option(
-        Balance.NONE,
-        "async: scale a rank's step by its measured slowness, so a slow "
-        "rank's data counts as much as a fast rank's (lr), or weigh a slower neighbour by its "
-        "speed relative to this rank, so that every pair mixes as much per second each way (mix)",
+        Balance.AUTO,
+        "async: weigh a slower neighbour by its speed relative to this rank, so that every pair "
+        "mixes as much per second each way (mix), scale a rank's step by its measured slowness (lr), "
+        "or neither (none); auto is mix in async mode and none in lockstep",
         Group.EXECUTION,
         Choice(Balance),
     )
@@ -287,6 +287,7 @@ class TrainConfig:
                 "--overwrite starts it afresh: give one"
             )
         check_rule_settings(self.theta, self.lam, self.lam_mode, self.resolved_tolerance(), self.horizon)
+        self.balance = resolve_balance(self.balance, self.mode)
 
     # ------------------------------------------------------------------ building one
     @classmethod
@@ -403,6 +404,14 @@ def resolve_tolerance(tolerance: int | None, mode: Mode | str) -> int:
     if tolerance is not None:
         return tolerance
     return 0 if Mode(mode) is Mode.LOCKSTEP else 1
+
+
+def resolve_balance(balance: Balance | str, mode: Mode | str) -> Balance:
+    """`auto`: mix in async mode (ALGORITHM.md "Two execution modes", speed balance), none in lockstep."""
+    balance = Balance(balance)
+    if balance is not Balance.AUTO:
+        return balance
+    return Balance.MIX if Mode(mode) is Mode.ASYNC else Balance.NONE
 
 
 def check_rule_settings(theta: float, lam: float, lam_mode: str, tolerance: int, horizon: int) -> None:

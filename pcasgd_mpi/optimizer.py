@@ -17,7 +17,7 @@ import torch
 from mpi4py import MPI
 
 from . import collectives, rule
-from .config import Algorithm, Balance, Mode, OnDiverge, Slope, TrainConfig, check_rule_settings
+from .config import Algorithm, Balance, Mode, OnDiverge, Slope, TrainConfig, check_rule_settings, resolve_balance
 from .delay import DelayModel
 from .exchange import Exchange
 from .flat import FlatParameters
@@ -72,7 +72,7 @@ class DistributedOptimizer(RuleStep):
         transport: Transport | None = None,
         slope: Slope | str = _D.slope,
         link_delay: float = 0.0,
-        balance: Balance | str = _D.balance,
+        balance: Balance | str = Balance.AUTO,
         on_diverge: OnDiverge | str = _D.on_diverge,
     ):
         self.inner, self.model, self.world = optimizer, model, world
@@ -86,7 +86,7 @@ class DistributedOptimizer(RuleStep):
         self.on_diverge = OnDiverge(on_diverge)
         self.diverged_at: int | None = None  # the step this agent's weights became inf or NaN
         self.fault_tolerant = fault_tolerant
-        self.slope, self.balance = Slope(slope), Balance(balance)
+        self.slope, self.balance = Slope(slope), resolve_balance(balance, self.mode)
         self._warn = warn or (lambda msg: None)
         _check_settings(self, link_delay)
         self.delay.check_ranks(world.size)

@@ -43,7 +43,10 @@ def usage_error(capsys, *argv) -> str:
 def test_defaults_and_enums():
     cfg = TrainConfig()
     assert cfg.algorithm is Algorithm.PC_ASGD_PV and cfg.mode is Mode.ASYNC and cfg.lam == 0.04
-    assert cfg.slope is Slope.UPDATE and cfg.stop is Stop.FIRST and cfg.balance is Balance.NONE
+    assert cfg.slope is Slope.UPDATE and cfg.stop is Stop.FIRST and cfg.balance is Balance.MIX
+    # --balance auto (the default) is mix in async mode and none in lockstep, decided once, here
+    assert TrainConfig(mode="lockstep").balance is Balance.NONE
+    assert TrainConfig(balance="none").balance is Balance.NONE
     assert cfg.link_delay == [] and cfg.duration is None and Dataset("mnist1d") is Dataset.MNIST1D
     # strings from the Python API become the enums; the enums still compare equal to their text
     cfg = TrainConfig(algorithm="dsgd", mode="lockstep")
@@ -88,7 +91,7 @@ def test_non_finite_float_flags_are_one_usage_line(capsys, name):
         ({"algorithm": "sgd"}, "--algorithm: must be one of dsgd, clip, predict, pc-asgd, pc-asgd-pv"),
         ({"slope": "curvature"}, "--slope: must be one of update, gradient, velocity"),
         ({"stop": "last"}, "--stop: must be one of first, each"),
-        ({"balance": "steps"}, "--balance: must be one of none, lr, mix"),
+        ({"balance": "steps"}, "--balance: must be one of auto, none, lr, mix"),
         ({"link_delay": ["1:-5"]}, "--link-delay: '1:-5': ranks must be >= 0 and MS a finite number >= 0"),
         ({"link_delay": ["1:inf"]}, "MS a finite number >= 0"),
         ({"link_delay": ["-1:5"]}, "ranks must be >= 0"),
@@ -275,7 +278,7 @@ def test_help_shows_each_default_once_and_correctly():
         ("--steps", "500"),
         ("--slope", "update"),
         ("--stop", "first"),
-        ("--balance", "none"),
+        ("--balance", "auto"),
         ("--tolerance", "0 lockstep, 1 async"),
         ("--synthetic-shape", "1,8,8"),
     ]:
