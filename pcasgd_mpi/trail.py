@@ -124,8 +124,8 @@ class Drift:
     def slope(self, x_k: torch.Tensor, lr: float, out: torch.Tensor) -> torch.Tensor:
         """Takes x_k (this step's weights), writes g = −m_k / lr into ``out`` (zero before any movement)."""
         x = x_k.reshape(-1)
-        if self.started:
-            self.mean.mul_(self.beta).add_(x - self.prev, alpha=1.0 - self.beta)
+        if self.started:  # m ← βm + (1 − β)(x − prev), without a model-sized temporary
+            self.mean.mul_(self.beta).add_(x, alpha=1.0 - self.beta).sub_(self.prev, alpha=1.0 - self.beta)
             self.count += 1
         self.prev.copy_(x)
         self.started = True
