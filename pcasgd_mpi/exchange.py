@@ -25,6 +25,8 @@ from .transport import HostTransport, Transport
 
 MAX_HELD = 256  # messages a delayed link may hold at once; beyond that the oldest is dropped
 TAG = 7401
+INITIAL = -1  # the step of a message sent before the first step: the sender's starting weights
+_NOTHING = -2  # no message from that neighbour yet
 
 ExchangeTimeout = Timeout  # a wait in the exchange passed its deadline
 
@@ -90,7 +92,7 @@ class Exchange:
         self._staged: list[tuple[Buffer, list[int]]] = []
         self._inbox = {n: make() for n in self.neighbours}
         self._latest = {n: make() for n in self.neighbours}
-        self._latest_step = {n: -1 for n in self.neighbours}
+        self._latest_step = {n: _NOTHING for n in self.neighbours}
         self._recv = {n: self._post_recv(n) for n in self.neighbours}
         self._closed = False
 
@@ -365,7 +367,7 @@ class Exchange:
         return updated
 
     def latest(self, source: int) -> Message | None:
-        if self._latest_step[source] < 0:
+        if self._latest_step[source] == _NOTHING:
             return None
         return read(source, self._latest[source])
 
@@ -379,8 +381,9 @@ class Exchange:
         handler: Callable[[Message], None] | None = None,
         also: Callable[[], None] | None = None,
     ) -> None:
-        """Poll until every live neighbour has sent a message of at least `step` (lockstep mode);
-        `also` runs between polls (it may raise to end the wait early)."""
+        """Poll until every live neighbour has sent a message of at least `step` (lockstep mode, and
+        `INITIAL` at the start of async mode); `also` runs between polls (it may raise to end the
+        wait early)."""
 
         def waiting() -> list[int]:
             return [n for n in self.neighbours if n not in self.failed and self._latest_step[n] < step]
@@ -394,12 +397,12 @@ class Exchange:
                 also()
             return False
 
+        what = "the start" if step == INITIAL else f"step {step}"
         spin(
             done,
             deadline,
             lambda: (
-                f"no message for step {step} from {_ranks(waiting())} in time "
-                f"(frozen, dead or much slower than the rest)"
+                f"no message for {what} from {_ranks(waiting())} in time (frozen, dead or much slower than the rest)"
             ),
         )
 

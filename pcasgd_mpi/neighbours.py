@@ -18,7 +18,7 @@ import torch
 
 from . import rule
 from .delay import DelayModel
-from .exchange import Exchange, Message
+from .exchange import INITIAL, Exchange, Message
 from .staleness import SenderClock
 
 
@@ -166,14 +166,21 @@ class AsyncNeighbours:
         self._lr = 0.0
         self.observe: Callable[[Message], None] | None = None  # sees every message as it arrives
 
+    def start(self, deadline: float) -> None:
+        """Wait (up to `deadline`) for every neighbour's starting weights, the message of step
+        `INITIAL` each rank sends before its first step."""
+        self.exchange.wait_for_step(INITIAL, deadline, self._on_message)
+
     def _on_message(self, msg: Message) -> None:
+        if msg.step == INITIAL:
+            return  # weights from before the first step: no rate, no slope, nothing to measure
         self.clock.observe(msg.source, msg.step, msg.made_at)
         if self.observe is not None:
             self.observe(msg)
         if not self.velocity:
             return
         old = self.exchange.latest(msg.source)  # still the previous newest: the swap comes after this call
-        if old is None or msg.step <= old.step or self._lr <= 0:
+        if old is None or old.step == INITIAL or msg.step <= old.step or self._lr <= 0:
             return
         buf = self._vel.get(msg.source)
         if buf is None:
@@ -200,6 +207,7 @@ class AsyncNeighbours:
                 grad = _slope(msg.grad, msg.alpha, lr, self._scaled, n)
             nbs.append(rule.Neighbour(w, msg.weights, grad, est.staleness))
             steps.append(msg.step)
-            current.append(est.sender_step)
+            # the starting weights stand for no step of the sender's: nothing to measure them against
+            current.append(None if msg.step == INITIAL else est.sender_step)
             made.append(msg.made_at)
         return View(nbs, steps, current, made)

@@ -19,7 +19,7 @@ from mpi4py import MPI
 from . import collectives, rule
 from .config import Algorithm, Balance, Mode, OnDiverge, Slope, TrainConfig, check_rule_settings, resolve_balance
 from .delay import DelayModel
-from .exchange import Exchange
+from .exchange import INITIAL, Exchange
 from .flat import FlatParameters
 from .neighbours import AsyncNeighbours, LockstepNeighbours, View
 from .roster import Roster, StopReason
@@ -101,7 +101,7 @@ class DistributedOptimizer(RuleStep):
         # Per neighbour: steps at which its message was left out for non-finite values, and the
         # step of the newest message known to be so (it is not mixed in again while it is held).
         self.non_finite = Counter()
-        self._bad_step = {n: -1 for n in self.neighbours}
+        self._bad_step: dict[int, int | None] = {n: None for n in self.neighbours}
         self._delta = torch.empty_like(self.flat.data)
         self._pv_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.transport = transport if transport is not None else make_transport(self.flat.device)
@@ -121,6 +121,7 @@ class DistributedOptimizer(RuleStep):
         self.trail = self._make_trail()
         self.drift = Drift(self.flat.data) if self.slope is Slope.DRIFT and self.algorithm.sends_gradient else None
         self._own_slopes: dict[int, torch.Tensor] = {}
+        self._started = False  # async: the starting weights went out (mark_start)
         self._setup_exchange(link_delay, av_beta)
 
     def _make_trail(self) -> OwnTrail | None:
@@ -164,7 +165,7 @@ class DistributedOptimizer(RuleStep):
             if measure_clock:
                 self.clock_offset = clock_offset(self.world.comm, deadline) if self.world.size > 1 else 0.0
             offset = self.clock_offset
-            self.clock = SenderClock(self.neighbours, now=lambda: time.time() + offset)
+            self.clock = SenderClock(self.neighbours, now=lambda: time.time() + offset, start_allowance=self.horizon)
             self.clock.start = self.clock.now()
             self.view = AsyncNeighbours(self.exchange, weights, self.clock, self.slope is Slope.VELOCITY)
         if self.algorithm is Algorithm.PC_ASGD_AV:
@@ -215,9 +216,22 @@ class DistributedOptimizer(RuleStep):
         return dataclasses.asdict(self.exchange.stats)
 
     def mark_start(self) -> None:
-        """Every rank starts stepping now (after a barrier): the staleness clock's reference time."""
-        if self.clock is not None:
-            self.clock.start = self.clock.now()
+        """Every rank starts stepping now (call it on every rank after a barrier).
+
+        Async: each rank first sends its starting weights and waits for its neighbours' (up to
+        the timeout), so that a neighbour slow to finish its first step is mixed in from the start
+        instead of being dropped until its first message; then the staleness clock's reference
+        time is taken. The first `step()` calls it when nobody did."""
+        self._started = True
+        if self.clock is None:
+            return
+        weights, grad = self.exchange.send_buffer()
+        weights.copy_(self.flat.data)
+        if grad is not None:
+            grad.zero_()  # no step made yet: the prediction leaves the starting weights where they are
+        self.exchange.send_prepared(INITIAL, deadline=self._deadline(), made_at=self._now())
+        self.view.start(self._deadline())
+        self.clock.start = self.clock.now()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -236,6 +250,8 @@ class DistributedOptimizer(RuleStep):
                 "pc-asgd-pv needs step(closure=...): a function returning the loss of the "
                 "current parameters on the same minibatch, without backward"
             )
+        if not self._started:
+            self.mark_start()
         x = self.flat.data
         weights, grad = self.exchange.send_buffer()
         weights.copy_(x)  # x_k: the message and the snapshot the rule reads (not written before the next step)
@@ -450,7 +466,7 @@ class DistributedOptimizer(RuleStep):
         self.roster = Roster(self.world.comm)
         if stop is not None:
             self.roster.request_stop(stop)
-        self._bad_step = {n: -1 for n in self.neighbours}
+        self._bad_step = {n: None for n in self.neighbours}
         self._setup_exchange(self._link_delay, self._av_beta, measure_clock=False)
         record = Repair(k, failed, survivors, added)
         self.repairs.append(record)

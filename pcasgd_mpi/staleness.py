@@ -47,6 +47,11 @@ class StepRate:
         self._last = (step, at)
 
     @property
+    def heard(self) -> bool:
+        """Whether any step of the sender's was seen (its starting weights are none)."""
+        return self._last is not None
+
+    @property
     def rate(self) -> float | None:
         """Steps per second, None until two messages with different steps were seen."""
         return self._steps / self._seconds if self._seconds > 0 else None
@@ -68,8 +73,18 @@ class Estimate:
 class SenderClock:
     """Per neighbour, τ in that neighbour's own steps from the age of its newest copy."""
 
-    def __init__(self, neighbours: list[int], now: Callable[[], float] = time.time, beta: float = 0.9):
+    def __init__(
+        self,
+        neighbours: list[int],
+        now: Callable[[], float] = time.time,
+        beta: float = 0.9,
+        start_allowance: float = 16.0,
+    ):
         self.now = now
+        # Before a neighbour's first step arrives only its starting weights are held, and they stay
+        # its weights until that step: allow it to be this many times slower than us to get there
+        # (the horizon, so that one frozen at the start is dropped after H² of our steps).
+        self.start_allowance = float(start_allowance)
         self.rates = {n: StepRate(beta) for n in neighbours}
         self.own = StepRate(beta)
         # When every rank started stepping (the shared clock); the prior rate of a neighbour that
@@ -85,10 +100,13 @@ class SenderClock:
         self.own.observe(step, self.now() if at is None else at)
 
     def rate(self, source: int) -> float:
-        rate = self.rates[source].rate
+        seen = self.rates[source]
+        rate = seen.rate
         if rate is None:
             # At most our own rate: after a resume the sender's step count did not start at `start`.
-            shown, own = self.rates[source].rate_since(self.start), self.own.rate
+            shown, own = seen.rate_since(self.start), self.own.rate
+            if not seen.heard and own is not None:
+                own /= self.start_allowance
             rate = own if shown is None else (shown if own is None else min(shown, own))
         return rate if rate is not None else 0.0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pcasgd_mpi.delay import DelayModel
+from pcasgd_mpi.exchange import INITIAL
 from pcasgd_mpi.message import Message
 from pcasgd_mpi.neighbours import AsyncNeighbours, LockstepNeighbours
 from pcasgd_mpi.staleness import SenderClock
@@ -109,3 +110,41 @@ def test_async_av_measures_every_message_of_a_burst():
     got = view.at(4, lr=0.1, now=104.0)
     assert seen == [0, 1, 2, 3] and got.steps == [3]
     assert tracker.measurements == 3 and tracker.pending_steps == ()
+
+
+def test_async_starting_weights_are_mixed_in_but_measure_nothing():
+    """The message of step INITIAL (a neighbour's weights before its first step) is used as a copy,
+    but it is no step of the sender's: no rate, no AV measurement, no velocity and no record."""
+    x0, x1 = _positions(2)
+    start = Message(1, INITIAL, x0.clone(), torch.zeros(6, dtype=torch.float64), made_at=100.0, alpha=0.0)
+    clock = SenderClock([1], now=lambda: 100.0)
+    exchange = BurstExchange([start])
+    view = AsyncNeighbours(exchange, {1: 1 / 3}, clock, velocity=True)
+    seen = []
+    view.observe = lambda msg: seen.append(msg.step)
+    got = view.at(0, lr=0.1, now=100.0)
+    nb = got.neighbours[0]
+    assert torch.equal(nb.x, x0) and nb.staleness == 0
+    assert got.steps == [INITIAL] and got.sender_steps == [None]  # AV makes no record for it
+    assert seen == [] and clock.rates[1].rate_since(0.0) is None
+    # the sender's first step: its rate and velocity start from it, not from the starting weights
+    exchange.queue = [Message(1, 0, x1.clone(), None, made_at=100.5, alpha=0.1)]
+    got = view.at(1, lr=0.1, now=100.5)
+    assert seen == [0] and got.steps == [0] and got.neighbours[0].grad is None
+
+
+def test_async_starting_weights_age_at_a_sixteenth_of_this_ranks_rate_until_the_sender_is_heard():
+    """A neighbour slow to its first step (up to H times slower) stays in the mix; one that sends
+    its starting weights and then nothing (frozen at the start) passes H after H² of our steps."""
+    (x0,) = _positions(1)
+    clock = SenderClock([1], now=lambda: 0.0, start_allowance=16)
+    clock.start = 100.0
+    for step in range(3):
+        clock.tick(step, at=100.0 + 0.01 * step)  # this rank: 100 steps/s
+    msg = Message(1, INITIAL, x0.clone(), None, made_at=100.0)
+    view = AsyncNeighbours(BurstExchange([msg]), {1: 1}, clock, False)
+    assert view.at(32, lr=0.1, now=100.32).neighbours[0].staleness == 2  # 32 of our steps
+    assert view.at(272, lr=0.1, now=102.72).neighbours[0].staleness == 17  # past H = 16
+    # its first step arrives: from then on the rate it has shown counts, not ours
+    view.exchange.queue = [Message(1, 0, x0.clone(), None, made_at=102.8)]
+    assert view.at(280, lr=0.1, now=102.8).neighbours[0].staleness == 0
