@@ -37,14 +37,17 @@ SLOPES = ("update", "gradient", "velocity", "own", "drift")
 sys.path.insert(0, str(ROOT))
 
 from _bench import run_meta  # noqa: E402
-from pcasgd_mpi.launch import mpi_environment, train_command  # noqa: E402
+from pcasgd_mpi.launch import LAUNCHER_DID_NOT_START, mpi_environment, train_command  # noqa: E402
 
 RANKS = 4
 
 
 def train(args: list[str], out: Path, timeout: float = 900) -> dict:
     cmd = train_command(RANKS, ["--out", str(out), *args])
-    proc = subprocess.run(cmd, env=mpi_environment(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    for _ in range(2):  # once more when the launcher itself did not start
+        proc = subprocess.run(cmd, env=mpi_environment(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or LAUNCHER_DID_NOT_START not in proc.stderr:
+            break
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads((out / "summary.json").read_text())

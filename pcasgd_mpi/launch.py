@@ -43,6 +43,9 @@ def mpi_environment(extra: dict | None = None) -> dict:
 _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS")
 TIMED_OUT = 124
 INTERRUPTED = 130
+# Open MPI's launcher sometimes fails to start its PMIx server on a loaded machine, before any rank
+# runs (a few times in thousands of launches here); such a launch may simply be made again.
+LAUNCHER_DID_NOT_START = "PMIx server's listener thread failed to start"
 
 
 def under_launcher() -> bool:

@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from pcasgd_mpi.launch import TRAIN, mpi_environment, mpirun_command
+from pcasgd_mpi.launch import LAUNCHER_DID_NOT_START, TRAIN, mpi_environment, mpirun_command
 
 ROOT = Path(__file__).resolve().parent.parent
 # conftest.py clears this during tests of the fast tier, which must not start MPI jobs.
@@ -26,11 +26,6 @@ def mpirun_prefix(n: int) -> list[str]:
             "not in the fast default one"
         )
     return mpirun_command(n)
-
-
-# Open MPI's launcher sometimes fails to start its PMIx server on a loaded machine, before any rank
-# runs (seen once in hundreds of launches here); such a launch says nothing about the code under test.
-LAUNCHER_DID_NOT_START = "PMIx server's listener thread failed to start"
 
 
 def run(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | str | None = None):
