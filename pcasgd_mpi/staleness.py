@@ -8,7 +8,9 @@ the (step, time made) pairs of its messages. A neighbour that is slow but sendin
 that stops sending keeps its last rate while its copy ages, so it passes the horizon and is dropped.
 
 Clocks. The sender stamps each message with the time it made it, on a clock every rank shares:
-- one host: `time.time()` of one kernel, the same for every process;
+- one host: `time.time()` of one kernel, the same for every process, so nothing is measured (a
+  measurement would only add its error: up to 2 ms here with both cores busy, a step of a fast
+  neighbour's); ranks know they share rank 0's kernel by its boot id (Linux), else by host name;
 - several hosts: each rank measures its offset to rank 0 at start-up (`clock_offset`, Cristian's
   method: the round trip with the smallest delay of a few tries, error at most half that round
   trip, tens of microseconds on a LAN) and stamps and reads times on rank 0's clock. Clocks that
@@ -19,9 +21,11 @@ Pure: no MPI here except in `clock_offset`, which takes a communicator.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class StepRate:
@@ -126,21 +130,38 @@ def best_offset(samples: list[tuple[float, float, float]]) -> float:
     return ref - (t0 + t1) / 2.0
 
 
-def clock_offset(comm, deadline: float, rounds: int = 5, wall: Callable[[], float] = time.time) -> float:
-    """Collective: this rank's clock offset to rank 0 (0.0 on rank 0); add it to `wall()`.
+def clock_key() -> str:
+    """What names this process's clock: the kernel's boot id where there is one, else the host."""
+    try:
+        return "boot:" + Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "host:" + socket.gethostname()
 
-    Rank 0 answers each other rank in turn; every wait is bounded by `deadline`.
+
+def other_clocks(keys: list[str]) -> list[int]:
+    """The ranks whose clock is not rank 0's, from every rank's `clock_key()`."""
+    return [r for r, key in enumerate(keys) if key != keys[0]]
+
+
+def clock_offset(comm, deadline: float, rounds: int = 5, wall: Callable[[], float] = time.time) -> float:
+    """Collective: this rank's clock offset to rank 0 (0.0 on rank 0 and on every rank that shares
+    its kernel); add it to `wall()`.
+
+    Rank 0 answers each rank on another clock in turn; every wait is bounded by `deadline`.
     """
     import numpy as np
     from mpi4py import MPI
 
-    from .collectives import wait
+    from .collectives import allgather_object, wait
 
-    rank, size = comm.Get_rank(), comm.Get_size()
+    rank = comm.Get_rank()
+    remote = other_clocks(allgather_object(comm, clock_key(), deadline, "not every rank took part in the clock check"))
+    if rank != 0 and rank not in remote:
+        return 0.0
     tag = 7403
     buf = np.zeros(1, dtype=np.float64)
     if rank == 0:
-        for peer in range(1, size):
+        for peer in remote:
             for _ in range(rounds):
                 wait(
                     comm.Irecv([buf, MPI.DOUBLE], source=peer, tag=tag),

@@ -156,3 +156,11 @@ def test_balance_mix_weighs_a_slower_neighbour_by_its_relative_speed():
     fresh = View([rule.Neighbour(0.25, torch.zeros(2), None, 0) for _ in range(3)], [0, 0, 0], [0, 0, 0])
     DistributedOptimizer._mix_per_time(SimpleNamespace(**{**vars(fake), "clock": SenderClock([1, 2, 3])}), fresh)
     assert [nb.weight for nb in fresh.neighbours] == [0.25, 0.25, 0.25] and fresh.self_weight is None
+
+
+def test_ranks_on_rank_0s_kernel_share_its_clock_and_measure_nothing():
+    from pcasgd_mpi.staleness import clock_key, other_clocks
+
+    assert other_clocks(["boot:a", "boot:a", "boot:b", "boot:a", "boot:b"]) == [2, 4]
+    assert other_clocks(["host:n1"]) == []
+    assert clock_key() == clock_key() and clock_key().startswith(("boot:", "host:"))

@@ -218,3 +218,17 @@ def test_the_first_step_mixes_the_starting_weights_of_a_neighbour_late_to_it():
     expected = world.self_weight * x0 + sum(world.weight(n) * starts[n] for n in world.neighbours) - lr * grad
     assert torch.allclose(opt.parameters_vector, expected, atol=1e-12), (opt.parameters_vector - expected).abs().max()
     opt.finalize()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_clock_offset_is_measured_only_for_ranks_on_another_clock(monkeypatch):
+    from pcasgd_mpi import staleness
+
+    assert staleness.clock_offset(comm, time.monotonic() + 30) == 0.0  # one host: one clock, exactly
+    if rank % 2:  # odd ranks pretend to run on another machine: they measure, and find the same clock
+        monkeypatch.setattr(staleness, "clock_key", lambda: "host:elsewhere")
+    offset = staleness.clock_offset(comm, time.monotonic() + 30)
+    if rank % 2:
+        assert offset != 0.0 and abs(offset) < 0.05, offset
+    else:
+        assert offset == 0.0
