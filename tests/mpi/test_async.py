@@ -225,10 +225,12 @@ def test_clock_offset_is_measured_only_for_ranks_on_another_clock(monkeypatch):
     from pcasgd_mpi import staleness
 
     assert staleness.clock_offset(comm, time.monotonic() + 30) == 0.0  # one host: one clock, exactly
-    if rank % 2:  # odd ranks pretend to run on another machine: they measure, and find the same clock
+    wall = time.time
+    if rank % 2:  # odd ranks pretend to run on another machine, whose clock is 5 s behind
         monkeypatch.setattr(staleness, "clock_key", lambda: "host:elsewhere")
-    offset = staleness.clock_offset(comm, time.monotonic() + 30)
+        wall = lambda: time.time() - 5.0  # noqa: E731
+    offset = staleness.clock_offset(comm, time.monotonic() + 30, wall=wall)
     if rank % 2:
-        assert offset != 0.0 and abs(offset) < 0.05, offset
+        assert abs(offset - 5.0) < 0.05, offset  # measured: rank 0's clock is 5 s ahead of theirs
     else:
         assert offset == 0.0
