@@ -94,26 +94,29 @@ def part_s(tmp: Path, seeds: list[int], steps: int) -> list[dict]:
                 [*common, "--mode", "lockstep", "--algorithm", "dsgd", "--steps", str(steps)],
                 tmp / f"ref-{partition}-{seed}",
             )
-            wall = ref["wall_time_s"]
-            straggler, short = ["--straggler", "3:4"], ["--mode", "lockstep", "--steps", str(steps * 3 // 5)]
+
+            def run_async(algo: str, balance: str, share: float = 0.6, straggler: bool = True) -> list[str]:
+                # all ranks stop together after `share` x W_ref
+                slow = ["--straggler", "3:4"] if straggler else []
+                duration = f"{share * ref['wall_time_s']:.3f}"
+                return ["--algorithm", algo, *slow, "--duration", duration, "--balance", balance]
+
             for label, args in (
-                ("pc-asgd-av --balance mix", [*straggler, "--balance", "mix"]),
-                ("pc-asgd-av --balance none", [*straggler, "--balance", "none"]),
-                ("pc-asgd-av --balance lr", [*straggler, "--balance", "lr"]),
-                ("pc-asgd-pv --balance mix", [*straggler, "--balance", "mix"]),
-                ("dsgd --balance mix", [*straggler, "--balance", "mix"]),
-                ("dsgd --balance none", [*straggler, "--balance", "none"]),
+                ("pc-asgd-av --balance mix", run_async("pc-asgd-av", "mix")),
+                ("pc-asgd-av --balance none", run_async("pc-asgd-av", "none")),
+                ("pc-asgd-av --balance lr", run_async("pc-asgd-av", "lr")),
+                ("pc-asgd-pv --balance mix", run_async("pc-asgd-pv", "mix")),
+                ("dsgd --balance mix", run_async("dsgd", "mix")),
+                ("dsgd --balance none", run_async("dsgd", "none")),
                 # what the time budget costs by itself, and what the straggler costs in W_ref
-                ("pc-asgd-av --balance mix, no straggler", ["--balance", "mix"]),
-                ("pc-asgd-av --balance mix, for 1.0 x W_ref", [*straggler, "--balance", "mix"]),
-                ("lockstep dsgd, no straggler, 0.6 x the steps", short),
+                ("pc-asgd-av --balance mix, no straggler", run_async("pc-asgd-av", "mix", straggler=False)),
+                ("pc-asgd-av --balance mix, for 1.0 x W_ref", run_async("pc-asgd-av", "mix", share=1.0)),
+                (
+                    "lockstep dsgd, no straggler, 0.6 x the steps",
+                    ["--algorithm", "dsgd", "--mode", "lockstep", "--steps", str(steps * 3 // 5)],
+                ),
             ):
-                algo = label.split()[0] if not label.startswith("lockstep") else "dsgd"
-                budget = [] if "--mode" in args else ["--duration", f"{(1.0 if '1.0 x' in label else 0.6) * wall:.3f}"]
-                s = train(
-                    [*common, "--algorithm", algo, *budget, *args],
-                    tmp / f"s-{label.replace(' ', '').replace(',', '')}-{partition}-{seed}",
-                )
+                s = train([*common, *args], tmp / f"s-{label.replace(' ', '').replace(',', '')}-{partition}-{seed}")
                 rows.append(
                     {
                         "part": "S",
