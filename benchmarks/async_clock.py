@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ SLOPES = ("update", "gradient", "velocity", "own", "drift")
 sys.path.insert(0, str(ROOT))
 
 from _bench import run_meta  # noqa: E402
-from pcasgd_mpi.launch import LAUNCHER_DID_NOT_START, mpi_environment, train_command  # noqa: E402
+from pcasgd_mpi.launch import LAUNCHER_DID_NOT_START, mpi_environment, run_captured, train_command  # noqa: E402
 
 RANKS = 4
 
@@ -45,7 +44,9 @@ RANKS = 4
 def train(args: list[str], out: Path, timeout: float = 900) -> dict:
     cmd = train_command(RANKS, ["--out", str(out), *args])
     for _ in range(2):  # once more when the launcher itself did not start
-        proc = subprocess.run(cmd, env=mpi_environment(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        proc, timed_out = run_captured(cmd, timeout, env=mpi_environment(), cwd=ROOT)
+        if timed_out:
+            raise RuntimeError(f"{' '.join(args)} timed out after {timeout:.0f} s:\n{proc.stderr[-3000:]}")
         if proc.returncode == 0 or LAUNCHER_DID_NOT_START not in proc.stderr:
             break
     if proc.returncode != 0:

@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the checkout's package, not an installed copy elsewhere
 
-from pcasgd_mpi.launch import mpi_environment, mpirun_command  # noqa: E402
+from pcasgd_mpi.launch import mpi_environment, mpirun_command, run_captured  # noqa: E402
 
 MARKER = "BENCH_JSON "
 
@@ -84,20 +83,9 @@ def run_part(part: Part, quick: bool) -> tuple[list[dict], str | None, float]:
     cmd = mpirun(part.ranks) + [sys.executable, str(HERE / part.script)] + (["--quick"] if quick else [])
     timeout = part.timeout / 3 if quick else part.timeout
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=environment(),
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+    proc, timed_out = run_captured(cmd, timeout, env=environment(), cwd=ROOT)
+    out, err = proc.stdout, proc.stderr
+    if timed_out:
         return [], f"timed out after {timeout:.0f} s\n{err[-2000:]}", time.monotonic() - t0
     records = [json.loads(line[len(MARKER) :]) for line in out.splitlines() if line.startswith(MARKER)]
     error = None

@@ -34,9 +34,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -267,7 +265,7 @@ def launch_command(launcher: str, ranks: int) -> list[str]:
 
 
 def run_one(args, ranks: int) -> tuple[dict | None, str | None, float]:
-    from pcasgd_mpi.launch import mpi_environment
+    from pcasgd_mpi.launch import mpi_environment, run_captured
 
     worker_args = [
         "--worker",
@@ -287,14 +285,9 @@ def run_one(args, ranks: int) -> tuple[dict | None, str | None, float]:
     env = mpi_environment()
     t0 = time.monotonic()
     env[LAUNCH_ENV] = repr(time.time())
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+    proc, timed_out = run_captured(cmd, timeout, env=env, cwd=ROOT)
+    out, err = proc.stdout, proc.stderr
+    if timed_out:
         return None, f"timed out after {timeout} s\n{err[-2000:]}", time.monotonic() - t0
     wall = time.monotonic() - t0
     records = [json.loads(line[len(MARKER) :]) for line in out.splitlines() if line.startswith(MARKER)]

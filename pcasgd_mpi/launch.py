@@ -75,6 +75,31 @@ def run_under_mpirun(ranks: int, argv: list[str], timeout: float) -> int:
         return INTERRUPTED
 
 
+def run_captured(
+    cmd: Sequence[str], timeout: float, *, env: dict | None = None, cwd=None
+) -> tuple[subprocess.CompletedProcess, bool]:
+    """Run `cmd` in a process group of its own with its output captured: (the finished process,
+    whether it passed `timeout` seconds). A job past its time has its whole group killed: killing
+    mpirun alone would leave its ranks behind."""
+    proc = subprocess.Popen(
+        list(cmd),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        timed_out = True
+    return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err), timed_out
+
+
 def abort_job(code: int) -> None:
     """Other ranks may be waiting on this one: take the whole job down instead of leaving them hanging.
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from pcasgd_mpi.launch import LAUNCHER_DID_NOT_START, TRAIN, mpi_environment, mpirun_command
+from pcasgd_mpi.launch import LAUNCHER_DID_NOT_START, TRAIN, mpi_environment, mpirun_command, run_captured
 
 ROOT = Path(__file__).resolve().parent.parent
 # conftest.py clears this during tests of the fast tier, which must not start MPI jobs.
@@ -39,24 +36,12 @@ def run(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | str
 
 
 def _run_once(cmd: list[str], timeout: float, env: dict | None, cwd: Path | str | None):
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=mpi_env(env),
-        cwd=cwd or ROOT,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+    proc, timed_out = run_captured(cmd, timeout, env=mpi_env(env), cwd=cwd or ROOT)
+    if timed_out:
         raise AssertionError(
-            f"timed out after {timeout} s: {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}"
-        ) from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+            f"timed out after {timeout} s: {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
 
 
 def train_command(n: int, args: list[str], launcher_options: Sequence[str] = ()) -> list[str]:
