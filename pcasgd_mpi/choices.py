@@ -81,6 +81,22 @@ class Slope(TextEnum):
     VELOCITY = "velocity"
     OWN = "own"
     DRIFT = "drift"
+    MOVEMENT = "movement"
+
+    @property
+    def receiver_side(self) -> bool:
+        """Made by the receiver from its own path: no slope travels with the weights."""
+        return self in (Slope.OWN, Slope.MOVEMENT)
+
+
+class MomentumKind(TextEnum):
+    LOCAL = "local"  # torch SGD's momentum of the local gradients
+    QUASI_GLOBAL = "quasi-global"  # of the whole movement, mixing included (momentum.py)
+
+
+class ThetaRule(TextEnum):
+    FIXED = "fixed"  # --theta, the same for every stale neighbour
+    STABLE = "stable"  # per neighbour, from its staleness and the mixing matrix (ALGORITHM.md)
 
 
 class Stop(TextEnum):

@@ -25,10 +25,12 @@ from .choices import (  # noqa: F401  (the options' choices are part of this mod
     LamMode,
     Mode,
     Model,
+    MomentumKind,
     OnDiverge,
     Slope,
     Stop,
     TextEnum,
+    ThetaRule,
     WeightRule,
 )
 
@@ -91,6 +93,13 @@ class TrainConfig:
         Algorithm.PC_ASGD_PV, "what a rank does with a stale neighbour", Group.ALGORITHM, Choice(Algorithm)
     )
     theta: float = option(0.5, "predict/clip tradeoff of pc-asgd", Group.ALGORITHM, Number(float, 0, 1))
+    theta_rule: ThetaRule = option(
+        ThetaRule.FIXED,
+        "θ of pc-asgd: --theta for every stale neighbour (fixed), or per neighbour half the largest "
+        "gain the delayed mixing tolerates at its staleness (stable; meant for --slope movement)",
+        Group.ALGORITHM,
+        Choice(ThetaRule),
+    )
     lam: float = option(0.04, "Taylor-prediction coefficient λ (>= 0)", Group.ALGORITHM, _FINITE_NONNEG)
     lam_mode: LamMode = option(
         LamMode.FIXED, "λ as given (fixed) or scaled per parameter block (adaptive)", Group.ALGORITHM, Choice(LamMode)
@@ -100,6 +109,7 @@ class TrainConfig:
         "slope of the Taylor prediction: the sender's last actual update "
         "(update), its raw gradient (gradient), estimated from its two newest messages "
         "(velocity, half the bytes), this rank's own steps since the copy was made (own, half the bytes), "
+        "this rank's whole movement since then, mixing included (movement, half the bytes), "
         "or the sender's average movement per step, mixing included (drift)",
         Group.ALGORITHM,
         Choice(Slope),
@@ -228,6 +238,13 @@ class TrainConfig:
     )
     lr: float = option(0.1, "learning rate", Group.OPTIMISATION, _FINITE_POS)
     momentum: float = option(0.0, "SGD momentum", Group.OPTIMISATION, _FINITE_NONNEG)
+    momentum_kind: MomentumKind = option(
+        MomentumKind.LOCAL,
+        "what the momentum accumulates: the local gradients (local, torch's SGD) or this rank's whole "
+        "movement, mixing included (quasi-global), which keeps a rank's own data out of its momentum",
+        Group.OPTIMISATION,
+        Choice(MomentumKind),
+    )
     weight_decay: float = option(0.0, "SGD weight decay", Group.OPTIMISATION, _FINITE_NONNEG)
     seed: int = option(0, "seed of the model, the data split and the batches", Group.OPTIMISATION, _INT0)
     out: str | None = option(
@@ -287,6 +304,13 @@ class TrainConfig:
                 "--overwrite starts it afresh: give one"
             )
         check_rule_settings(self.theta, self.lam, self.lam_mode, self.resolved_tolerance(), self.horizon)
+        check_theta_rule(self.theta_rule, self.algorithm)
+        if self.momentum_kind is MomentumKind.QUASI_GLOBAL and not self.momentum > 0:
+            raise ValueError("--momentum-kind quasi-global needs a momentum > 0 (--momentum 0.9, say)")
+        if self.momentum_kind is MomentumKind.QUASI_GLOBAL and self.algorithm is Algorithm.ALLREDUCE:
+            raise ValueError(
+                "--momentum-kind quasi-global is for the decentralized algorithms; allreduce has one model"
+            )
         self.balance = resolve_balance(self.balance, self.mode)
 
     # ------------------------------------------------------------------ building one
@@ -393,7 +417,16 @@ class TrainConfig:
             "keep_checkpoints",
             "resume",
         }
-        return _hash({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        for name, default in _ADDED_LATER.items():
+            if fields[name] == default:  # at its default the trajectory is as before it existed
+                del fields[name]
+        return _hash(fields)
+
+
+# Options added after checkpoints were first written: left out of the training hash at their
+# default, so that those checkpoints can still be continued.
+_ADDED_LATER = {"theta_rule": ThetaRule.FIXED, "momentum_kind": MomentumKind.LOCAL}
 
 
 def flag_of(f: dataclasses.Field) -> str:
@@ -427,6 +460,14 @@ def check_rule_settings(theta: float, lam: float, lam_mode: str, tolerance: int,
             raise ValueError(f"{name} must be a whole number >= 0, got {value}")
     if tolerance > horizon:
         raise ValueError(f"tolerance ({tolerance}) must not exceed horizon ({horizon})")
+
+
+def check_theta_rule(theta_rule: ThetaRule | str, algorithm: Algorithm | str) -> None:
+    if ThetaRule(theta_rule) is ThetaRule.STABLE and Algorithm(algorithm) is not Algorithm.PC_ASGD:
+        raise ValueError(
+            f"--theta-rule stable sets the θ of pc-asgd; it does not apply to --algorithm {algorithm} "
+            "(use --algorithm pc-asgd, or --theta-rule fixed)"
+        )
 
 
 def _plain(value):

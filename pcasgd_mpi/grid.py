@@ -44,7 +44,7 @@ AXES = {"algorithms": "algorithm", "delays": "delay", "seeds": "seed", "partitio
 # `job_timeout`, not `timeout`: TrainConfig.timeout is each run's limit on waiting for a neighbour.
 META = ("ranks", "job_timeout", "exclude", "name")
 # Fields every run sets itself; in the base they would be silently overridden.
-RUN_FIELDS = ("algorithm", "theta", "delay", "seed", "out", "progress")
+RUN_FIELDS = ("algorithm", "theta", "theta_rule", "delay", "seed", "out", "progress")
 DEFAULT_JOB_TIMEOUT = 3600.0
 
 
@@ -57,31 +57,41 @@ class GridError(ValueError):
 class AlgoSpec:
     name: str
     theta: float | None = None  # only pc-asgd has one
+    stable: bool = False  # pc-asgd:stable, θ by the delay (--theta-rule stable)
 
     @classmethod
     def parse(cls, entry) -> AlgoSpec:
         text = str(entry).strip()
         name, sep, value = text.partition(":")
         if name not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm '{text}'; choose from {', '.join(ALGORITHMS)} (pc-asgd:THETA sets θ)")
+            raise ValueError(
+                f"unknown algorithm '{text}'; choose from {', '.join(ALGORITHMS)} "
+                "(pc-asgd:THETA sets θ, pc-asgd:stable sets it by the delay)"
+            )
         if name != "pc-asgd":
             if sep:
-                raise ValueError(f"'{text}': only pc-asgd takes a value (pc-asgd:THETA)")
+                raise ValueError(f"'{text}': only pc-asgd takes a value (pc-asgd:THETA or pc-asgd:stable)")
             return cls(name)
+        if value.strip() == "stable":
+            return cls(name, stable=True)
         try:
             theta = float(value) if sep else DEFAULT_THETA
         except ValueError:
             theta = float("nan")
         if not 0.0 <= theta <= 1.0:
-            raise ValueError(f"'{text}': THETA must be a number in [0, 1]")
+            raise ValueError(f"'{text}': THETA must be a number in [0, 1] (or pc-asgd:stable)")
         return cls(name, theta)
 
     @property
     def label(self) -> str:
+        if self.stable:
+            return f"{self.name}:stable"
         return self.name if self.theta is None else f"{self.name}:{self.theta:g}"
 
     @property
     def slug(self) -> str:
+        if self.stable:
+            return f"{self.name}-stable"
         return self.name if self.theta is None else f"{self.name}-t{self.theta:g}"
 
 
@@ -122,6 +132,8 @@ class RunSpec:
         fields.setdefault("on_diverge", "continue")
         if self.algorithm.theta is not None:
             fields["theta"] = self.algorithm.theta
+        if self.algorithm.stable:
+            fields["theta_rule"] = "stable"
         return fields
 
 

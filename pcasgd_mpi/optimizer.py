@@ -17,10 +17,24 @@ import torch
 from mpi4py import MPI
 
 from . import collectives, rule
-from .config import Algorithm, Balance, Mode, OnDiverge, Slope, TrainConfig, check_rule_settings, resolve_balance
+from . import topology as topo
+from .config import (
+    Algorithm,
+    Balance,
+    Mode,
+    MomentumKind,
+    OnDiverge,
+    Slope,
+    ThetaRule,
+    TrainConfig,
+    check_rule_settings,
+    check_theta_rule,
+    resolve_balance,
+)
 from .delay import DelayModel
 from .exchange import INITIAL, Exchange
 from .flat import FlatParameters
+from .momentum import QuasiGlobalMomentum
 from .neighbours import AsyncNeighbours, LockstepNeighbours, View
 from .roster import Roster, StopReason
 from .staleness import SenderClock, clock_offset
@@ -59,6 +73,7 @@ class DistributedOptimizer(RuleStep):
         algorithm: Algorithm | str = _D.algorithm,
         mode: Mode | str = _D.mode,
         theta: float = _D.theta,
+        theta_rule: ThetaRule | str = _D.theta_rule,
         lam: float = _D.lam,
         lam_mode: str = _D.lam_mode,
         tolerance: int | None = None,
@@ -74,10 +89,12 @@ class DistributedOptimizer(RuleStep):
         link_delay: float = 0.0,
         balance: Balance | str = Balance.AUTO,
         on_diverge: OnDiverge | str = _D.on_diverge,
+        momentum_kind: MomentumKind | str = _D.momentum_kind,
     ):
         self.inner, self.model, self.world = optimizer, model, world
         self.algorithm, self.mode = Algorithm(algorithm), Mode(mode)
         self.theta, self.lam, self.lam_mode = float(theta), float(lam), lam_mode
+        self.theta_rule = ThetaRule(theta_rule)
         self.tolerance = tolerance if tolerance is not None else (0 if self.mode is Mode.LOCKSTEP else 1)
         self.horizon = int(horizon)
         self.delay = DelayModel.parse(delay) if isinstance(delay, str) else (delay or DelayModel())
@@ -87,11 +104,18 @@ class DistributedOptimizer(RuleStep):
         self.diverged_at: int | None = None  # the step this agent's weights became inf or NaN
         self.fault_tolerant = fault_tolerant
         self.slope, self.balance = Slope(slope), resolve_balance(balance, self.mode)
+        self.momentum_kind = MomentumKind(momentum_kind)
         self._warn = warn or (lambda msg: None)
         _check_settings(self, link_delay)
         self.delay.check_ranks(world.size)
         self.flat = FlatParameters(model)
         self.neighbours = world.neighbours
+        self.mu_max = topo.largest_disagreement_rate(world.W)  # --theta-rule stable
+        self.quasi_global = (
+            QuasiGlobalMomentum(optimizer, [p for _, p in self.flat.named])
+            if self.momentum_kind is MomentumKind.QUASI_GLOBAL
+            else None
+        )
         self.step_count = 0
         # Collectives after training run among these ranks: all of them, or the survivors (ULFM).
         self.collective_comm: MPI.Comm = world.comm
@@ -125,15 +149,16 @@ class DistributedOptimizer(RuleStep):
         self._setup_exchange(link_delay, av_beta)
 
     def _make_trail(self) -> OwnTrail | None:
-        """--slope own: this rank's recent updates. Lockstep uses copies at most max_delay steps old;
-        async keeps 2(H + 1) steps, and rolls an older copy forward by the average step over them."""
-        if self.slope is not Slope.OWN or not self.algorithm.sends_gradient:
+        """--slope own / movement: this rank's recent path. Lockstep uses copies at most max_delay
+        steps old; async keeps 2(H + 1) steps, and rolls an older copy forward by the average step
+        over them."""
+        if not self.slope.receiver_side or not self.algorithm.sends_gradient:
             return None
         depth = self.delay.max_delay + 2 if self.mode is Mode.LOCKSTEP else 2 * (self.horizon + 1)
         return OwnTrail(self.flat.numel, self.flat.dtype, self.flat.device, depth)
 
     def _setup_exchange(self, link_delay: float, av_beta: float, measure_clock: bool = True) -> None:
-        wire_slope = self.algorithm.sends_gradient and self.slope not in (Slope.VELOCITY, Slope.OWN)
+        wire_slope = self.algorithm.sends_gradient and not (self.slope is Slope.VELOCITY or self.slope.receiver_side)
         self.exchange = Exchange(
             self.world.comm,
             self.neighbours,
@@ -265,6 +290,8 @@ class DistributedOptimizer(RuleStep):
             self.flat.gather_grad(out=grad)
         if not send_after:
             self._send(k)
+        if self.quasi_global is not None:
+            self.quasi_global.before_step()
         self._local_step()
         torch.sub(x, x_k, out=self._delta)
         if send_after:
@@ -287,21 +314,29 @@ class DistributedOptimizer(RuleStep):
         self._update_checked(x_k, view, closure, info)
         if info.choice is not None:
             self.pv_wins[info.choice] += 1
-        if self.trail is not None:
+        if self.quasi_global is not None:
+            self.quasi_global.after_step(x_k, self.flat.data)
+        if self.trail is not None and self.slope is Slope.MOVEMENT:
+            self.trail.add_movement(self.flat.data, x_k)
+        elif self.trail is not None:
             self.trail.add(self._delta)
         self.step_count += 1
         return info
 
     def _use_own_slopes(self, view: View) -> None:
-        """--slope own: each copy's slope is this rank's average step since the copy was made."""
+        """--slope own: each copy's slope is this rank's average step since the copy was made;
+        --slope movement: this rank's whole movement since then, over the copy's staleness."""
+        over = None
         for i, (n, nb) in enumerate(zip(self.neighbours, view.neighbours)):
             if nb.x is None or nb.staleness == 0:
                 continue
             buf = self._own_slopes.get(n)
+            if self.slope is Slope.MOVEMENT:
+                over = nb.staleness
             if view.made_at is None:
-                g = self.trail.slope(self.lr, step=view.steps[i], out=buf)
+                g = self.trail.slope(self.lr, step=view.steps[i], out=buf, over=over)
             else:
-                g = self.trail.slope(self.lr, made_at=view.made_at[i], out=buf)
+                g = self.trail.slope(self.lr, made_at=view.made_at[i], out=buf, over=over)
             if g is not None:
                 self._own_slopes[n] = g
             view.neighbours[i] = dataclasses.replace(nb, grad=g)
@@ -459,6 +494,7 @@ class DistributedOptimizer(RuleStep):
             self.exchange, self._original_group, self._graph, self.world, self.failed_ranks
         )
         self.names = survivors  # new rank -> original rank
+        self.mu_max = topo.largest_disagreement_rate(self.world.W)
         self.neighbours = self.world.neighbours
         self.failed_ranks = sorted(set(self.failed_ranks) | set(failed))
         self.collective_comm = self.world.comm
@@ -514,6 +550,9 @@ def _is_plain_sgd(opt: torch.optim.Optimizer) -> bool:
 
 def _check_settings(opt: DistributedOptimizer, link_delay: float) -> None:
     check_rule_settings(opt.theta, opt.lam, opt.lam_mode, opt.tolerance, opt.horizon)
+    check_theta_rule(opt.theta_rule, opt.algorithm)
+    if opt.momentum_kind is MomentumKind.QUASI_GLOBAL and opt.algorithm is Algorithm.ALLREDUCE:
+        raise ValueError("--momentum-kind quasi-global is for the decentralized algorithms; allreduce has one model")
     if opt.fault_tolerant and (opt.mode is not Mode.ASYNC or opt.algorithm is Algorithm.ALLREDUCE):
         raise ValueError("--fault-tolerant needs --mode async and a decentralized algorithm (not allreduce)")
     if not opt.timeout > 0 or opt.timeout == float("inf"):

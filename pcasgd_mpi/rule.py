@@ -360,6 +360,20 @@ def candidates(
     return x_p, x_c
 
 
+STABLE_MARGIN = 0.5  # of the largest gain the delayed loop tolerates
+
+
+def stable_theta(staleness: int, mu_max: float, margin: float = STABLE_MARGIN) -> float:
+    """θ_τ = min(1, margin · 2 sin(π / (2(2τ + 1))) / μ_max) (ALGORITHM.md, "θ by the delay").
+
+    With the movement roll-forward, a disagreement mode of eigenvalue μ of I − W follows
+    e_{k+1} = e_k − θμ e_{k−τ}, stable only for θμ < 2 sin(π / (2(2τ + 1))).
+    """
+    if staleness < 0 or not mu_max > 0:
+        raise ValueError(f"need staleness >= 0 and mu_max > 0, got {staleness} and {mu_max}")
+    return min(1.0, margin * 2.0 * math.sin(math.pi / (2 * (2 * staleness + 1))) / mu_max)
+
+
 def _check_theta(theta: float) -> None:
     if not 0.0 <= theta <= 1.0:  # written this way round so that NaN is rejected too
         raise ValueError(f"theta must lie in [0, 1], got {theta}")

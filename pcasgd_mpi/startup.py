@@ -88,6 +88,7 @@ class Setup:
             algorithm=cfg.algorithm,
             mode=cfg.mode,
             theta=cfg.theta,
+            theta_rule=cfg.theta_rule,
             lam=cfg.lam,
             lam_mode=cfg.lam_mode,
             tolerance=cfg.tolerance,
@@ -101,6 +102,7 @@ class Setup:
             link_delay=self.link_delays.get(rank, 0.0),
             balance=cfg.balance,
             on_diverge=cfg.on_diverge,
+            momentum_kind=cfg.momentum_kind,
         )
 
 

@@ -389,6 +389,15 @@ def spectral_gap(W: np.ndarray) -> float:
     return 1.0 if len(moduli) < 2 else float(1.0 - moduli[1])
 
 
+def largest_disagreement_rate(W: np.ndarray) -> float:
+    """μ_max, the largest modulus of an eigenvalue of I − W: how hard one mixing step pulls the
+    agents' stiffest disagreement back (4/3 on a ring with Metropolis weights)."""
+    W = np.asarray(W, dtype=float)
+    L = np.eye(len(W)) - W
+    values = np.linalg.eigvalsh(L) if np.allclose(W, W.T) else np.linalg.eigvals(L)
+    return float(np.max(np.abs(values)))
+
+
 # ----------------------------------------------------------------------------- reporting
 
 

@@ -1,5 +1,5 @@
-"""This rank's own path: the slopes of `--slope own` and `--slope drift` (ALGORITHM.md "The
-predicting step").
+"""This rank's own path: the slopes of `--slope own`, `--slope movement` and `--slope drift`
+(ALGORITHM.md "The predicting step").
 
 Pure tensor code, no MPI.
 
@@ -13,6 +13,10 @@ and this is x_s + U_k − U_s exactly.
 Why the own updates: every rank moves the common part of the model the same way, so under any
 delay its own recent steps say how far a neighbour's weights have moved on, without the delay of
 the neighbour's own slope (which arrives as old as the copy) and without a slope on the wire.
+
+`movement`: the same trail summing this rank's whole movement x_{k+1} − x_k (mixing included), so
+U_k − U_then = x_k − x_then, and the copy is rolled forward by exactly that: x̂ = x_s + x_k − x_then
+(`slope(..., over=τ)`), whatever the two ranks' speeds.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ class OwnTrail:
         """Δ_k, the local optimizer's step of the step under way."""
         self.total.add_(delta.reshape(-1))
 
+    def add_movement(self, new: torch.Tensor, old: torch.Tensor) -> None:
+        """x_{k+1} − x_k, this rank's whole movement in the step under way (`movement`)."""
+        self.total.add_(new.reshape(-1)).sub_(old.reshape(-1))
+
     def _slot_of_step(self, s: int) -> int | None:
         slot = s % self.depth
         return slot if self._steps[slot] == s else None
@@ -60,10 +68,17 @@ class OwnTrail:
         return min(held, key=lambda i: self._steps[i])
 
     def slope(
-        self, lr: float, *, step: int | None = None, made_at: float | None = None, out: torch.Tensor | None = None
+        self,
+        lr: float,
+        *,
+        step: int | None = None,
+        made_at: float | None = None,
+        out: torch.Tensor | None = None,
+        over: float | None = None,
     ) -> torch.Tensor | None:
         """g = −(U_k − U_then) / (n·lr), read by the rule as x̂ = x_s − lr·τ·g: the average own step
         over the n steps since the copy (``step`` in lockstep, ``made_at`` in async) times τ.
+        With ``over`` = τ the division is by τ instead, so that x̂ = x_s + U_k − U_then exactly.
 
         None when no own step was made since (nothing to roll forward) or, in lockstep, when the
         copy's step is no longer held.
@@ -78,7 +93,7 @@ class OwnTrail:
             return None
         if out is None:
             out = torch.empty_like(self.total, dtype=self.dtype)
-        return torch.sub(self._marks[slot], self.total, out=out).div_(n * lr)
+        return torch.sub(self._marks[slot], self.total, out=out).div_((n if over is None else over) * lr)
 
     def state_dict(self) -> dict:
         return {

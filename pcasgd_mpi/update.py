@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import rule
-from .config import Algorithm, Mode, OnDiverge, Slope
+from .config import Algorithm, Mode, OnDiverge, Slope, ThetaRule
 from .finite import all_finite, left_out, message_finite
 from .neighbours import View
 
@@ -22,7 +22,7 @@ class StepInfo:
     step: int
     staleness: dict[int, int | None]  # None: nothing received yet
     choice: str | None = None  # PV: "predict" or "clip" when a neighbour was stale
-    thetas: dict[int, float] | None = None  # AV: θ_l of each stale neighbour
+    thetas: dict[int, float] | None = None  # AV and --theta-rule stable: θ_l of each stale neighbour
 
 
 class Diverged(RuntimeError):
@@ -31,7 +31,8 @@ class Diverged(RuntimeError):
 
 class RuleStep:
     def _rule_kwargs(self) -> dict:
-        lam = 0.0 if self.slope in (Slope.VELOCITY, Slope.OWN, Slope.DRIFT) else self.lam  # plain extrapolations
+        plain = self.slope in (Slope.VELOCITY, Slope.DRIFT) or self.slope.receiver_side
+        lam = 0.0 if plain else self.lam  # plain extrapolations
         if self.algorithm is Algorithm.DSGD:
             # Consensus SGD uses whatever arrived as it is: nothing is ever stale or too old.
             return dict(
@@ -111,6 +112,10 @@ class RuleStep:
         on_predict = None
         if self.algorithm is Algorithm.PC_ASGD_AV:
             thetas, reaches, on_predict = self._av_blend(view, x_k)
+            info.thetas = {n: t for n, t, s in zip(self.neighbours, thetas, stale) if s}
+        elif self.algorithm is Algorithm.PC_ASGD and self.theta_rule is ThetaRule.STABLE:
+            thetas = [rule.stable_theta(nb.staleness, self.mu_max) if s else 0.0 for nb, s in zip(nbs, stale)]
+            reaches = None
             info.thetas = {n: t for n, t, s in zip(self.neighbours, thetas, stale) if s}
         else:
             # PV without a stale neighbour: both candidates are x^C, the θ = 0 mix.

@@ -191,3 +191,37 @@ def test_av_simulation_runs_every_tracker():
     assert proc.returncode == 0, proc.stderr
     gaps = [l for l in proc.stdout.splitlines() if l.strip().startswith(("step ", "step-norms", "pending", "oracle"))]
     assert len(gaps) >= 3, proc.stdout
+
+
+def test_delay_gain_is_the_stability_edge_of_the_delayed_loop():
+    import delay_gain_sim
+
+    def peak_after(gain: float, d: int, steps: int = 4000) -> float:
+        e = [1.0] * (d + 1)  # e_{k-d} .. e_k
+        for _ in range(steps):
+            e.append(e[-1] - gain * e[-d - 1])
+            e.pop(0)
+        return max(abs(x) for x in e)
+
+    for d in (1, 4, 8):
+        edge = delay_gain_sim.delay_gain(d, mu_max=1.0, margin=1.0)
+        assert peak_after(0.95 * edge, d) < 1e-3, d
+        assert peak_after(1.05 * edge, d) > 1e3, d
+    assert delay_gain_sim.delay_gain(0, mu_max=4 / 3, margin=0.5) == 0.75
+    assert delay_gain_sim.delay_gain(0, mu_max=0.5, margin=1.0) == 1.0, "capped at 1"
+
+
+def test_delay_gain_simulation_runs_every_rule():
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "delay_gain_sim.py"),
+        *("--dataset", "digits", "--model", "mlp", "--agents", "4", "--delay", "3", "--steps", "12"),
+        *("--partitions", "iid", "--lrs", "0.1", "--seeds", "0"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["rule"] for r in rows] == ["dsgd", "dsgd-late", "whole", "whole-qgm"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows), rows
+    assert rows[0]["theta"] is None and rows[2]["theta"] == rows[3]["theta"] > 0
+    assert "| iid | 0.1 |" in proc.stdout

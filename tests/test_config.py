@@ -88,6 +88,13 @@ def test_non_finite_float_flags_are_one_usage_line(capsys, name):
         ({"duration": 0}, "--duration: must be a finite number > 0"),
         ({"seed": -1}, "--seed: must be a whole number >= 0"),
         ({"theta": 1.5}, "--theta: must be a finite number in [0, 1]"),
+        ({"theta_rule": "auto"}, "--theta-rule: must be one of fixed, stable"),
+        ({"momentum_kind": "quasi-global"}, "--momentum-kind quasi-global needs a momentum > 0"),
+        ({"momentum_kind": "global"}, "--momentum-kind: must be one of local, quasi-global"),
+        (
+            {"theta_rule": "stable"},
+            "--theta-rule stable sets the θ of pc-asgd; it does not apply to --algorithm pc-asgd-pv",
+        ),
         ({"algorithm": "sgd"}, "--algorithm: must be one of dsgd, clip, predict, pc-asgd, pc-asgd-pv"),
         ({"slope": "curvature"}, "--slope: must be one of update, gradient, velocity"),
         ({"stop": "last"}, "--stop: must be one of first, each"),
@@ -285,3 +292,17 @@ def test_help_shows_each_default_once_and_correctly():
         assert f"(default: {default})" in entries[flag].replace("- ", "-"), (flag, entries[flag])
     for flag in ("--no-progress", "--resume", "--overwrite", "--epochs", "--duration", "--link-delay"):
         assert "default" not in entries[flag], entries[flag]
+
+
+def test_options_added_later_leave_the_training_hash_of_earlier_checkpoints_alone():
+    # The hash of the defaults as checkpoints written before --theta-rule and --momentum-kind have it.
+    assert TrainConfig().training_hash() == "0f468f1c21d74401"
+    assert TrainConfig(algorithm="pc-asgd", momentum=0.9).training_hash() == "620928bd422bf49d"
+    assert (
+        TrainConfig(algorithm="pc-asgd", theta_rule="stable").training_hash()
+        != TrainConfig(algorithm="pc-asgd").training_hash()
+    )
+    assert (
+        TrainConfig(momentum=0.9, momentum_kind="quasi-global").training_hash()
+        != TrainConfig(momentum=0.9).training_hash()
+    )

@@ -55,6 +55,20 @@ def test_run_fields_set_algorithm_theta_delay_and_keep_the_base():
     assert str(strict["on_diverge"]) == "abort"
 
 
+def test_pc_asgd_stable_sets_theta_by_the_delay_and_the_base_cannot():
+    g = grid_of(algorithms=["pc-asgd:stable", "pc-asgd:0.25"], delays=["fixed:2"])
+    stable, fixed = g.runs()
+    assert [a.label for a in g.algorithms] == ["pc-asgd:stable", "pc-asgd:0.25"]
+    assert stable.name.startswith("pc-asgd-stable__")
+    f = stable.train_fields(g.base, ROOT / "x")
+    assert f["theta_rule"] == "stable" and "theta" not in f
+    assert "theta_rule" not in fixed.train_fields(g.base, ROOT / "x")
+    with pytest.raises(gridfile.GridError, match="theta_rule"):
+        grid_of(theta_rule="stable")
+    with pytest.raises(gridfile.GridError, match="pc-asgd:stable"):
+        grid_of(algorithms=["pc-asgd:steady"])
+
+
 def test_async_conditions_on_the_delay_axis_set_straggler_and_link_delay():
     g = grid_of(mode="async", delays=["none", "straggler:3:4", "link:0,2:30"], algorithms=["dsgd", "pc-asgd-av"])
     fields = {r.name: r.train_fields(g.base, ROOT / "x") for r in g.runs()}

@@ -702,3 +702,24 @@ def test_small_vectors_never_reach_the_kernel(single_thread, monkeypatch):
     candidates(X, DELTA, 0.1, nbs, **dict(KW, lam=0.7))
     mix(X, DELTA, 0.1, nbs, [0.5] * 5, **dict(KW, lam=0.7))
     predict_weights(B, GB, 4, LR, 0.7)
+
+
+def test_stable_theta_is_half_the_stability_edge_of_the_delayed_loop_and_at_most_one():
+    from pcasgd_mpi.rule import stable_theta
+
+    assert stable_theta(0, 4 / 3) == 0.75
+    assert stable_theta(8, 4 / 3) == pytest.approx(0.5 * 2 * math.sin(math.pi / 34) * 3 / 4)
+    assert stable_theta(1, 0.25) == 1.0
+    assert stable_theta(2, 4 / 3) > stable_theta(3, 4 / 3) > stable_theta(8, 4 / 3)
+
+    def peak(gain: float, d: int) -> float:  # e_{k+1} = e_k − gain · e_{k−d}
+        e = [1.0] * (d + 1)
+        for _ in range(3000):
+            e = e[1:] + [e[-1] - gain * e[0]]
+        return max(map(abs, e))
+
+    for d in (2, 8):
+        assert peak(stable_theta(d, 1.0), d) < 1e-3, "half the edge: decays"
+        assert peak(2.1 * stable_theta(d, 1.0), d) > 1e3, "past the edge: grows"
+    with pytest.raises(ValueError):
+        stable_theta(-1, 1.0)

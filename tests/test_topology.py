@@ -604,3 +604,13 @@ def test_import_pulls_in_neither_torch_nor_mpi():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_largest_disagreement_rate_is_the_stiffest_mode_of_i_minus_w():
+    ring = topo.mixing_matrix(topo.build("ring", 8), "metropolis")
+    assert topo.largest_disagreement_rate(ring) == pytest.approx(4 / 3)
+    complete = topo.mixing_matrix(topo.build("complete", 5), "uniform")
+    assert topo.largest_disagreement_rate(complete) == pytest.approx(1.0)
+    # not symmetric: the modulus of the complex eigenvalues
+    W = np.array([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.5, 0.0, 0.5]])
+    assert topo.largest_disagreement_rate(W) == pytest.approx(max(abs(np.linalg.eigvals(np.eye(3) - W))))

@@ -1,9 +1,11 @@
-"""OwnTrail (--slope own: this rank's own steps since a copy was made) and Drift (--slope drift)."""
+"""OwnTrail (--slope own: this rank's own steps since a copy was made; --slope movement: its whole
+movement since then) and Drift (--slope drift)."""
 
 import pytest
 import torch
 
 from pcasgd_mpi import rule
+from pcasgd_mpi.config import Slope
 from pcasgd_mpi.trail import Drift, OwnTrail
 
 
@@ -91,7 +93,7 @@ def test_the_optimizer_gives_each_stale_copy_the_trails_slope():
     trail = OwnTrail(3, torch.float32, "cpu", depth=6)
     _walk(trail, [torch.full((3,), 0.5)] * 4, times=[0.0, 1.0, 2.0, 3.0])
     trail.mark(4, 4.0)
-    fake = SimpleNamespace(trail=trail, neighbours=[1, 2, 3], _own_slopes={}, lr=0.1)
+    fake = SimpleNamespace(trail=trail, neighbours=[1, 2, 3], _own_slopes={}, lr=0.1, slope=Slope.OWN)
     nbs = [
         rule.Neighbour(0.25, torch.zeros(3), None, 2),  # stale: rolled forward
         rule.Neighbour(0.25, torch.zeros(3), None, 0),  # fresh: left as it is
@@ -107,6 +109,34 @@ def test_the_optimizer_gives_each_stale_copy_the_trails_slope():
     DistributedOptimizer._use_own_slopes(fake, timed)
     x_hat = rule.predict_weights(torch.zeros(3), timed.neighbours[0].grad, 2, 0.1, lam=0.0)
     torch.testing.assert_close(x_hat, torch.full((3,), 1.0))  # τ = 2 times the average own step 0.5
+
+
+def test_movement_rolls_a_copy_forward_by_the_whole_movement_since_it_was_made():
+    from types import SimpleNamespace
+
+    from pcasgd_mpi.neighbours import View
+    from pcasgd_mpi.optimizer import DistributedOptimizer
+
+    torch.manual_seed(2)
+    xs = [torch.randn(3) for _ in range(6)]  # this rank's weights at the start of steps 0..5
+    trail = OwnTrail(3, torch.float32, "cpu", depth=8)
+    for k in range(5):
+        trail.mark(k, float(k))
+        trail.add_movement(xs[k + 1], xs[k])
+    trail.mark(5, 5.0)
+    fake = SimpleNamespace(trail=trail, neighbours=[1], _own_slopes={}, lr=0.1, slope=Slope.MOVEMENT)
+    x_s = torch.randn(3)
+    # lockstep, τ = 3: x̂ = x_s + x_5 − x_2
+    view = View([rule.Neighbour(0.5, x_s, None, 3)], [2], [5])
+    DistributedOptimizer._use_own_slopes(fake, view)
+    x_hat = rule.predict_weights(x_s, view.neighbours[0].grad, 3, 0.1, lam=0.0)
+    torch.testing.assert_close(x_hat, x_s + xs[5] - xs[2], rtol=1e-5, atol=1e-6)
+    # async: a copy made at t = 1.5 (own step 1 had begun), whatever τ the sender's clock gives
+    for tau in (1, 4):
+        view = View([rule.Neighbour(0.5, x_s, None, tau)], [9], [9], made_at=[1.5])
+        DistributedOptimizer._use_own_slopes(fake, view)
+        x_hat = rule.predict_weights(x_s, view.neighbours[0].grad, tau, 0.1, lam=0.0)
+        torch.testing.assert_close(x_hat, x_s + xs[5] - xs[1], rtol=1e-5, atol=1e-6)
 
 
 def test_drift_is_the_bias_corrected_average_movement_and_the_prediction_extends_it():

@@ -96,6 +96,35 @@ def test_own_slope_sends_half_the_bytes_and_trains(tmp_path, mode):
 
 
 @pytest.mark.mpi(min_size=4)
+def test_movement_with_theta_by_the_delay_mixes_each_stale_copy_at_its_stable_gain(tmp_path):
+    import json
+
+    from pcasgd_mpi.rule import stable_theta
+
+    out = Path(_shared_dir(tmp_path))
+    common = dict(algorithm="pc-asgd", mode="lockstep", delay="fixed:4", steps=80, progress=False, stop="each")
+    m = run(
+        TrainConfig(
+            out=str(out / "movement"),
+            slope="movement",
+            theta_rule="stable",
+            momentum=0.9,
+            momentum_kind="quasi-global",
+            **common,
+        )
+    )
+    u = run(TrainConfig(out=str(out / "update"), slope="update", **common))
+    if rank == 0:
+        per_msg = lambda s: s["exchange"][0]["bytes_sent"] / s["exchange"][0]["sent"]  # noqa: E731
+        assert per_msg(m) < 0.55 * per_msg(u), "no slope on the wire"
+        assert m["final_accuracy"] > 0.5, m["final_accuracy"]
+        lines = (out / "movement" / "metrics" / "rank-0.jsonl").read_text().splitlines()
+        thetas = [json.loads(line)["theta"] for line in lines if '"theta"' in line]
+        expected = stable_theta(4, 4 / 3)  # every copy 4 steps old on a ring of 4
+        assert len(thetas) >= 70 and all(t == {"1": round(expected, 4), "3": round(expected, 4)} for t in thetas)
+
+
+@pytest.mark.mpi(min_size=4)
 def test_drift_slope_predicts_a_momentum_sender_better_than_its_update(tmp_path):
     """Under momentum an agent's own step is mostly undone by its mixing: rolling a copy forward by
     its update overshoots, by its average movement does not (AV's measured E_P)."""

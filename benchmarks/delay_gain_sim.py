@@ -1,0 +1,161 @@
+"""Single-process lockstep simulation: a stale copy rolled forward by the receiver's whole movement,
+with the largest gain the delayed loop tolerates.
+
+Every link is `--delay` steps late (the grids' `fixed:d`). Agent j's step is
+
+    x^j_{k+1} = x^j_k + θ_d Σ_l W_jl (x^l_{k−d} − x^j_{k−d}) + Δ^j_k
+
+that is the stale copy x^l_{k−d} rolled forward by everything j itself did since (x^j_k − x^j_{k−d}),
+blended with weight θ_d. Along the part all agents share the term is zero, so the average model
+moves at the full step size whatever the delay. Along a disagreement mode of the mixing matrix
+(eigenvalue μ of I − W) it is the delayed loop e_{k+1} = e_k − θμ e_{k−d}, which is stable only
+for θμ < 2 sin(π / (2(2d + 1))); `whole` takes θ_d = c · 2 sin(π / (2(2d + 1))) / μ_max (c =
+`--margin`, capped at 1), computed from the graph, not tuned per setting.
+
+Compared with dsgd without delay (the gap reference) and dsgd with the late copies as they are.
+`--momentum quasi-global` builds each agent's momentum from its whole movement instead of its
+gradients (m ← β m + (1 − β)(x_k − x_{k+1})/α), which keeps a rank's own data out of its momentum.
+The reference always uses the local momentum of torch's SGD.
+
+    python benchmarks/delay_gain_sim.py                       # MNIST-1D CNN, 8-ring, fixed:8, 3 seeds
+    python benchmarks/delay_gain_sim.py --seeds 0 --lrs 0.1 --partitions iid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pcasgd_mpi import data, models, rule, topology  # noqa: E402
+
+RULES = ("dsgd", "dsgd-late", "whole", "whole-qgm")
+
+
+def delay_gain(delay: int, mu_max: float, margin: float) -> float:
+    """The gain θ_d: `margin` times the largest stable one for the stiffest mode, at most 1."""
+    return rule.stable_theta(delay, mu_max, margin)
+
+
+def run(ds, rule: str, *, partition: str, lr: float, seed: int, args) -> dict:
+    n, delay = args.agents, (0 if rule == "dsgd" else args.delay)
+    W = torch.tensor(topology.mixing_matrix(topology.build("ring", n), "metropolis"), dtype=torch.float32)
+    mu_max = topology.largest_disagreement_rate(W.numpy())
+    theta = delay_gain(delay, mu_max, args.margin) if rule.startswith("whole") else None
+    quasi_global = rule == "whole-qgm"
+    shards = data.partition(ds.y_train.numpy(), n, partition, seed=seed)
+    samplers = [data.ShardSampler(s, args.batch, seed, r) for r, s in enumerate(shards)]
+    nets = [models.build(args.model, ds.input_shape, ds.num_classes, seed=seed) for _ in range(n)]
+    opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=args.momentum) for m in nets]
+    X = torch.stack([parameters_to_vector(m.parameters()).detach() for m in nets])
+    momentum = torch.zeros_like(X)
+    history = [X.clone()]  # x_{k−d}, ..., x_k
+    self_weight = torch.diag(W)
+    off = W - torch.diag(self_weight)
+    for _ in range(args.steps):
+        step = torch.empty_like(X)
+        for j, (net, opt, sampler) in enumerate(zip(nets, opts, samplers)):
+            vector_to_parameters(X[j], net.parameters())
+            idx = sampler.next_batch()
+            opt.zero_grad()
+            F.cross_entropy(net(ds.x_train[idx]), ds.y_train[idx]).backward()
+            if quasi_global:
+                grad = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+                step[j] = -lr * (args.momentum * momentum[j] + grad)
+            else:
+                opt.step()
+                step[j] = parameters_to_vector(net.parameters()).detach() - X[j]
+        late = history[0] if len(history) > delay else None  # nothing has arrived before step d
+        if delay == 0:
+            mixed = W @ X
+        elif late is None:
+            mixed = X.clone()
+        elif rule == "dsgd-late":
+            mixed = self_weight[:, None] * X + off @ late
+        else:
+            mixed = X + theta * (W @ late - late)
+        new = mixed + step
+        if quasi_global:
+            momentum = args.momentum * momentum + (1 - args.momentum) * (X - new) / lr
+        X = new
+        history.append(X.clone())
+        if len(history) > delay + 1:
+            history.pop(0)
+        if not torch.isfinite(X).all():
+            return {"accuracy": float("nan"), "consensus": float("inf"), "theta": theta}
+    average = X.mean(0)
+    vector_to_parameters(average, nets[0].parameters())
+    with torch.no_grad():
+        accuracy = (nets[0](ds.x_test).argmax(1) == ds.y_test).float().mean().item()
+    return {"accuracy": accuracy, "consensus": float(((X - average) ** 2).sum(1).mean()), "theta": theta}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", default="mnist1d")
+    ap.add_argument("--model", default="cnn")
+    ap.add_argument("--agents", type=int, default=8)
+    ap.add_argument("--delay", type=int, default=8, help="every link's delay in steps (fixed:d)")
+    ap.add_argument("--partitions", default="iid;dirichlet:0.3")
+    ap.add_argument("--lrs", default="0.1,0.2")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--margin", type=float, default=0.5, help="fraction of the largest stable gain")
+    ap.add_argument("--rules", default=",".join(RULES), help=f"comma list of {', '.join(RULES)}")
+    ap.add_argument("--json", type=Path, help="write every run's result here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    ds = data.load(args.dataset)
+    rules = args.rules.split(",")
+    rows = []
+    for partition in args.partitions.split(";"):
+        for lr in (float(x) for x in args.lrs.split(",")):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                for name in rules:
+                    t = time.perf_counter()
+                    r = run(ds, name, partition=partition, lr=lr, seed=seed, args=args)
+                    r.update(
+                        rule=name, partition=partition, lr=lr, seed=seed, seconds=round(time.perf_counter() - t, 1)
+                    )
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "runs": rows}, indent=1))
+    print(
+        f"\nfixed:{args.delay}, {args.agents}-ring, {args.dataset} {args.model}, momentum {args.momentum}, "
+        f"{args.steps} steps; accuracy of the average model (%), mean over seeds {args.seeds}; gap to dsgd"
+    )
+    print("| partition | lr | " + " | ".join(rules) + " |")
+    print("|---|---|" + "---|" * len(rules))
+    for partition in args.partitions.split(";"):
+        for lr in (float(x) for x in args.lrs.split(",")):
+            acc = {
+                name: [
+                    100 * r["accuracy"] for r in rows if (r["rule"], r["partition"], r["lr"]) == (name, partition, lr)
+                ]
+                for name in rules
+            }
+            ref = statistics.mean(acc["dsgd"]) if "dsgd" in acc else None
+            cells = []
+            for name in rules:
+                m = statistics.mean(acc[name])
+                gap = "" if ref is None or name == "dsgd" else f" ({ref - m:+.1f})"
+                cells.append(f"{m:.1f}{gap}")
+            print(f"| {partition} | {lr} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
