@@ -5,6 +5,7 @@ that the result is finite. A part of DistributedOptimizer, kept apart to keep ea
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -114,9 +115,8 @@ class RuleStep:
             thetas, reaches, on_predict = self._av_blend(view, x_k)
             info.thetas = {n: t for n, t, s in zip(self.neighbours, thetas, stale) if s}
         elif self.algorithm is Algorithm.PC_ASGD and self.theta_rule is ThetaRule.STABLE:
-            thetas = [rule.stable_theta(nb.staleness, self.mu_max) if s else 0.0 for nb, s in zip(nbs, stale)]
+            thetas, nbs, w_self, info.thetas = self._stable_thetas(nbs, stale, w_self, info.step)
             reaches = None
-            info.thetas = {n: t for n, t, s in zip(self.neighbours, thetas, stale) if s}
         else:
             # PV without a stale neighbour: both candidates are x^C, the θ = 0 mix.
             theta = {Algorithm.CLIP: 0.0, Algorithm.PREDICT: 1.0, Algorithm.PC_ASGD_PV: 0.0}.get(
@@ -124,6 +124,29 @@ class RuleStep:
             )
             thetas, reaches = [theta] * len(nbs), None
         rule.mix(x_k, delta, w_self, nbs, thetas, on_predict=on_predict, out=x, reaches=reaches, **kw)
+
+    def _stable_thetas(self, nbs, stale, w_self: float, k: int):
+        """--theta-rule stable: θ_l from the lag of the link, the longer of its two directions
+        (ALGORITHM.md, "θ by the delay"). In lockstep the delay of this rank's own message at
+        neighbour l is known (the delay model is a function of sender, receiver and step); a fresh
+        neighbour whose copy of this rank is late is then pulled towards with weight θ·W too, the
+        rest staying with this rank's own weights, so that both ends of the link pull alike. In async
+        mode that lag is not known here: only the stale direction is damped."""
+        lockstep = self.mode is Mode.LOCKSTEP
+        thetas, out, logged = [], list(nbs), {}
+        for i, (n, nb, s) in enumerate(zip(self.neighbours, nbs, stale)):
+            back = self.delay.delay(self.world.rank, n, k) if lockstep else 0
+            if s:
+                thetas.append(rule.stable_theta(max(nb.staleness, back), self.mu_max))
+                logged[n] = thetas[-1]
+                continue
+            thetas.append(0.0)
+            if back > 0 and nb.x is not None:
+                theta = rule.stable_theta(back, self.mu_max)
+                out[i] = dataclasses.replace(nb, weight=nb.weight * theta)
+                w_self += nb.weight * (1.0 - theta)
+                logged[n] = theta
+        return thetas, out, w_self, logged
 
     def _candidate_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._pv_buffers is None:

@@ -263,3 +263,49 @@ def test_allreduce_through_device_collectives_gives_the_same_bits():
         results.append(opt.average())
     assert torch.equal(results[0], results[1])
     assert not torch.equal(results[0], initial), "five steps must have moved the weights"
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("momentum_kind", ["local", "quasi-global"])
+def test_lockstep_movement_with_theta_by_the_delay_follows_its_rule_on_both_ends_of_a_late_link(momentum_kind):
+    """ranks:0,2:3 on a ring: a link to rank 0 or 2 has one late direction. Each rank's step must be
+    x_{k+1} = x_k + Δ_k + Σ_l θ_jl W_jl (x^l_{k−d_l} − x^j_{k−d_l}), θ_jl = θ(3) on both ends of such a
+    link (the end that sees a fresh copy pulls with θ too) and 1 elsewhere, whatever the momentum."""
+    from pcasgd_mpi import rule
+
+    late, lag, steps, lr = (0, 2), 3, 14, 0.1
+    torch.manual_seed(rank)
+    model = torch.nn.Linear(3, 1)
+    world = init("ring", comm=comm)
+    opt = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
+        model,
+        world=world,
+        algorithm="pc-asgd",
+        mode="lockstep",
+        theta_rule="stable",
+        slope="movement",
+        momentum_kind=momentum_kind,
+        delay=f"ranks:0,2:{lag}",
+    )
+    flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()  # noqa: E731
+    xs, deltas = [], []
+    for _ in range(steps):
+        xs.append(flat())
+        opt.zero_grad()
+        (model(torch.randn(4, 3)) ** 2).mean().backward()
+        info = opt.step()
+        deltas.append(opt._delta.clone())  # the wrapped optimizer's own step of this step
+    xs.append(flat())
+    opt.finalize()
+    every = [torch.tensor(a) for a in comm.allgather(torch.stack(xs).numpy())]
+    theta = rule.stable_theta(lag, opt.mu_max)
+    linked = [n for n in world.neighbours if n in late or rank in late]
+    assert info.thetas == {n: theta for n in linked}, info.thetas
+    for k in range(lag, steps):
+        expected = every[rank][k] + deltas[k]
+        for n in world.neighbours:
+            d = lag if n in late else 0  # how late n's messages arrive here
+            gain = theta if n in linked else 1.0
+            expected = expected + world.W[rank, n] * gain * (every[n][k - d] - every[rank][k - d])
+        torch.testing.assert_close(every[rank][k + 1], expected, rtol=0, atol=1e-6)
