@@ -67,6 +67,11 @@ class OwnTrail:
             return max(before, key=lambda i: self._steps[i])
         return min(held, key=lambda i: self._steps[i])
 
+    def steps_since(self, made_at: float) -> int | None:
+        """This rank's own steps since a copy made at ``made_at`` (the n of `slope`), None: none held."""
+        slot = self._slot_of_time(made_at)
+        return None if slot is None else self._step - self._steps[slot]
+
     def slope(
         self,
         lr: float,

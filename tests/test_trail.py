@@ -181,3 +181,42 @@ def test_drift_of_a_half_precision_model_averages_in_float32():
     g = d.slope(torch.full((2,), 1e-2, dtype=torch.bfloat16), 0.1, out)
     assert g.dtype == torch.bfloat16
     torch.testing.assert_close(g.float(), torch.full((2,), -0.1), rtol=1e-2, atol=0)
+
+
+def test_steps_since_counts_this_ranks_steps_since_a_copys_time():
+    trail = OwnTrail(2, torch.float32, "cpu", depth=6)
+    _walk(trail, [torch.ones(2)] * 5)  # steps 0..4 began at t = 0..4
+    trail.mark(5, 5.0)
+    assert trail.steps_since(1.5) == 4  # step 1 had begun: steps 1..4 since
+    assert trail.steps_since(4.9) == 1
+    assert trail.steps_since(5.5) == 0
+    assert trail.steps_since(-3.0) == 5, "older than the trail: the oldest step held"
+
+
+def test_async_theta_by_the_delay_counts_the_lag_in_this_ranks_own_steps():
+    from types import SimpleNamespace
+
+    from pcasgd_mpi.config import Mode
+    from pcasgd_mpi.delay import DelayModel
+    from pcasgd_mpi.update import RuleStep
+
+    trail = OwnTrail(2, torch.float32, "cpu", depth=10)
+    _walk(trail, [torch.ones(2)] * 8)
+    trail.mark(8, 8.0)
+    fake = SimpleNamespace(
+        mode=Mode.ASYNC,
+        delay=DelayModel(),
+        world=SimpleNamespace(rank=0),
+        neighbours=[1, 3],
+        trail=trail,
+        mu_max=4 / 3,
+    )
+    # rank 1's copy is 6 of its own (fast) steps old but was made 1.5 of ours ago; rank 3's is 3
+    # of its steps old and made before our step 2 began
+    nbs = [rule.Neighbour(0.25, torch.zeros(2), None, 6), rule.Neighbour(0.25, torch.zeros(2), None, 3)]
+    thetas, out, w_self, logged = RuleStep._stable_thetas(fake, nbs, [True, True], 0.5, 8, made_at=[6.5, 2.0])
+    assert thetas == [rule.stable_theta(2, 4 / 3), rule.stable_theta(6, 4 / 3)]
+    assert logged == {1: thetas[0], 3: thetas[1]} and w_self == 0.5 and out == nbs
+    # without the copies' times (or without a trail) the sender's steps are used
+    thetas, *_ = RuleStep._stable_thetas(fake, nbs, [True, True], 0.5, 8, made_at=None)
+    assert thetas == [rule.stable_theta(6, 4 / 3), rule.stable_theta(3, 4 / 3)]
