@@ -304,13 +304,9 @@ class TrainConfig:
                 "--overwrite starts it afresh: give one"
             )
         check_rule_settings(self.theta, self.lam, self.lam_mode, self.resolved_tolerance(), self.horizon)
-        check_theta_rule(self.theta_rule, self.algorithm)
+        check_kinds(self.theta_rule, self.momentum_kind, self.algorithm)
         if self.momentum_kind is MomentumKind.QUASI_GLOBAL and not self.momentum > 0:
             raise ValueError("--momentum-kind quasi-global needs a momentum > 0 (--momentum 0.9, say)")
-        if self.momentum_kind is MomentumKind.QUASI_GLOBAL and self.algorithm is Algorithm.ALLREDUCE:
-            raise ValueError(
-                "--momentum-kind quasi-global is for the decentralized algorithms; allreduce has one model"
-            )
         self.balance = resolve_balance(self.balance, self.mode)
 
     # ------------------------------------------------------------------ building one
@@ -462,12 +458,16 @@ def check_rule_settings(theta: float, lam: float, lam_mode: str, tolerance: int,
         raise ValueError(f"tolerance ({tolerance}) must not exceed horizon ({horizon})")
 
 
-def check_theta_rule(theta_rule: ThetaRule | str, algorithm: Algorithm | str) -> None:
+def check_kinds(theta_rule: ThetaRule | str, momentum_kind: MomentumKind | str, algorithm: Algorithm | str) -> None:
+    """--theta-rule and --momentum-kind against the algorithm, for the command line and the API alike
+    (the wrapped optimizer itself is checked by momentum.check)."""
     if ThetaRule(theta_rule) is ThetaRule.STABLE and Algorithm(algorithm) is not Algorithm.PC_ASGD:
         raise ValueError(
             f"--theta-rule stable sets the θ of pc-asgd; it does not apply to --algorithm {algorithm} "
             "(use --algorithm pc-asgd, or --theta-rule fixed)"
         )
+    if MomentumKind(momentum_kind) is MomentumKind.QUASI_GLOBAL and Algorithm(algorithm) is Algorithm.ALLREDUCE:
+        raise ValueError("--momentum-kind quasi-global is for the decentralized algorithms; allreduce has one model")
 
 
 def _plain(value):

@@ -17,7 +17,6 @@ import torch
 from mpi4py import MPI
 
 from . import collectives, rule
-from . import topology as topo
 from .config import (
     Algorithm,
     Balance,
@@ -27,8 +26,8 @@ from .config import (
     Slope,
     ThetaRule,
     TrainConfig,
+    check_kinds,
     check_rule_settings,
-    check_theta_rule,
     resolve_balance,
 )
 from .delay import DelayModel
@@ -110,7 +109,6 @@ class DistributedOptimizer(RuleStep):
         self.delay.check_ranks(world.size)
         self.flat = FlatParameters(model)
         self.neighbours = world.neighbours
-        self.mu_max = topo.largest_disagreement_rate(world.W)  # --theta-rule stable
         self.quasi_global = (
             QuasiGlobalMomentum(optimizer, [p for _, p in self.flat.named])
             if self.momentum_kind is MomentumKind.QUASI_GLOBAL
@@ -326,13 +324,11 @@ class DistributedOptimizer(RuleStep):
     def _use_own_slopes(self, view: View) -> None:
         """--slope own: each copy's slope is this rank's average step since the copy was made;
         --slope movement: this rank's whole movement since then, over the copy's staleness."""
-        over = None
         for i, (n, nb) in enumerate(zip(self.neighbours, view.neighbours)):
             if nb.x is None or nb.staleness == 0:
                 continue
             buf = self._own_slopes.get(n)
-            if self.slope is Slope.MOVEMENT:
-                over = nb.staleness
+            over = nb.staleness if self.slope is Slope.MOVEMENT else None
             if view.made_at is None:
                 g = self.trail.slope(self.lr, step=view.steps[i], out=buf, over=over)
             else:
@@ -494,7 +490,6 @@ class DistributedOptimizer(RuleStep):
             self.exchange, self._original_group, self._graph, self.world, self.failed_ranks
         )
         self.names = survivors  # new rank -> original rank
-        self.mu_max = topo.largest_disagreement_rate(self.world.W)
         self.neighbours = self.world.neighbours
         self.failed_ranks = sorted(set(self.failed_ranks) | set(failed))
         self.collective_comm = self.world.comm
@@ -550,9 +545,7 @@ def _is_plain_sgd(opt: torch.optim.Optimizer) -> bool:
 
 def _check_settings(opt: DistributedOptimizer, link_delay: float) -> None:
     check_rule_settings(opt.theta, opt.lam, opt.lam_mode, opt.tolerance, opt.horizon)
-    check_theta_rule(opt.theta_rule, opt.algorithm)
-    if opt.momentum_kind is MomentumKind.QUASI_GLOBAL and opt.algorithm is Algorithm.ALLREDUCE:
-        raise ValueError("--momentum-kind quasi-global is for the decentralized algorithms; allreduce has one model")
+    check_kinds(opt.theta_rule, opt.momentum_kind, opt.algorithm)
     if opt.fault_tolerant and (opt.mode is not Mode.ASYNC or opt.algorithm is Algorithm.ALLREDUCE):
         raise ValueError("--fault-tolerant needs --mode async and a decentralized algorithm (not allreduce)")
     if not opt.timeout > 0 or opt.timeout == float("inf"):

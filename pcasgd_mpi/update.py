@@ -143,12 +143,12 @@ class RuleStep:
                 if not lockstep and self.trail is not None and made_at is not None and made_at[i] is not None:
                     own = self.trail.steps_since(made_at[i])
                     lag = nb.staleness if own is None else own
-                thetas.append(rule.stable_theta(max(lag, back), self.mu_max))
+                thetas.append(rule.stable_theta(max(lag, back), self.world.mu_max))
                 logged[n] = thetas[-1]
                 continue
             thetas.append(0.0)
             if back > 0 and nb.x is not None:
-                theta = rule.stable_theta(back, self.mu_max)
+                theta = rule.stable_theta(back, self.world.mu_max)
                 out[i] = dataclasses.replace(nb, weight=nb.weight * theta)
                 w_self += nb.weight * (1.0 - theta)
                 logged[n] = theta

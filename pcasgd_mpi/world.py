@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import networkx as nx
 import numpy as np
@@ -35,6 +36,11 @@ class World:
     @property
     def spectral_gap(self) -> float:
         return topo.spectral_gap(self.W)
+
+    @cached_property
+    def mu_max(self) -> float:
+        """The largest |eigenvalue| of I − W (θ by the delay); a repaired graph is a new World."""
+        return topo.largest_disagreement_rate(self.W)
 
 
 def init(topology: str = "ring", weights: str = "metropolis", *, comm: MPI.Comm | None = None, seed: int = 0) -> World:

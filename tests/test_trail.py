@@ -206,10 +206,9 @@ def test_async_theta_by_the_delay_counts_the_lag_in_this_ranks_own_steps():
     fake = SimpleNamespace(
         mode=Mode.ASYNC,
         delay=DelayModel(),
-        world=SimpleNamespace(rank=0),
+        world=SimpleNamespace(rank=0, mu_max=4 / 3),
         neighbours=[1, 3],
         trail=trail,
-        mu_max=4 / 3,
     )
     # rank 1's copy is 6 of its own (fast) steps old but was made 1.5 of ours ago; rank 3's is 3
     # of its steps old and made before our step 2 began

@@ -299,7 +299,7 @@ def test_lockstep_movement_with_theta_by_the_delay_follows_its_rule_on_both_ends
     xs.append(flat())
     opt.finalize()
     every = [torch.tensor(a) for a in comm.allgather(torch.stack(xs).numpy())]
-    theta = rule.stable_theta(lag, opt.mu_max)
+    theta = rule.stable_theta(lag, world.mu_max)
     linked = [n for n in world.neighbours if n in late or rank in late]
     assert info.thetas == {n: theta for n in linked}, info.thetas
     for k in range(lag, steps):
