@@ -43,17 +43,19 @@ from pcasgd_mpi import data, models, rule, topology  # noqa: E402
 RULES = ("dsgd", "dsgd-late", "whole", "whole-qgm")
 
 
-def delay_gain(delay: int, mu_max: float, margin: float) -> float:
-    """The gain θ_d: `margin` times the largest stable one for the stiffest mode, at most 1."""
-    return rule.stable_theta(delay, mu_max, margin)
+def delay_gain(delay: int, mu_max: float, margin: float, momentum: float = 0.0) -> float:
+    """The gain θ_d: `margin` times the largest stable one for the stiffest mode, at most 1
+    (``momentum``: β of quasi-global momentum, whose buffer carries the mixing too)."""
+    return rule.stable_theta(delay, mu_max, margin, momentum=momentum)
 
 
 def run(ds, rule: str, *, partition: str, lr: float, seed: int, args) -> dict:
     n, delay = args.agents, (0 if rule == "dsgd" else args.delay)
     W = torch.tensor(topology.mixing_matrix(topology.build("ring", n), "metropolis"), dtype=torch.float32)
     mu_max = topology.largest_disagreement_rate(W.numpy())
-    theta = delay_gain(delay, mu_max, args.margin) if rule.startswith("whole") else None
     quasi_global = rule == "whole-qgm"
+    beta = args.momentum if quasi_global else 0.0
+    theta = delay_gain(delay, mu_max, args.margin, beta) if rule.startswith("whole") else None
     shards = data.partition(ds.y_train.numpy(), n, partition, seed=seed)
     samplers = [data.ShardSampler(s, args.batch, seed, r) for r, s in enumerate(shards)]
     nets = [models.build(args.model, ds.input_shape, ds.num_classes, seed=seed) for _ in range(n)]

@@ -1,7 +1,7 @@
 """Nonblocking exchange of flat weight (and gradient) buffers with graph neighbours.
 
 This module moves bytes and knows nothing about learning. Each message is one contiguous
-buffer: a 64-byte header of int64 words followed by the payload (weights, then optionally the
+buffer: a 128-byte header of int64 words followed by the payload (weights, then optionally the
 gradient). Sends come from a small pool of buffers so that a buffer is never written while a
 send from it is still in flight; every neighbour has one receive pre-posted at all times and
 the newest message per neighbour wins. Messages are checked for shape, sender and model
@@ -143,7 +143,7 @@ class Exchange:
         """
         self._prepared = None
         parts = [weights, grad] if self.with_grad else [weights]
-        return self._send_from(None, (step, made_at, alpha, stop_at), parts, block, deadline)
+        return self._send_from(None, (step, made_at, alpha, stop_at, None), parts, block, deadline)
 
     def send_buffer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Views (weights, grad) of the pool buffer the next `send_prepared` sends from.
@@ -164,12 +164,13 @@ class Exchange:
         made_at: float = 0.0,
         alpha: float = 0.0,
         stop_at: int | None = None,
+        lags: dict[int, int] | None = None,
     ) -> int:
         """`send` of the payload written into the views from `send_buffer`, without copying it."""
         if self._prepared is None:
             raise RuntimeError("send_prepared() needs a send_buffer() first")
         buf, self._prepared = self._prepared, None
-        return self._send_from(buf, (step, made_at, alpha, stop_at), None, block, deadline)
+        return self._send_from(buf, (step, made_at, alpha, stop_at, lags), None, block, deadline)
 
     def _send_from(self, buf: Buffer | None, head: tuple, parts, block: bool, deadline: float) -> int:
         """Sends to every neighbour that is ready now; with `block`, then waits (up to `deadline`)
@@ -228,14 +229,14 @@ class Exchange:
     def _start(
         self,
         buf: Buffer,
-        head: tuple[int, float, float, int | None],
+        head: tuple,
         targets: list[int],
         parts: list[torch.Tensor | None] | None = None,
     ) -> int:
         """Stages the message and starts its sends, now or, while the transport's copy into the
         buffer is still running (a GPU's), from a later progress call: the caller never waits
         for it. Until then the targets count as in flight, so flow control holds for them too."""
-        step, made_at, alpha, stop_at = head
+        step, made_at, alpha, stop_at, lags = head
         write_header(
             buf.header,
             sender=self.rank,
@@ -246,6 +247,7 @@ class Exchange:
             made_at=made_at,
             alpha=alpha,
             stop_at=stop_at,
+            lags=lags,
         )
         # parts None: the payload was written in place through send_buffer().
         self.transport.stage_out(buf.slot, parts)

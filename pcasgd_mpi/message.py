@@ -1,9 +1,12 @@
-"""One message of the exchange: a 64-byte header of int64 words, then the payload (weights, then
+"""One message of the exchange: a 128-byte header of int64 words, then the payload (weights, then
 optionally the slope), in one contiguous buffer whose memory the transport owns.
 
 Header words: magic, sender, step, payload length, model signature, flags (bit 0: a slope follows;
 above bit 8: 1 + the step after which the sender asks every rank to stop), the time the message
-was made on the clock the ranks share, and the sender's step size (both float64).
+was made on the clock the ranks share, and the sender's step size (both float64); then up to
+eight lags, each `(rank + 1) << 32 | lag`: how many of the sender's own steps old its copy of that
+neighbour was at its last step (0: no entry), so that a rank learns how late its own messages
+arrive (`--theta-rule stable` in async mode).
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from mpi4py import MPI
 from .transport import Transport
 
 MAGIC = 0x3144475341435050  # b"PPCASGD1" read as a little-endian int64
-HEADER_BYTES = 64
+HEADER_BYTES = 128
 _WORDS = HEADER_BYTES // 8
 _MAGIC, _SENDER, _STEP, _NUMEL, _SIGNATURE, _FLAGS, _MADE_AT, _ALPHA = range(8)
+_LAGS = 8  # the first of the lag words
+MAX_LAGS = _WORDS - _LAGS
 FLAG_GRAD = 1
 _STOP_SHIFT = 8  # flags above this bit: 1 + the step after which the sender asks everyone to stop
 
@@ -35,6 +40,7 @@ class Message:
     made_at: float = 0.0  # when the sender made it, on the clock the ranks share
     alpha: float = 0.0  # the sender's step size, for reading its slope
     stop_at: int | None = None  # the sender asks every rank to stop after this step
+    lags: dict[int, int] | None = None  # neighbour rank: age of the sender's copy of it, in its steps
 
 
 def read(source: int, buf: Buffer) -> Message:
@@ -42,7 +48,8 @@ def read(source: int, buf: Buffer) -> Message:
     h = buf.header
     made_at, alpha = (float(v) for v in h[_MADE_AT : _ALPHA + 1].view(np.float64))
     stop = int(h[_FLAGS]) >> _STOP_SHIFT
-    return Message(source, int(h[_STEP]), buf.weights, buf.grad, made_at, alpha, stop - 1 if stop else None)
+    lags = {(int(w) >> 32) - 1: int(w) & 0xFFFFFFFF for w in h[_LAGS:] if w}
+    return Message(source, int(h[_STEP]), buf.weights, buf.grad, made_at, alpha, stop - 1 if stop else None, lags)
 
 
 class Buffer:
@@ -86,11 +93,17 @@ def write_header(
     made_at: float,
     alpha: float,
     stop_at: int | None,
+    lags: dict[int, int] | None = None,
 ) -> None:
     h[_MAGIC], h[_SENDER], h[_STEP], h[_NUMEL] = MAGIC, sender, step, numel
     stop = 0 if stop_at is None else (int(stop_at) + 1) << _STOP_SHIFT
     h[_SIGNATURE], h[_FLAGS] = signature, (FLAG_GRAD if with_grad else 0) | stop
     h[_MADE_AT : _ALPHA + 1] = np.array([made_at, alpha], dtype=np.float64).view(np.int64)
+    h[_LAGS:] = 0
+    # with more neighbours than words, the longest lags travel: those are the ones to damp
+    chosen = sorted((lags or {}).items(), key=lambda item: -item[1])[:MAX_LAGS]
+    for i, (rank, lag) in enumerate(chosen):
+        h[_LAGS + i] = (int(rank) + 1) << 32 | min(max(int(lag), 0), 0xFFFFFFFF)
 
 
 def header_problem(h: np.ndarray, *, source: int, numel: int, signature: int, with_grad: bool) -> str | None:

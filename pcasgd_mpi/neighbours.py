@@ -31,6 +31,7 @@ class View:
     sender_steps: list[int | None]  # the step each neighbour is at now (estimated in async)
     made_at: list[float | None] | None = None  # async: when each copy was made (this rank's clock)
     self_weight: float | None = None  # the agent's own weight when the neighbours' were rescaled
+    back: list[int | None] | None = None  # async: how old each neighbour's copy of this rank is, in its steps
 
 
 def _slope(msg_grad: torch.Tensor | None, alpha: float, lr: float, scratch: dict, source: int):
@@ -191,7 +192,7 @@ class AsyncNeighbours:
     def at(self, k: int, lr: float, now: float) -> View:
         self._lr = lr
         self.exchange.poll(self._on_message)
-        nbs, steps, current, made = [], [], [], []
+        nbs, steps, current, made, back = [], [], [], [], []
         for n, w in self.weights.items():
             msg = self.exchange.latest(n)
             if msg is None or n in self.exchange.failed:
@@ -199,6 +200,7 @@ class AsyncNeighbours:
                 steps.append(None)
                 current.append(None)
                 made.append(None)
+                back.append(None)
                 continue
             est = self.clock.estimate(n, msg.step, msg.made_at, now)
             if self.velocity:
@@ -210,4 +212,5 @@ class AsyncNeighbours:
             # the starting weights stand for no step of the sender's: nothing to measure them against
             current.append(None if msg.step == INITIAL else est.sender_step)
             made.append(msg.made_at)
-        return View(nbs, steps, current, made)
+            back.append((msg.lags or {}).get(self.exchange.rank))
+        return View(nbs, steps, current, made, back=back)

@@ -143,6 +143,7 @@ class DistributedOptimizer(RuleStep):
         self.trail = self._make_trail()
         self.drift = Drift(self.flat.data) if self.slope is Slope.DRIFT and self.algorithm.sends_gradient else None
         self._own_slopes: dict[int, torch.Tensor] = {}
+        self._lags: dict[int, int] | None = None  # async movement: the ages of the copies at the last step
         self._started = False  # async: the starting weights went out (mark_start)
         self._setup_exchange(link_delay, av_beta)
 
@@ -302,11 +303,11 @@ class DistributedOptimizer(RuleStep):
         if self.fault_tolerant and (self.exchange.failed or self.exchange.revoked):
             self._repair(k)
             view = self._view(k)
-        if self.trail is not None:
-            self._use_own_slopes(view)
         info = StepInfo(
             k, {n: (None if nb.x is None else nb.staleness) for n, nb in zip(self.neighbours, view.neighbours)}
         )
+        if self.trail is not None:
+            self._use_own_slopes(view)
         for n, tau in info.staleness.items():
             self.staleness_histogram.setdefault(self.names[n], Counter())[NEVER if tau is None else tau] += 1
         self._update_checked(x_k, view, closure, info)
@@ -323,7 +324,14 @@ class DistributedOptimizer(RuleStep):
 
     def _use_own_slopes(self, view: View) -> None:
         """--slope own: each copy's slope is this rank's average step since the copy was made;
-        --slope movement: this rank's whole movement since then, over the copy's staleness."""
+        --slope movement: this rank's whole movement since then, over the copy's staleness.
+
+        In async mode a movement copy's age is then this rank's own steps since it was made (the
+        loop it closes): a straggler's copy, fresh in its sender's steps, is several of a fast
+        rank's. The horizon still reads the sender's steps, so a slow rank that keeps sending is
+        never dropped for being slow (ALGORITHM.md, "θ by the delay")."""
+        if self.slope is Slope.MOVEMENT and view.made_at is not None:
+            self._age_by_own_steps(view)
         for i, (n, nb) in enumerate(zip(self.neighbours, view.neighbours)):
             if nb.x is None or nb.staleness == 0:
                 continue
@@ -337,6 +345,18 @@ class DistributedOptimizer(RuleStep):
                 self._own_slopes[n] = g
             view.neighbours[i] = dataclasses.replace(nb, grad=g)
 
+    def _age_by_own_steps(self, view: View) -> None:
+        """Also keeps the ages, which this rank's next message tells its neighbours."""
+        lags = {}
+        for i, (n, nb) in enumerate(zip(self.neighbours, view.neighbours)):
+            if nb.x is None or view.made_at[i] is None or nb.staleness > self.horizon:
+                continue
+            own = self.trail.steps_since(view.made_at[i])
+            if own is not None:
+                view.neighbours[i] = dataclasses.replace(nb, staleness=min(own, self.horizon))
+                lags[n] = view.neighbours[i].staleness
+        self._lags = lags
+
     def _send(self, k: int) -> None:
         self.exchange.send_prepared(
             k,
@@ -345,6 +365,7 @@ class DistributedOptimizer(RuleStep):
             made_at=self._now(),
             alpha=self.lr,
             stop_at=self._stop_at,
+            lags=self._lags,
         )
 
     def _local_step(self) -> None:

@@ -13,6 +13,7 @@ are the same up to rounding.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -363,15 +364,55 @@ def candidates(
 STABLE_MARGIN = 0.5  # of the largest gain the delayed loop tolerates
 
 
-def stable_theta(staleness: int, mu_max: float, margin: float = STABLE_MARGIN) -> float:
-    """θ_τ = min(1, margin · 2 sin(π / (2(2τ + 1))) / μ_max) (ALGORITHM.md, "θ by the delay").
+def stable_theta(staleness: int, mu_max: float, margin: float = STABLE_MARGIN, momentum: float = 0.0) -> float:
+    """θ_τ = min(1, margin · stable_edge(τ, β) / μ_max) (ALGORITHM.md, "θ by the delay").
 
-    With the movement roll-forward, a disagreement mode of eigenvalue μ of I − W follows
-    e_{k+1} = e_k − θμ e_{k−τ}, stable only for θμ < 2 sin(π / (2(2τ + 1))).
+    ``momentum`` is β of quasi-global momentum, whose buffer also carries the mixing (0 otherwise:
+    a local momentum sees only the gradients, so the loop is the one without momentum).
     """
     if staleness < 0 or not mu_max > 0:
         raise ValueError(f"need staleness >= 0 and mu_max > 0, got {staleness} and {mu_max}")
-    return min(1.0, margin * 2.0 * math.sin(math.pi / (2 * (2 * staleness + 1))) / mu_max)
+    return min(1.0, margin * stable_edge(staleness, momentum) / mu_max)
+
+
+@functools.lru_cache(maxsize=256)
+def stable_edge(staleness: int, momentum: float = 0.0) -> float:
+    """The largest gain g = θμ for which a disagreement mode stays bounded.
+
+    Without momentum the mode follows e_{k+1} = e_k − g e_{k−τ}, stable only for
+    g < 2 sin(π / (2(2τ + 1))). Under quasi-global momentum β the mixing enters the momentum too:
+    with v = α m, e_{k+1} = e_k − β v_k − g e_{k−τ} and v_{k+1} = β v_k + (1 − β)(e_k − e_{k+1}),
+    which amplifies slow oscillations and lowers the edge (0.075 against 0.185 at τ = 8, β = 0.9).
+    That edge has no closed form: it is found by bisection on the spectral radius of the loop's
+    companion matrix (the stable gains form an interval from 0, checked in tests/test_rule.py).
+    """
+    if staleness < 0 or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"need staleness >= 0 and momentum in [0, 1), got {staleness} and {momentum}")
+    if momentum == 0.0:
+        return 2.0 * math.sin(math.pi / (2 * (2 * staleness + 1)))
+    lo, hi = 0.0, 2.0
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        if loop_radius(mid, staleness, momentum) < 1.0:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def loop_radius(gain: float, staleness: int, momentum: float = 0.0) -> float:
+    """Spectral radius of the delayed loop of `stable_edge`, state (e_k, …, e_{k−τ}, v_k)."""
+    tau, beta = int(staleness), float(momentum)
+    a = torch.zeros(tau + 2, tau + 2, dtype=torch.float64)
+    a[0, 0] += 1.0
+    a[0, tau] -= gain
+    a[0, tau + 1] = -beta
+    for i in range(1, tau + 1):
+        a[i, i - 1] = 1.0
+    # v_{k+1} = β v_k + (1 − β)(β v_k + g e_{k−τ})
+    a[tau + 1, tau + 1] = beta + (1.0 - beta) * beta
+    a[tau + 1, tau] += (1.0 - beta) * gain
+    return float(torch.linalg.eigvals(a).abs().max())
 
 
 def _check_theta(theta: float) -> None:

@@ -33,7 +33,7 @@ Three transports implement it:
 - `HostTransport`: the model is in host memory; the buffers are numpy allocations (full MPI
   bandwidth, see the MPI notes), the payload is the receive buffer itself, nothing is staged.
 - `CudaAwareTransport`: the MPI reads and writes GPU memory; the buffers are device tensors given
-  to mpi4py as they are. Only the 64-byte header crosses to the host.
+  to mpi4py as they are. Only the 128-byte header crosses to the host.
 - `StagingTransport`: the MPI only understands host memory. Messages go through pinned host
   buffers: device-to-host copies run on a side stream and a per-slot event tells when the send
   may start; received bytes are copied to a per-slot device buffer before mixing. That is two

@@ -115,7 +115,9 @@ class RuleStep:
             thetas, reaches, on_predict = self._av_blend(view, x_k)
             info.thetas = {n: t for n, t, s in zip(self.neighbours, thetas, stale) if s}
         elif self.algorithm is Algorithm.PC_ASGD and self.theta_rule is ThetaRule.STABLE:
-            thetas, nbs, w_self, info.thetas = self._stable_thetas(nbs, stale, w_self, info.step, view.made_at)
+            thetas, nbs, w_self, info.thetas = self._stable_thetas(
+                nbs, stale, w_self, info.step, view.made_at, view.back
+            )
             reaches = None
         else:
             # PV without a stale neighbour: both candidates are x^C, the θ = 0 mix.
@@ -125,30 +127,35 @@ class RuleStep:
             thetas, reaches = [theta] * len(nbs), None
         rule.mix(x_k, delta, w_self, nbs, thetas, on_predict=on_predict, out=x, reaches=reaches, **kw)
 
-    def _stable_thetas(self, nbs, stale, w_self: float, k: int, made_at=None):
+    def _stable_thetas(self, nbs, stale, w_self: float, k: int, made_at=None, backs=None):
         """--theta-rule stable: θ_l from the lag of the link, the longer of its two directions
-        (ALGORITHM.md, "θ by the delay"). In lockstep the delay of this rank's own message at
-        neighbour l is known (the delay model is a function of sender, receiver and step); a fresh
-        neighbour whose copy of this rank is late is then pulled towards with weight θ·W too, the
-        rest staying with this rank's own weights, so that both ends of the link pull alike. In async
-        mode that lag is not known here: only the stale direction is damped, and its lag is counted
-        in this rank's own steps since the copy was made (the steps of the loop it closes) when the
+        (ALGORITHM.md, "θ by the delay"). The lag of this rank's own copy at neighbour l is, in
+        lockstep, the delay model's (a function of sender, receiver and step) and, in async mode,
+        what l's newest message says (``backs``). A fresh neighbour whose copy of this rank is late
+        is then pulled towards with weight θ·W too, the rest staying with this rank's own weights,
+        so that both ends of the link pull alike. In async mode a stale copy's lag is counted in
+        this rank's own steps since the copy was made (the steps of the loop it closes) when the
         trail holds them."""
         lockstep = self.mode is Mode.LOCKSTEP
+        beta = 0.0 if self.quasi_global is None else self.quasi_global.beta  # its buffer carries the mixing too
         thetas, out, logged = [], list(nbs), {}
         for i, (n, nb, s) in enumerate(zip(self.neighbours, nbs, stale)):
-            back = self.delay.delay(self.world.rank, n, k) if lockstep else 0
+            if lockstep:
+                back = self.delay.delay(self.world.rank, n, k)
+            else:  # within the tolerance a copy counts as fresh, here as there
+                back = (backs[i] if backs is not None else None) or 0
+                back = back if back > self.tolerance else 0
             if s:
                 lag = nb.staleness
                 if not lockstep and self.trail is not None and made_at is not None and made_at[i] is not None:
                     own = self.trail.steps_since(made_at[i])
                     lag = nb.staleness if own is None else own
-                thetas.append(rule.stable_theta(max(lag, back), self.world.mu_max))
+                thetas.append(rule.stable_theta(max(lag, back), self.world.mu_max, momentum=beta))
                 logged[n] = thetas[-1]
                 continue
             thetas.append(0.0)
             if back > 0 and nb.x is not None:
-                theta = rule.stable_theta(back, self.world.mu_max)
+                theta = rule.stable_theta(back, self.world.mu_max, momentum=beta)
                 out[i] = dataclasses.replace(nb, weight=nb.weight * theta)
                 w_self += nb.weight * (1.0 - theta)
                 logged[n] = theta

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from pcasgd_mpi.delay import DelayModel
@@ -80,6 +82,7 @@ class BurstExchange:
 
     def __init__(self, messages: list[Message]):
         self.queue, self.newest, self.failed = list(messages), {}, set()
+        self.rank = 0
 
     def poll(self, handler=None):
         for m in self.queue:
@@ -148,3 +151,33 @@ def test_async_starting_weights_age_at_a_sixteenth_of_this_ranks_rate_until_the_
     # its first step arrives: from then on the rate it has shown counts, not ours
     view.exchange.queue = [Message(1, 0, x0.clone(), None, made_at=102.8)]
     assert view.at(280, lr=0.1, now=102.8).neighbours[0].staleness == 0
+
+
+def test_a_message_carries_the_senders_lags_and_the_view_reads_this_ranks():
+    import numpy as np
+
+    from pcasgd_mpi import message
+
+    h = np.zeros(message.HEADER_BYTES // 8, dtype=np.int64)
+    lags = {r: r % 5 + 2 for r in range(12)}  # more neighbours than words: the longest lags travel
+    message.write_header(
+        h, sender=3, step=7, numel=6, signature=1, with_grad=False, made_at=1.5, alpha=0.1, stop_at=None, lags=lags
+    )
+    buf = SimpleNamespace(header=h, weights=torch.zeros(6), grad=None)
+    got = message.read(3, buf).lags
+    assert len(got) == message.MAX_LAGS == 8
+    assert all(lags[r] == v for r, v in got.items())
+    assert sorted(got.values(), reverse=True) == sorted(lags.values(), reverse=True)[:8]
+    message.write_header(
+        h, sender=3, step=8, numel=6, signature=1, with_grad=False, made_at=1.6, alpha=0.1, stop_at=None, lags={0: 0}
+    )
+    assert message.read(3, buf).lags == {0: 0}, "a lag of 0 is an entry; the words of the last message are gone"
+    message.write_header(
+        h, sender=3, step=9, numel=6, signature=1, with_grad=False, made_at=1.7, alpha=0.1, stop_at=None
+    )
+    assert message.read(3, buf).lags == {}
+
+    exchange = BurstExchange([Message(1, 0, torch.zeros(6), None, made_at=100.0, lags={0: 5, 2: 1})])
+    view = AsyncNeighbours(exchange, {1: 0.5, 2: 0.25}, SenderClock([1, 2], now=lambda: 100.0), velocity=False)
+    got = view.at(3, lr=0.1, now=100.0)
+    assert got.back == [5, None], "rank 1 sees this rank's copy 5 of its steps old; rank 2 sent nothing"

@@ -723,3 +723,32 @@ def test_stable_theta_is_half_the_stability_edge_of_the_delayed_loop_and_at_most
         assert peak(2.1 * stable_theta(d, 1.0), d) > 1e3, "past the edge: grows"
     with pytest.raises(ValueError):
         stable_theta(-1, 1.0)
+
+
+def test_quasi_global_momentum_lowers_the_stability_edge_and_the_edge_bounds_an_interval():
+    from pcasgd_mpi.rule import loop_radius, stable_edge, stable_theta
+
+    for d in (1, 2, 8):  # without momentum the bisection finds the closed form
+        assert stable_edge(d) == pytest.approx(2 * math.sin(math.pi / (2 * (2 * d + 1))))
+        assert loop_radius(0.99 * stable_edge(d), d) < 1 < loop_radius(1.01 * stable_edge(d), d)
+    assert stable_edge(8, 0.9) == pytest.approx(0.075, abs=1e-3)
+    for d in range(1, 17):
+        edge = stable_edge(d, 0.9)
+        assert edge < stable_edge(d)
+        assert all(loop_radius(f / 50 * edge, d, 0.9) < 1 for f in range(1, 50)), d
+        assert loop_radius(1.02 * edge, d, 0.9) > 1, d
+    assert stable_theta(8, 4 / 3, momentum=0.9) == pytest.approx(0.5 * stable_edge(8, 0.9) * 3 / 4)
+
+    def peak(gain: float, d: int, beta: float) -> float:  # the loop itself, stepped
+        e, v = [1.0] * (d + 1), 0.0
+        for _ in range(6000):
+            nxt = e[-1] - beta * v - gain * e[0]
+            v = beta * v + (1 - beta) * (e[-1] - nxt)
+            e = e[1:] + [nxt]
+        return max(map(abs, e))
+
+    # the θ of the loop without momentum, 0.092 at τ = 8, is past this edge: it grows
+    assert peak(stable_edge(8) / 2, 8, 0.9) > 1e3
+    assert peak(stable_edge(8, 0.9) / 2, 8, 0.9) < 1e-2
+    with pytest.raises(ValueError):
+        stable_edge(2, 1.0)

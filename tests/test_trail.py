@@ -124,18 +124,21 @@ def test_movement_rolls_a_copy_forward_by_the_whole_movement_since_it_was_made()
         trail.mark(k, float(k))
         trail.add_movement(xs[k + 1], xs[k])
     trail.mark(5, 5.0)
-    fake = SimpleNamespace(trail=trail, neighbours=[1], _own_slopes={}, lr=0.1, slope=Slope.MOVEMENT)
+    fake = SimpleNamespace(trail=trail, neighbours=[1], _own_slopes={}, lr=0.1, slope=Slope.MOVEMENT, horizon=16)
+    fake._age_by_own_steps = lambda v: DistributedOptimizer._age_by_own_steps(fake, v)
     x_s = torch.randn(3)
     # lockstep, τ = 3: x̂ = x_s + x_5 − x_2
     view = View([rule.Neighbour(0.5, x_s, None, 3)], [2], [5])
     DistributedOptimizer._use_own_slopes(fake, view)
     x_hat = rule.predict_weights(x_s, view.neighbours[0].grad, 3, 0.1, lam=0.0)
     torch.testing.assert_close(x_hat, x_s + xs[5] - xs[2], rtol=1e-5, atol=1e-6)
-    # async: a copy made at t = 1.5 (own step 1 had begun), whatever τ the sender's clock gives
-    for tau in (1, 4):
+    # async: a copy made at t = 1.5 (own step 1 had begun), whatever τ the sender's clock gives,
+    # is 4 of this rank's steps old
+    for tau in (1, 6):
         view = View([rule.Neighbour(0.5, x_s, None, tau)], [9], [9], made_at=[1.5])
         DistributedOptimizer._use_own_slopes(fake, view)
-        x_hat = rule.predict_weights(x_s, view.neighbours[0].grad, tau, 0.1, lam=0.0)
+        assert view.neighbours[0].staleness == 4
+        x_hat = rule.predict_weights(x_s, view.neighbours[0].grad, 4, 0.1, lam=0.0)
         torch.testing.assert_close(x_hat, x_s + xs[5] - xs[1], rtol=1e-5, atol=1e-6)
 
 
@@ -209,6 +212,8 @@ def test_async_theta_by_the_delay_counts_the_lag_in_this_ranks_own_steps():
         world=SimpleNamespace(rank=0, mu_max=4 / 3),
         neighbours=[1, 3],
         trail=trail,
+        quasi_global=None,
+        tolerance=1,
     )
     # rank 1's copy is 6 of its own (fast) steps old but was made 1.5 of ours ago; rank 3's is 3
     # of its steps old and made before our step 2 began
@@ -219,3 +224,42 @@ def test_async_theta_by_the_delay_counts_the_lag_in_this_ranks_own_steps():
     # without the copies' times (or without a trail) the sender's steps are used
     thetas, *_ = RuleStep._stable_thetas(fake, nbs, [True, True], 0.5, 8, made_at=None)
     assert thetas == [rule.stable_theta(6, 4 / 3), rule.stable_theta(3, 4 / 3)]
+    # both ends of a link: rank 1 says it sees this rank's copies 7 of its steps old, which is longer
+    thetas, *_ = RuleStep._stable_thetas(fake, nbs, [True, True], 0.5, 8, made_at=[6.5, 2.0], backs=[7, None])
+    assert thetas == [rule.stable_theta(7, 4 / 3), rule.stable_theta(6, 4 / 3)]
+    # a fresh neighbour that sees this rank's copies late is pulled towards with θ·W; one within the
+    # tolerance is not
+    fresh = [rule.Neighbour(0.25, torch.zeros(2), None, 0), rule.Neighbour(0.25, torch.zeros(2), None, 1)]
+    thetas, out, w_self, logged = RuleStep._stable_thetas(fake, fresh, [False, False], 0.5, 8, backs=[4, 1])
+    theta = rule.stable_theta(4, 4 / 3)
+    assert thetas == [0.0, 0.0] and logged == {1: theta}
+    assert out[0].weight == pytest.approx(0.25 * theta) and out[1] is fresh[1]
+    assert w_self == pytest.approx(0.5 + 0.25 * (1 - theta))
+
+
+def test_async_movement_ages_a_copy_by_this_ranks_own_steps_but_drops_only_by_the_senders():
+    from types import SimpleNamespace
+
+    from pcasgd_mpi.neighbours import View
+    from pcasgd_mpi.optimizer import DistributedOptimizer
+
+    trail = OwnTrail(2, torch.float32, "cpu", depth=40)
+    _walk(trail, [torch.ones(2)] * 30)
+    trail.mark(30, 30.0)
+    fake = SimpleNamespace(trail=trail, horizon=16, neighbours=[1, 2, 3, 4, 5])
+    x = torch.zeros(2)
+    nbs = [
+        rule.Neighbour(0.25, x, None, 1),  # a straggler's copy: fresh in its steps, made 4 of ours ago
+        rule.Neighbour(0.25, x, None, 6),  # a fast rank's copy: 6 of its steps, made during our step
+        rule.Neighbour(0.25, x, None, 3),  # made 25 of our steps ago: at most the horizon
+        rule.Neighbour(0.25, x, None, 17),  # past the horizon in its sender's steps: it stopped
+        rule.Neighbour(0.25, None, None, 0),  # nothing received
+    ]
+    view = View(nbs, [5, 9, 2, 1, None], [6, 15, 5, 18, None], made_at=[26.0, 30.5, 5.0, 29.0, None])
+    DistributedOptimizer._age_by_own_steps(fake, view)
+    assert [nb.staleness for nb in view.neighbours] == [4, 0, 16, 17, 0]
+    assert fake._lags == {1: 4, 2: 0, 3: 16}, "what the next message tells the neighbours"
+    tol, h = 1, 16
+    status = [rule.classify(nb, tol, h) for nb in view.neighbours]
+    S = rule.Status
+    assert status == [S.STALE, S.FRESH, S.STALE, S.DROPPED, S.DROPPED]

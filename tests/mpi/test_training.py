@@ -299,7 +299,8 @@ def test_lockstep_movement_with_theta_by_the_delay_follows_its_rule_on_both_ends
     xs.append(flat())
     opt.finalize()
     every = [torch.tensor(a) for a in comm.allgather(torch.stack(xs).numpy())]
-    theta = rule.stable_theta(lag, world.mu_max)
+    beta = 0.9 if momentum_kind == "quasi-global" else 0.0  # quasi-global momentum carries the mixing too
+    theta = rule.stable_theta(lag, world.mu_max, momentum=beta)
     linked = [n for n in world.neighbours if n in late or rank in late]
     assert info.thetas == {n: theta for n in linked}, info.thetas
     for k in range(lag, steps):
