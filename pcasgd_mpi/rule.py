@@ -390,7 +390,7 @@ def stable_edge(staleness: int, momentum: float = 0.0) -> float:
         raise ValueError(f"need staleness >= 0 and momentum in [0, 1), got {staleness} and {momentum}")
     if momentum == 0.0:
         return 2.0 * math.sin(math.pi / (2 * (2 * staleness + 1)))
-    lo, hi = 0.0, 2.0
+    lo, hi = 0.0, 2.0  # θ ≤ 1 and μ ≤ 2: no larger gain is ever asked for
     for _ in range(50):
         mid = 0.5 * (lo + hi)
         if loop_radius(mid, staleness, momentum) < 1.0:

@@ -223,5 +223,5 @@ def test_delay_gain_simulation_runs_every_rule():
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["rule"] for r in rows] == ["dsgd", "dsgd-late", "whole", "whole-qgm"]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows), rows
-    assert rows[0]["theta"] is None and rows[2]["theta"] == rows[3]["theta"] > 0
+    assert rows[0]["theta"] is None and rows[2]["theta"] > rows[3]["theta"] > 0, "the momentum lowers the edge"
     assert "| iid | 0.1 |" in proc.stdout
