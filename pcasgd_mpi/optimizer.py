@@ -519,6 +519,7 @@ class DistributedOptimizer(RuleStep):
         if stop is not None:
             self.roster.request_stop(stop)
         self._bad_step = {n: None for n in self.neighbours}
+        self._lags = None  # numbered on the old communicator
         self._setup_exchange(self._link_delay, self._av_beta, measure_clock=False)
         record = Repair(k, failed, survivors, added)
         self.repairs.append(record)
