@@ -16,6 +16,21 @@ Compared with dsgd without delay (the gap reference) and dsgd with the late copi
 `--momentum quasi-global` builds each agent's momentum from its whole movement instead of its
 gradients (m ← β m + (1 − β)(x_k − x_{k+1})/α), which keeps a rank's own data out of its momentum.
 The reference always uses the local momentum of torch's SGD.
+`whole-gt-qgm` adds gradient tracking (DIGing; Nedić, Olshevsky and Shi, 2017) in the same delayed
+form: each agent descends along y^j instead of its own gradient, with
+
+    y^j_{k+1} = y^j_k + θ_y Σ_l W_jl (y^l_{k−d} − y^j_{k−d}) + g^j_{k+1} − g^j_k
+
+so Σ_j y^j = Σ_j g^j at every step and y^j tends to the agents' mean gradient: a rank's label skew
+is taken out of its step. y's loop has no momentum, so θ_y is the bound at β = 0.
+`link-qgm` predicts each link's disagreement instead (a Smith predictor): in lockstep both ends of
+a link see the same late pair and pull with opposite actions, so what the link itself did since
+is known, and the pull is
+
+    a^{jl}_k = γ W_jl (x^l_{k−d} − x^j_{k−d} − 2 C^{jl}_k),   C^{jl}_k = Σ_{t=k−d}^{k−1} a^{jl}_t
+
+(γ = `--link-gain`, by default `rule.link_gain`: half the edge of this loop on the ring, with the
+momentum). It leaves unseen only what the two ends' other links and data did in the last d steps.
 
     python benchmarks/delay_gain_sim.py                       # MNIST-1D CNN, 8-ring, fixed:8, 3 seeds
     python benchmarks/delay_gain_sim.py --seeds 0 --lrs 0.1 --partitions iid
@@ -39,8 +54,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pcasgd_mpi import data, models, rule, topology  # noqa: E402
+from pcasgd_mpi import rule as rule_math  # noqa: E402  (run() names its argument `rule`)
 
-RULES = ("dsgd", "dsgd-late", "whole", "whole-qgm")
+RULES = ("dsgd", "dsgd-late", "whole", "whole-qgm", "whole-gt-qgm", "link-qgm")
 
 
 def delay_gain(delay: int, mu_max: float, margin: float, momentum: float = 0.0) -> float:
@@ -49,13 +65,30 @@ def delay_gain(delay: int, mu_max: float, margin: float, momentum: float = 0.0) 
     return rule.stable_theta(delay, mu_max, margin, momentum=momentum)
 
 
+def track(Y, G, G_prev, y_late, W, theta_y: float):
+    """One step of the delayed tracker: the late y's of both ends of every link, so the sum holds."""
+    Y = Y + G - G_prev
+    return Y if y_late is None else Y + theta_y * (W @ y_late - y_late)
+
+
+def link_action(late, C, links, gain: float):
+    """a^{jl} for every link: the late disagreement less what both ends' pulls on it did since."""
+    return gain * links[:, :, None] * (late[None, :, :] - late[:, None, :] - 2 * C)
+
+
 def run(ds, rule: str, *, partition: str, lr: float, seed: int, args) -> dict:
     n, delay = args.agents, (0 if rule == "dsgd" else args.delay)
     W = torch.tensor(topology.mixing_matrix(topology.build("ring", n), "metropolis"), dtype=torch.float32)
     mu_max = topology.largest_disagreement_rate(W.numpy())
-    quasi_global = rule == "whole-qgm"
+    quasi_global, tracking = rule.endswith("-qgm"), rule == "whole-gt-qgm"
     beta = args.momentum if quasi_global else 0.0
     theta = delay_gain(delay, mu_max, args.margin, beta) if rule.startswith("whole") else None
+    theta_y = delay_gain(delay, mu_max, args.margin, 0.0)
+    links = W * (1 - torch.eye(n))
+    gain = args.link_gain
+    if rule == "link-qgm" and gain is None:
+        gain = rule_math.link_gain(W.numpy(), (links > 0).int().numpy() * delay, momentum=args.momentum)
+    actions, C = [], 0.0  # link-qgm: a^{jl}_t of the last d steps and their sum
     shards = data.partition(ds.y_train.numpy(), n, partition, seed=seed)
     samplers = [data.ShardSampler(s, args.batch, seed, r) for r, s in enumerate(shards)]
     nets = [models.build(args.model, ds.input_shape, ds.num_classes, seed=seed) for _ in range(n)]
@@ -63,6 +96,8 @@ def run(ds, rule: str, *, partition: str, lr: float, seed: int, args) -> dict:
     X = torch.stack([parameters_to_vector(m.parameters()).detach() for m in nets])
     momentum = torch.zeros_like(X)
     history = [X.clone()]  # x_{k−d}, ..., x_k
+    Y = G_prev = None
+    y_history = []  # y_{k−d}, ..., y_k
     self_weight = torch.diag(W)
     off = W - torch.diag(self_weight)
     for _ in range(args.steps):
@@ -73,16 +108,30 @@ def run(ds, rule: str, *, partition: str, lr: float, seed: int, args) -> dict:
             opt.zero_grad()
             F.cross_entropy(net(ds.x_train[idx]), ds.y_train[idx]).backward()
             if quasi_global:
-                grad = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
-                step[j] = -lr * (args.momentum * momentum[j] + grad)
+                step[j] = torch.cat([p.grad.reshape(-1) for p in net.parameters()])  # g, stepped below
             else:
                 opt.step()
                 step[j] = parameters_to_vector(net.parameters()).detach() - X[j]
         late = history[0] if len(history) > delay else None  # nothing has arrived before step d
+        if tracking:
+            y_late = y_history[0] if len(y_history) > delay else None
+            Y, G_prev = (step.clone() if Y is None else track(Y, step, G_prev, y_late, W, theta_y)), step.clone()
+            y_history.append(Y.clone())
+            if len(y_history) > delay + 1:
+                y_history.pop(0)
+        if quasi_global:
+            step = -lr * (args.momentum * momentum + (Y if tracking else step))
         if delay == 0:
             mixed = W @ X
         elif late is None:
             mixed = X.clone()
+        elif rule == "link-qgm":
+            action = link_action(late, C, links, gain)
+            mixed = X + action.sum(1)
+            actions.append(action)
+            C = C + action
+            if len(actions) > delay:
+                C = C - actions.pop(0)
         elif rule == "dsgd-late":
             mixed = self_weight[:, None] * X + off @ late
         else:
@@ -95,11 +144,12 @@ def run(ds, rule: str, *, partition: str, lr: float, seed: int, args) -> dict:
         if len(history) > delay + 1:
             history.pop(0)
         if not torch.isfinite(X).all():
-            return {"accuracy": float("nan"), "consensus": float("inf"), "theta": theta}
+            return {"accuracy": float("nan"), "consensus": float("inf"), "theta": gain if rule == "link-qgm" else theta}
     average = X.mean(0)
     vector_to_parameters(average, nets[0].parameters())
     with torch.no_grad():
         accuracy = (nets[0](ds.x_test).argmax(1) == ds.y_test).float().mean().item()
+    theta = gain if rule == "link-qgm" else theta
     return {"accuracy": accuracy, "consensus": float(((X - average) ** 2).sum(1).mean()), "theta": theta}
 
 
@@ -116,6 +166,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--margin", type=float, default=0.5, help="fraction of the largest stable gain")
+    ap.add_argument("--link-gain", type=float, help="link-qgm's γ (default: rule.link_gain)")
     ap.add_argument("--rules", default=",".join(RULES), help=f"comma list of {', '.join(RULES)}")
     ap.add_argument("--json", type=Path, help="write every run's result here")
     args = ap.parse_args()

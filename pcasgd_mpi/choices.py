@@ -97,6 +97,7 @@ class MomentumKind(TextEnum):
 class ThetaRule(TextEnum):
     FIXED = "fixed"  # --theta, the same for every stale neighbour
     STABLE = "stable"  # per neighbour, from its staleness and the mixing matrix (ALGORITHM.md)
+    LINK = "link"  # lockstep: each link's disagreement predicted, one gain from the graph's loop
 
 
 class Stop(TextEnum):

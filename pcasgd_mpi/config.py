@@ -95,8 +95,9 @@ class TrainConfig:
     theta: float = option(0.5, "predict/clip tradeoff of pc-asgd", Group.ALGORITHM, Number(float, 0, 1))
     theta_rule: ThetaRule = option(
         ThetaRule.FIXED,
-        "θ of pc-asgd: --theta for every stale neighbour (fixed), or per neighbour half the largest "
-        "gain the delayed mixing tolerates at its staleness (stable; meant for --slope movement)",
+        "θ of pc-asgd: --theta for every stale neighbour (fixed), per neighbour half the largest "
+        "gain the delayed mixing tolerates at its staleness (stable; meant for --slope movement), or "
+        "each link's disagreement predicted from the late pair and the link's own pulls (link; lockstep)",
         Group.ALGORITHM,
         Choice(ThetaRule),
     )
@@ -304,7 +305,7 @@ class TrainConfig:
                 "--overwrite starts it afresh: give one"
             )
         check_rule_settings(self.theta, self.lam, self.lam_mode, self.resolved_tolerance(), self.horizon)
-        check_kinds(self.theta_rule, self.momentum_kind, self.algorithm)
+        check_kinds(self.theta_rule, self.momentum_kind, self.algorithm, self.mode)
         if self.momentum_kind is MomentumKind.QUASI_GLOBAL and not self.momentum > 0:
             raise ValueError("--momentum-kind quasi-global needs a momentum > 0 (--momentum 0.9, say)")
         self.balance = resolve_balance(self.balance, self.mode)
@@ -458,13 +459,21 @@ def check_rule_settings(theta: float, lam: float, lam_mode: str, tolerance: int,
         raise ValueError(f"tolerance ({tolerance}) must not exceed horizon ({horizon})")
 
 
-def check_kinds(theta_rule: ThetaRule | str, momentum_kind: MomentumKind | str, algorithm: Algorithm | str) -> None:
-    """--theta-rule and --momentum-kind against the algorithm, for the command line and the API alike
-    (the wrapped optimizer itself is checked by momentum.check)."""
-    if ThetaRule(theta_rule) is ThetaRule.STABLE and Algorithm(algorithm) is not Algorithm.PC_ASGD:
+def check_kinds(
+    theta_rule: ThetaRule | str, momentum_kind: MomentumKind | str, algorithm: Algorithm | str, mode: Mode | str
+) -> None:
+    """--theta-rule and --momentum-kind against the algorithm and mode, for the command line and the
+    API alike (the wrapped optimizer itself is checked by momentum.check)."""
+    rule = ThetaRule(theta_rule)
+    if rule is not ThetaRule.FIXED and Algorithm(algorithm) is not Algorithm.PC_ASGD:
         raise ValueError(
-            f"--theta-rule stable sets the θ of pc-asgd; it does not apply to --algorithm {algorithm} "
+            f"--theta-rule {rule.value} sets the θ of pc-asgd; it does not apply to --algorithm {algorithm} "
             "(use --algorithm pc-asgd, or --theta-rule fixed)"
+        )
+    if rule is ThetaRule.LINK and Mode(mode) is not Mode.LOCKSTEP:
+        raise ValueError(
+            "--theta-rule link needs --mode lockstep (both ends of a link must use the same late pair); "
+            "in async mode use --theta-rule stable"
         )
     if MomentumKind(momentum_kind) is MomentumKind.QUASI_GLOBAL and Algorithm(algorithm) is Algorithm.ALLREDUCE:
         raise ValueError("--momentum-kind quasi-global is for the decentralized algorithms; allreduce has one model")

@@ -92,6 +92,14 @@ class DelayModel:
         digest = hashlib.blake2b(f"{self.seed}:{sender}:{receiver}:{step}".encode(), digest_size=8).digest()
         return self.tau if int.from_bytes(digest, "little") / 2.0**64 < self.prob else 0
 
+    def link_delay(self, a: int, b: int) -> int:
+        """The longest delay either direction of the link between a and b can have."""
+        if self.kind is DelayKind.NONE or (self.kind is DelayKind.RANDOM and self.prob == 0.0):
+            return 0
+        if self.kind is DelayKind.RANKS:
+            return self.tau if a in self.ranks or b in self.ranks else 0
+        return self.tau
+
     def __str__(self) -> str:
         if self.kind is DelayKind.NONE:
             return "none"
@@ -100,6 +108,21 @@ class DelayModel:
         if self.kind is DelayKind.RANDOM:
             return f"random:{self.prob:g}:{self.tau}"
         return f"ranks:{','.join(map(str, sorted(self.ranks)))}:{self.tau}"
+
+
+@dataclass(frozen=True)
+class LinkDelays:
+    """Both ends of a link use the message of the same step: the one its longest delay allows
+    (--theta-rule link). Reads like a DelayModel where the lockstep view asks which message to use."""
+
+    model: DelayModel
+
+    @property
+    def max_delay(self) -> int:
+        return self.model.max_delay
+
+    def delay(self, sender: int, receiver: int, step: int) -> int:
+        return self.model.link_delay(sender, receiver)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,9 @@ class GridError(ValueError):
 class AlgoSpec:
     name: str
     theta: float | None = None  # only pc-asgd has one
-    stable: bool = False  # pc-asgd:stable, θ by the delay (--theta-rule stable)
+    theta_rule: str | None = None  # pc-asgd:stable or pc-asgd:link (--theta-rule)
+
+    RULES = ("stable", "link")
 
     @classmethod
     def parse(cls, entry) -> AlgoSpec:
@@ -66,32 +68,32 @@ class AlgoSpec:
         if name not in ALGORITHMS:
             raise ValueError(
                 f"unknown algorithm '{text}'; choose from {', '.join(ALGORITHMS)} "
-                "(pc-asgd:THETA sets θ, pc-asgd:stable sets it by the delay)"
+                "(pc-asgd:THETA sets θ, pc-asgd:stable and pc-asgd:link set --theta-rule)"
             )
         if name != "pc-asgd":
             if sep:
-                raise ValueError(f"'{text}': only pc-asgd takes a value (pc-asgd:THETA or pc-asgd:stable)")
+                raise ValueError(f"'{text}': only pc-asgd takes a value (pc-asgd:THETA, pc-asgd:stable, pc-asgd:link)")
             return cls(name)
-        if value.strip() == "stable":
-            return cls(name, stable=True)
+        if value.strip() in cls.RULES:
+            return cls(name, theta_rule=value.strip())
         try:
             theta = float(value) if sep else DEFAULT_THETA
         except ValueError:
             theta = float("nan")
         if not 0.0 <= theta <= 1.0:
-            raise ValueError(f"'{text}': THETA must be a number in [0, 1] (or pc-asgd:stable)")
+            raise ValueError(f"'{text}': THETA must be a number in [0, 1] (or pc-asgd:stable, pc-asgd:link)")
         return cls(name, theta)
 
     @property
     def label(self) -> str:
-        if self.stable:
-            return f"{self.name}:stable"
+        if self.theta_rule:
+            return f"{self.name}:{self.theta_rule}"
         return self.name if self.theta is None else f"{self.name}:{self.theta:g}"
 
     @property
     def slug(self) -> str:
-        if self.stable:
-            return f"{self.name}-stable"
+        if self.theta_rule:
+            return f"{self.name}-{self.theta_rule}"
         return self.name if self.theta is None else f"{self.name}-t{self.theta:g}"
 
 
@@ -132,8 +134,8 @@ class RunSpec:
         fields.setdefault("on_diverge", "continue")
         if self.algorithm.theta is not None:
             fields["theta"] = self.algorithm.theta
-        if self.algorithm.stable:
-            fields["theta_rule"] = "stable"
+        if self.algorithm.theta_rule:
+            fields["theta_rule"] = self.algorithm.theta_rule
         return fields
 
 

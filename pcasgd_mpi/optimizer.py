@@ -30,9 +30,10 @@ from .config import (
     check_rule_settings,
     resolve_balance,
 )
-from .delay import DelayModel
+from .delay import DelayModel, LinkDelays
 from .exchange import INITIAL, Exchange
 from .flat import FlatParameters
+from .links import LinkPulls
 from .momentum import QuasiGlobalMomentum
 from .neighbours import AsyncNeighbours, LockstepNeighbours, View
 from .roster import Roster, StopReason
@@ -126,6 +127,7 @@ class DistributedOptimizer(RuleStep):
         self._bad_step: dict[int, int | None] = {n: None for n in self.neighbours}
         self._delta = torch.empty_like(self.flat.data)
         self._pv_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pull: torch.Tensor | None = None  # --theta-rule link: the step's pulls, summed
         self.transport = transport if transport is not None else make_transport(self.flat.device)
         # Collectives can pass device memory to MPI directly only when the MPI reads it.
         self._device_collectives = isinstance(self.transport, CudaAwareTransport)
@@ -145,6 +147,7 @@ class DistributedOptimizer(RuleStep):
         self._own_slopes: dict[int, torch.Tensor] = {}
         self._lags: dict[int, int] | None = None  # async movement: the ages of the copies at the last step
         self._started = False  # async: the starting weights went out (mark_start)
+        self.links = self._make_links()
         self._setup_exchange(link_delay, av_beta)
 
     def _make_trail(self) -> OwnTrail | None:
@@ -156,8 +159,24 @@ class DistributedOptimizer(RuleStep):
         depth = self.delay.max_delay + 2 if self.mode is Mode.LOCKSTEP else 2 * (self.horizon + 1)
         return OwnTrail(self.flat.numel, self.flat.dtype, self.flat.device, depth)
 
+    def _make_links(self) -> LinkPulls | None:
+        """--theta-rule link: one γ for the whole graph (every rank computes the same), from the
+        links' longest delays and the momentum the pulls go through."""
+        if self.theta_rule is not ThetaRule.LINK:
+            return None
+        size, W = self.world.size, self.world.W
+        delays = [[self.delay.link_delay(a, b) if W[a, b] > 0 else 0 for b in range(size)] for a in range(size)]
+        beta = 0.0 if self.quasi_global is None else self.quasi_global.beta
+        gain = rule.link_gain(self.world.W, delays, momentum=beta)
+        links = {n: (self.world.weight(n), delays[self.world.rank][n]) for n in self.neighbours}
+        return LinkPulls(links, gain, self.flat.numel, self.flat.dtype, self.flat.device)
+
     def _setup_exchange(self, link_delay: float, av_beta: float, measure_clock: bool = True) -> None:
-        wire_slope = self.algorithm.sends_gradient and not (self.slope is Slope.VELOCITY or self.slope.receiver_side)
+        wire_slope = (
+            self.algorithm.sends_gradient
+            and self.links is None  # the link pulls read no slope
+            and not (self.slope is Slope.VELOCITY or self.slope.receiver_side)
+        )
         self.exchange = Exchange(
             self.world.comm,
             self.neighbours,
@@ -175,7 +194,7 @@ class DistributedOptimizer(RuleStep):
             self.view = LockstepNeighbours(
                 self.exchange,
                 weights,
-                self.delay,
+                self.delay if self.links is None else LinkDelays(self.delay),
                 self.world.rank,
                 self.flat.numel,
                 self.flat.dtype,
@@ -311,6 +330,8 @@ class DistributedOptimizer(RuleStep):
         for n, tau in info.staleness.items():
             self.staleness_histogram.setdefault(self.names[n], Counter())[NEVER if tau is None else tau] += 1
         self._update_checked(x_k, view, closure, info)
+        if self.links is not None:
+            self.links.commit()
         if info.choice is not None:
             self.pv_wins[info.choice] += 1
         if self.quasi_global is not None:
@@ -452,6 +473,7 @@ class DistributedOptimizer(RuleStep):
             "trackers": {str(n): t.state_dict() for n, t in self.trackers.items()},
             "trail": self.trail.state_dict() if self.trail is not None else None,
             "drift": self.drift.state_dict() if self.drift is not None else None,
+            "links": self.links.state_dict() if self.links is not None else None,
             "staleness_histogram": {
                 str(n): {str(t): c for t, c in h.items()} for n, h in self.staleness_histogram.items()
             },
@@ -474,6 +496,12 @@ class DistributedOptimizer(RuleStep):
             self.trail.load_state_dict(state["trail"])
         if self.drift is not None and state.get("drift") is not None:
             self.drift.load_state_dict(state["drift"])
+        if self.links is not None:
+            if state.get("links") is None:
+                raise ValueError(
+                    "the checkpoint was not made with --theta-rule link; resume it with its own --theta-rule"
+                )
+            self.links.load_state_dict(state["links"])
         for n in self.neighbours:
             hist = state["staleness_histogram"].get(str(n), {})
             self.staleness_histogram[n] = Counter({(t if t == NEVER else int(t)): c for t, c in hist.items()})
@@ -567,7 +595,7 @@ def _is_plain_sgd(opt: torch.optim.Optimizer) -> bool:
 
 def _check_settings(opt: DistributedOptimizer, link_delay: float) -> None:
     check_rule_settings(opt.theta, opt.lam, opt.lam_mode, opt.tolerance, opt.horizon)
-    check_kinds(opt.theta_rule, opt.momentum_kind, opt.algorithm)
+    check_kinds(opt.theta_rule, opt.momentum_kind, opt.algorithm, opt.mode)
     if opt.fault_tolerant and (opt.mode is not Mode.ASYNC or opt.algorithm is Algorithm.ALLREDUCE):
         raise ValueError("--fault-tolerant needs --mode async and a decentralized algorithm (not allreduce)")
     if not opt.timeout > 0 or opt.timeout == float("inf"):

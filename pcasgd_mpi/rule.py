@@ -38,6 +38,9 @@ __all__ = [
     "pv_choose",
     "mix",
     "SubstitutionTracker",
+    "link_pull",
+    "link_edge",
+    "link_gain",
     "FUSED_MIN_NUMEL",
     "prepare",
 ]
@@ -413,6 +416,83 @@ def loop_radius(gain: float, staleness: int, momentum: float = 0.0) -> float:
     a[tau + 1, tau + 1] = beta + (1.0 - beta) * beta
     a[tau + 1, tau] += (1.0 - beta) * gain
     return float(torch.linalg.eigvals(a).abs().max())
+
+
+def link_pull(
+    x_l: Tensor, x_j: Tensor, pulled: Tensor, gain: float, weight: float, out: Tensor | None = None
+) -> Tensor:
+    """a^{jl}_k = γ W_jl (x^l_{k−D} − x^j_{k−D} − 2 C^{jl}_k) (ALGORITHM.md, "Link prediction").
+
+    Both ends of the link hold the same late pair and pull with opposite signs, so C, this end's
+    pulls of the last D steps, is half of what the link itself did to the disagreement since; the
+    pull acts on the disagreement as it is now, less what the two ends' other links and data did.
+    """
+    out = torch.sub(x_l, x_j, out=out)
+    return out.sub_(pulled, alpha=2.0).mul_(gain * weight)
+
+
+LINK_STEPS = 3000  # steps of the linear loop simulated per trial gain
+
+
+@functools.lru_cache(maxsize=64)
+def link_edge(W: tuple[tuple[float, ...], ...], delays: tuple[tuple[int, ...], ...], momentum: float = 0.0) -> float:
+    """The largest γ at which the disagreement of the link-predicted loop decays, for this mixing
+    matrix, these link delays (D[j][l] = D[l][j]) and β of quasi-global momentum.
+
+    The loop is linear, one number per agent: x_{k+1} = x_k + u_k, u_k = Σ_l a^{jl}_k − β p_k,
+    p_{k+1} = β p_k − (1 − β) u_k (p = α m). It has no closed form on a graph: each trial gain is
+    run for LINK_STEPS steps from a fixed random start of mean zero (the mean never moves: the
+    pulls of a link cancel) and counts as stable when the disagreement shrank over the second half
+    (or vanished).
+    Bisection between 0 and 2 (the stable gains form an interval; checked in tests/test_rule.py).
+    """
+    import numpy as np  # noqa: PLC0415  (an analysis of the graph, run once per job)
+
+    w = np.asarray(W, dtype=np.float64)
+    d = np.asarray(delays, dtype=np.int64)
+    if w.shape != d.shape or w.ndim != 2 or w.shape[0] != w.shape[1]:
+        raise ValueError(f"W and the delays must be square and alike, got {w.shape} and {d.shape}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+    n = w.shape[0]
+    src, dst = np.nonzero((w > 0) & ~np.eye(n, dtype=bool))
+    weight, lag = w[src, dst], d[src, dst]
+    depth = int(lag.max(initial=0)) + 1
+    start = np.random.default_rng(0).standard_normal(n)
+    start -= start.mean()
+
+    def shrinks(gain: float) -> bool:
+        x, p, pulled = start.copy(), np.zeros(n), np.zeros(len(src))
+        own, acts = np.tile(x, (depth, 1)), np.zeros((depth, len(src)))
+        half = None
+        for k in range(LINK_STEPS):
+            late = own[(k - lag) % depth]
+            a = gain * weight * (late[np.arange(len(src)), dst] - late[np.arange(len(src)), src] - 2.0 * pulled)
+            u = np.bincount(src, weights=a, minlength=n) - momentum * p
+            p = momentum * p - (1.0 - momentum) * u
+            x = x + u
+            acts[k % depth] = a
+            pulled += a - acts[(k - lag) % depth, np.arange(len(src))]
+            own[(k + 1) % depth] = x
+            size = float(np.abs(x).max())
+            if not size < 1e6:
+                return False
+            if k == LINK_STEPS // 2:
+                half = size
+        return size < half or size < 1e-12  # a fast loop reaches zero
+
+    lo, hi = 0.0, 2.0
+    for _ in range(16):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if shrinks(mid) else (lo, mid)
+    return round(lo, 4)  # every rank computes it; the pulls of a link cancel only if both ends agree
+
+
+def link_gain(W, delays, momentum: float = 0.0, margin: float = STABLE_MARGIN) -> float:
+    """γ = min(1, margin · link_edge) (ALGORITHM.md, "Link prediction")."""
+    as_tuple = lambda m: tuple(tuple(float(v) for v in row) for row in m)  # noqa: E731
+    edge = link_edge(as_tuple(W), tuple(tuple(int(v) for v in row) for row in delays), float(momentum))
+    return min(1.0, margin * edge)
 
 
 def _check_theta(theta: float) -> None:

@@ -110,6 +110,14 @@ class RuleStep:
             if keep_p:
                 x.copy_(x_p)
             return
+        if self.links is not None:
+            # x_{k+1} = x_k + Δ + Σ_l a^{jl}_k (ALGORITHM.md, "Link prediction")
+            pulled = self.links.pull(
+                info.step, x_k, {n: nb.x for n, nb in zip(self.neighbours, nbs)}, out=self._pull_buffer()
+            )
+            torch.add(x_k, delta, out=x).add_(self._pull)
+            info.thetas = dict.fromkeys(pulled, self.links.gain)
+            return
         on_predict = None
         if self.algorithm is Algorithm.PC_ASGD_AV:
             thetas, reaches, on_predict = self._av_blend(view, x_k)
@@ -160,6 +168,11 @@ class RuleStep:
                 w_self += nb.weight * (1.0 - theta)
                 logged[n] = theta
         return thetas, out, w_self, logged
+
+    def _pull_buffer(self) -> torch.Tensor:
+        if self._pull is None:
+            self._pull = torch.empty_like(self.flat.data)
+        return self._pull
 
     def _candidate_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._pv_buffers is None:

@@ -95,6 +95,10 @@ def test_non_finite_float_flags_are_one_usage_line(capsys, name):
             {"theta_rule": "stable"},
             "--theta-rule stable sets the θ of pc-asgd; it does not apply to --algorithm pc-asgd-pv",
         ),
+        (
+            {"theta_rule": "link", "algorithm": "pc-asgd"},
+            "--theta-rule link needs --mode lockstep",
+        ),
         ({"algorithm": "sgd"}, "--algorithm: must be one of dsgd, clip, predict, pc-asgd, pc-asgd-pv"),
         ({"slope": "curvature"}, "--slope: must be one of update, gradient, velocity"),
         ({"stop": "last"}, "--stop: must be one of first, each"),

@@ -67,6 +67,9 @@ def test_pc_asgd_stable_sets_theta_by_the_delay_and_the_base_cannot():
         grid_of(theta_rule="stable")
     with pytest.raises(gridfile.GridError, match="pc-asgd:stable"):
         grid_of(algorithms=["pc-asgd:steady"])
+    (link,) = grid_of(algorithms=["pc-asgd:link"], delays=["fixed:2"]).runs()
+    assert link.algorithm.label == "pc-asgd:link" and link.name.startswith("pc-asgd-link__")
+    assert link.train_fields(g.base, ROOT / "x")["theta_rule"] == "link"
 
 
 def test_async_conditions_on_the_delay_axis_set_straggler_and_link_delay():

@@ -1,5 +1,6 @@
 """Training under mpirun -n 4: lockstep equals a one-process simulation, seeds reproduce, async ends."""
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -310,3 +311,78 @@ def test_lockstep_movement_with_theta_by_the_delay_follows_its_rule_on_both_ends
             gain = theta if n in linked else 1.0
             expected = expected + world.W[rank, n] * gain * (every[n][k - d] - every[rank][k - d])
         torch.testing.assert_close(every[rank][k + 1], expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.mpi(min_size=4)
+def test_lockstep_link_prediction_follows_its_rule_and_the_pulls_of_a_link_cancel():
+    """ranks:0,2:3 on a ring: every link has a late direction, so both its ends use the pair of step
+    k − 3 and x_{k+1} = x_k + Δ_k + Σ_l a^{jl}_k, a^{jl}_k = γ W_jl (x^l_{k−3} − x^j_{k−3} − 2 C^{jl}_k),
+    C the pulls of the last 3 steps. Summed over the ranks the pulls vanish: the average model moves
+    by the average local step alone. A checkpoint taken midway continues to the same bits."""
+    from pcasgd_mpi import rule
+
+    lag, steps, half = 3, 14, 7
+    torch.manual_seed(rank)
+    world = init("ring", comm=comm)
+    inputs = [torch.randn(4, 3, generator=torch.Generator().manual_seed(100 * rank + k)) for k in range(steps)]
+
+    def make(model):
+        return DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            model,
+            world=world,
+            algorithm="pc-asgd",
+            mode="lockstep",
+            theta_rule="link",
+            momentum_kind="quasi-global",
+            delay=f"ranks:0,2:{lag}",
+        )
+
+    def flat(model):
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+    model = torch.nn.Linear(3, 1)
+    opt = make(model)
+    xs, deltas, saved = [], [], None
+    for k in range(steps):
+        if k == half:
+            # a deep copy, as a checkpoint file would hold: the wrapped optimizer's state is live
+            saved = (copy.deepcopy(opt.state_dict()), {n: p.detach().clone() for n, p in model.named_parameters()})
+        xs.append(flat(model))
+        opt.zero_grad()
+        (model(inputs[k]) ** 2).mean().backward()
+        info = opt.step()
+        deltas.append(opt._delta.clone())
+    xs.append(flat(model))
+    opt.finalize()
+    every = [torch.tensor(a) for a in comm.allgather(torch.stack(xs).numpy())]
+    gain = rule.link_gain(
+        world.W, [[lag if world.W[a, b] > 0 and a != b else 0 for b in range(size)] for a in range(size)], momentum=0.9
+    )
+    assert info.thetas == {n: gain for n in world.neighbours}, info.thetas
+    pulls = [{} for _ in range(steps)]  # pulls[k][(j, l)]
+    for k in range(steps):
+        for j in range(size):
+            for n in topology.neighbours(world.graph, j):
+                if k < lag:
+                    pulls[k][(j, n)] = torch.zeros_like(every[j][0])
+                    continue
+                pulled = sum((pulls[t][(j, n)] for t in range(max(0, k - lag), k)), torch.zeros_like(every[j][0]))
+                pulls[k][(j, n)] = gain * world.W[j, n] * (every[n][k - lag] - every[j][k - lag] - 2 * pulled)
+        assert float(sum(pulls[k].values()).abs().max()) < 1e-6, k
+    for k in range(steps):
+        expected = every[rank][k] + deltas[k] + sum(pulls[k][(rank, n)] for n in world.neighbours)
+        torch.testing.assert_close(every[rank][k + 1], expected, rtol=0, atol=1e-6)
+
+    resumed_model = torch.nn.Linear(3, 1)
+    with torch.no_grad():
+        for n, p in resumed_model.named_parameters():
+            p.copy_(saved[1][n])
+    resumed = make(resumed_model)
+    resumed.load_state_dict(saved[0])
+    for k in range(half, steps):
+        resumed.zero_grad()
+        (resumed_model(inputs[k]) ** 2).mean().backward()
+        resumed.step()
+    resumed.finalize()
+    assert torch.equal(flat(resumed_model), xs[-1])
