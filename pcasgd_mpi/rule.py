@@ -456,7 +456,7 @@ def link_edge(W: tuple[tuple[float, ...], ...], delays: tuple[tuple[int, ...], .
         raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
     n = w.shape[0]
     src, dst = np.nonzero((w > 0) & ~np.eye(n, dtype=bool))
-    weight, lag = w[src, dst], d[src, dst]
+    weight, lag, edges = w[src, dst], d[src, dst], np.arange(len(src))
     depth = int(lag.max(initial=0)) + 1
     start = np.random.default_rng(0).standard_normal(n)
     start -= start.mean()
@@ -466,13 +466,13 @@ def link_edge(W: tuple[tuple[float, ...], ...], delays: tuple[tuple[int, ...], .
         own, acts = np.tile(x, (depth, 1)), np.zeros((depth, len(src)))
         half = None
         for k in range(LINK_STEPS):
-            late = own[(k - lag) % depth]
-            a = gain * weight * (late[np.arange(len(src)), dst] - late[np.arange(len(src)), src] - 2.0 * pulled)
+            slot = (k - lag) % depth
+            a = gain * weight * (own[slot, dst] - own[slot, src] - 2.0 * pulled)
             u = np.bincount(src, weights=a, minlength=n) - momentum * p
             p = momentum * p - (1.0 - momentum) * u
             x = x + u
             acts[k % depth] = a
-            pulled += a - acts[(k - lag) % depth, np.arange(len(src))]
+            pulled += a - acts[slot, edges]
             own[(k + 1) % depth] = x
             size = float(np.abs(x).max())
             if not size < 1e6:
