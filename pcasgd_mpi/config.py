@@ -308,6 +308,7 @@ class TrainConfig:
         check_kinds(self.theta_rule, self.momentum_kind, self.algorithm, self.mode)
         if self.momentum_kind is MomentumKind.QUASI_GLOBAL and not self.momentum > 0:
             raise ValueError("--momentum-kind quasi-global needs a momentum > 0 (--momentum 0.9, say)")
+        check_link_momentum(self.theta_rule, self.momentum_kind, self.momentum)
         self.balance = resolve_balance(self.balance, self.mode)
 
     # ------------------------------------------------------------------ building one
@@ -477,6 +478,16 @@ def check_kinds(
         )
     if MomentumKind(momentum_kind) is MomentumKind.QUASI_GLOBAL and Algorithm(algorithm) is Algorithm.ALLREDUCE:
         raise ValueError("--momentum-kind quasi-global is for the decentralized algorithms; allreduce has one model")
+
+
+def check_link_momentum(theta_rule: ThetaRule | str, momentum_kind: MomentumKind | str, momentum: float) -> None:
+    """A local momentum carries a rank's own gradients on while the links pull it back late: with
+    --theta-rule link that resonance made the agents fall apart (RESULTS-fidelity.md section 15)."""
+    if ThetaRule(theta_rule) is ThetaRule.LINK and MomentumKind(momentum_kind) is MomentumKind.LOCAL and momentum > 0:
+        raise ValueError(
+            "--theta-rule link under momentum needs --momentum-kind quasi-global "
+            "(with a local momentum the agents fall apart); or use --momentum 0"
+        )
 
 
 def _plain(value):

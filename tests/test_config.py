@@ -99,6 +99,10 @@ def test_non_finite_float_flags_are_one_usage_line(capsys, name):
             {"theta_rule": "link", "algorithm": "pc-asgd"},
             "--theta-rule link needs --mode lockstep",
         ),
+        (
+            {"theta_rule": "link", "algorithm": "pc-asgd", "mode": "lockstep", "momentum": 0.9},
+            "--theta-rule link under momentum needs --momentum-kind quasi-global",
+        ),
         ({"algorithm": "sgd"}, "--algorithm: must be one of dsgd, clip, predict, pc-asgd, pc-asgd-pv"),
         ({"slope": "curvature"}, "--slope: must be one of update, gradient, velocity"),
         ({"stop": "last"}, "--stop: must be one of first, each"),

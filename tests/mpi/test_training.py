@@ -386,3 +386,22 @@ def test_lockstep_link_prediction_follows_its_rule_and_the_pulls_of_a_link_cance
         resumed.step()
     resumed.finalize()
     assert torch.equal(flat(resumed_model), xs[-1])
+
+
+@pytest.mark.mpi(min_size=2)
+def test_link_prediction_refuses_a_local_momentum_and_async_mode():
+    world = init("ring", comm=comm)
+    model = torch.nn.Linear(3, 1)
+    for momentum, kw, words in [
+        (0.9, {"mode": "lockstep"}, "needs --momentum-kind quasi-global"),
+        (0.0, {"mode": "async"}, "needs --mode lockstep"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            DistributedOptimizer(
+                torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum),
+                model,
+                world=world,
+                algorithm="pc-asgd",
+                theta_rule="link",
+                **kw,
+            )
