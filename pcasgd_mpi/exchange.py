@@ -423,7 +423,10 @@ class Exchange:
         for _, buf in self._held:  # a delayed message not yet released at the end is not sent
             buf.held = False
         self._held.clear()
+        started = time.monotonic()
         self._survivors = self.comm.Shrink() if shrink else self.comm
+        # The shrink waits for the slowest survivor; the barriers keep the time they had before it.
+        deadline += time.monotonic() - started
 
         def barrier(what: str) -> None:
             req = self._survivors.Ibarrier()

@@ -518,11 +518,20 @@ class DistributedOptimizer(RuleStep):
         only the surviving ranks take part, and afterwards `average()` and `consensus_distance()`
         run among them (`failed_ranks` names the others).
         """
-        deadline = self._deadline()
-        self.roster.finish(
-            deadline, tolerate_failures=self.fault_tolerant, poll=self._keep_flowing, step=self.step_count
-        )
-        survivors = self.exchange.close(deadline, shrink=self.fault_tolerant)
+        while True:
+            self.roster.finish(
+                self._deadline(),
+                tolerate_failures=self.fault_tolerant,
+                poll=self._keep_flowing,
+                step=self.step_count,
+                interrupted=self._failure_seen,
+            )
+            if not (self.fault_tolerant and self._failure_seen()):
+                break
+            # A rank died near the end: this rank repairs now, those still training at their next
+            # step, and they all meet in the repair's shrink; then everyone is waited for again.
+            self._repair(self.step_count)
+        survivors = self.exchange.close(self._deadline(), shrink=self.fault_tolerant)
         self.roster.free()
         if self.fault_tolerant:
             self.collective_comm = survivors
@@ -558,6 +567,9 @@ class DistributedOptimizer(RuleStep):
         )
         if self.on_repair is not None:
             self.on_repair(record)
+
+    def _failure_seen(self) -> bool:
+        return bool(self.exchange.failed) or self.exchange.revoked or self.roster.saw_failure
 
     def _keep_flowing(self) -> None:
         # Neighbours that are still training may wait on this rank's messages (lockstep).

@@ -11,12 +11,13 @@ the ranks whose done notice never came are the ones to name when the end of a jo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntEnum
 
 import numpy as np
 from mpi4py import MPI
 
-from .collectives import Timeout, spin
+from .collectives import spin
 
 TAG = 7402
 
@@ -94,11 +95,20 @@ class Roster:
         self._sends = [(r, m) for r, m in self._sends if not _test(r)]
         return self.stop_reason
 
-    def finish(self, deadline: float, *, tolerate_failures: bool = False, poll=None, step: int = 0) -> list[int]:
+    def finish(
+        self,
+        deadline: float,
+        *,
+        tolerate_failures: bool = False,
+        poll=None,
+        step: int = 0,
+        interrupted: Callable[[], bool] | None = None,
+    ) -> None:
         """Tell everyone this rank is done and wait for every other rank's done notice.
 
-        Returns the ranks that never said so by the deadline when `tolerate_failures` (ULFM:
-        dead ranks), otherwise raises `Timeout` naming them.
+        With `tolerate_failures` (ULFM) it also returns as soon as a rank is known dead (`saw_failure`)
+        or `interrupted()` holds: the caller repairs first, and waits again on the repaired world.
+        A rank that never says it is done by the deadline is named in the `Timeout`.
         """
         if not self._sent_done:
             self._sent_done = True
@@ -108,14 +118,30 @@ class Roster:
             if poll is not None:
                 poll()
             self.poll()
-            return self._broken or self.done.issuperset(r for r in self.others if r not in self.failed)
+            if tolerate_failures:
+                self._learn_failures()
+                if self.saw_failure or (interrupted is not None and interrupted()):
+                    return True
+            return self.done.issuperset(self.others)
 
+        spin(all_done, deadline, lambda: _missing_text(self.missing()))
+
+    @property
+    def saw_failure(self) -> bool:
+        return self._broken or bool(self.failed)
+
+    def _learn_failures(self) -> None:
+        """ULFM: the ranks this process already knows dead. A rank that died late in training may be
+        known dead here before any message to or from it failed."""
         try:
-            spin(all_done, deadline, lambda: _missing_text(self.missing()))
-        except Timeout:
-            if not tolerate_failures:
-                raise
-        return self.missing()
+            group = self.comm.Get_failed()
+        except (MPI.Exception, NotImplementedError):
+            return
+        try:
+            ranks = MPI.Group.Translate_ranks(group, list(range(group.Get_size())), self.comm.Get_group())
+            self.failed.update(int(r) for r in ranks if r != MPI.UNDEFINED)
+        finally:
+            group.Free()
 
     def missing(self) -> list[int]:
         return sorted(set(self.others) - self.done)

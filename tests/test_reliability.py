@@ -192,6 +192,25 @@ def test_with_ulfm_the_survivors_of_a_killed_rank_finish_and_report(tmp_path):
 
 
 @pytest.mark.mpi
+def test_with_ulfm_a_rank_killed_just_before_the_end_still_leaves_the_survivors_finishing(tmp_path):
+    """The survivors may finish training before any message tells them of the death: the end of
+    training must learn it from ULFM itself and not spend its whole wait on the dead rank."""
+    out = tmp_path / "late"
+    cmd = mpirun_prefix(4) + [
+        *ULFM,
+        sys.executable,
+        str(ROOT / "tests" / "scripts" / "die_on_rank.py"),
+        *("train", "--no-progress", "--fault-tolerant", "--steps", "800", "--stop", "each"),
+        *("--timeout", "30", "--out", str(out)),
+    ]
+    proc = run(cmd, timeout=240, env={"DIE_RANK": "2", "DIE_STEP": "798"})
+    assert proc.returncode == 3, proc.stderr[-5000:]
+    summary = _summary(out)
+    assert summary["survivors"] == [0, 1, 3] and summary["failed_ranks"] == [2]
+    assert summary["steps"] == [800, 800, 800]
+
+
+@pytest.mark.mpi
 def test_without_ulfm_a_killed_rank_stops_the_job_with_its_name(tmp_path):
     proc = _die_on_rank_2(tmp_path / "run")  # fails the test if the job outlives its time limit
     assert proc.returncode != 0
