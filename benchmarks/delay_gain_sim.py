@@ -31,6 +31,10 @@ is known, and the pull is
 
 (γ = `--link-gain`, by default `rule.link_gain`: half the edge of this loop on the ring, with the
 momentum). It leaves unseen only what the two ends' other links and data did in the last d steps.
+`link-own-qgm` is the same pull where the two directions of a link differ, as with the grids'
+`ranks:0,2,4,6:d` (messages from the even agents d steps late, from the odd ones on time), and each
+end uses its own late pair instead of the link's common one, as an async rank would: the pulls of
+a link no longer cancel (γ as for `link-qgm` at delay d).
 
     python benchmarks/delay_gain_sim.py                       # MNIST-1D CNN, 8-ring, fixed:8, 3 seeds
     python benchmarks/delay_gain_sim.py --seeds 0 --lrs 0.1 --partitions iid
@@ -56,7 +60,7 @@ if str(ROOT) not in sys.path:
 from pcasgd_mpi import data, models, rule, topology  # noqa: E402
 from pcasgd_mpi import rule as rule_math  # noqa: E402  (run() names its argument `rule`)
 
-RULES = ("dsgd", "dsgd-late", "whole", "whole-qgm", "whole-gt-qgm", "link-qgm")
+RULES = ("dsgd", "dsgd-late", "whole", "whole-qgm", "whole-gt-qgm", "link-qgm", "link-own-qgm")
 
 
 def delay_gain(delay: int, mu_max: float, margin: float, momentum: float = 0.0) -> float:
@@ -76,6 +80,22 @@ def link_action(late, C, links, gain: float):
     return gain * links[:, :, None] * (late[None, :, :] - late[:, None, :] - 2 * C)
 
 
+def own_pair_action(history, actions, lags, links, gain: float):
+    """link-own-qgm: a^{jl} from j's own late pair (x^l, x^j at k − lags[j][l]) and j's own pulls
+    of the last lags[j][l] steps. ``history``: x_{k−d} … x_k; ``actions``: the pulls of the last
+    steps, newest last."""
+    H = torch.stack(history)
+    n = H.shape[1]
+    ready = lags < len(history)
+    slot = (len(history) - 1 - lags).clamp(min=0)
+    x_l = H[slot, torch.arange(n)[None, :]]
+    x_j = H[slot, torch.arange(n)[:, None]]
+    pulled = torch.zeros_like(x_l)
+    for age, past in enumerate(reversed(actions), start=1):
+        pulled += (age <= lags).to(past.dtype)[:, :, None] * past
+    return gain * (links * ready)[:, :, None] * (x_l - x_j - 2 * pulled)
+
+
 def run(ds, rule: str, *, partition: str, lr: float, seed: int, args) -> dict:
     n, delay = args.agents, (0 if rule == "dsgd" else args.delay)
     W = torch.tensor(topology.mixing_matrix(topology.build("ring", n), "metropolis"), dtype=torch.float32)
@@ -86,8 +106,11 @@ def run(ds, rule: str, *, partition: str, lr: float, seed: int, args) -> dict:
     theta_y = delay_gain(delay, mu_max, args.margin, 0.0)
     links = W * (1 - torch.eye(n))
     gain = args.link_gain
-    if rule == "link-qgm" and gain is None:
+    lags = torch.tensor([[delay if l % 2 == 0 else 0 for l in range(n)] for _ in range(n)])
+    if rule in ("link-qgm", "link-own-qgm") and gain is None:
         gain = rule_math.link_gain(W.numpy(), (links > 0).int().numpy() * delay, momentum=args.momentum)
+    if rule in ("link-qgm", "link-own-qgm"):
+        theta = gain  # reported as the run's θ
     actions, C = [], 0.0  # link-qgm: a^{jl}_t of the last d steps and their sum
     shards = data.partition(ds.y_train.numpy(), n, partition, seed=seed)
     samplers = [data.ShardSampler(s, args.batch, seed, r) for r, s in enumerate(shards)]
@@ -123,8 +146,12 @@ def run(ds, rule: str, *, partition: str, lr: float, seed: int, args) -> dict:
             step = -lr * (args.momentum * momentum + (Y if tracking else step))
         if delay == 0:
             mixed = W @ X
-        elif late is None:
+        elif late is None and rule != "link-own-qgm":
             mixed = X.clone()
+        elif rule == "link-own-qgm":
+            action = own_pair_action(history, actions, lags, links, gain)
+            mixed = X + action.sum(1)
+            actions = [*actions, action][-delay:] if delay else []
         elif rule == "link-qgm":
             action = link_action(late, C, links, gain)
             mixed = X + action.sum(1)
@@ -144,12 +171,15 @@ def run(ds, rule: str, *, partition: str, lr: float, seed: int, args) -> dict:
         if len(history) > delay + 1:
             history.pop(0)
         if not torch.isfinite(X).all():
-            return {"accuracy": float("nan"), "consensus": float("inf"), "theta": gain if rule == "link-qgm" else theta}
+            return {
+                "accuracy": float("nan"),
+                "consensus": float("inf"),
+                "theta": gain if rule.startswith("link") else theta,
+            }
     average = X.mean(0)
     vector_to_parameters(average, nets[0].parameters())
     with torch.no_grad():
         accuracy = (nets[0](ds.x_test).argmax(1) == ds.y_test).float().mean().item()
-    theta = gain if rule == "link-qgm" else theta
     return {"accuracy": accuracy, "consensus": float(((X - average) ** 2).sum(1).mean()), "theta": theta}
 
 

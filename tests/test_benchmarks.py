@@ -266,6 +266,24 @@ def test_link_prediction_sees_through_the_delay_of_its_own_pulls():
     assert float((ring - ring.mean()).abs().max()) < 1e-6
 
 
+def test_each_end_with_its_own_pair_is_the_link_rule_when_both_directions_are_alike():
+    import torch
+
+    import delay_gain_sim
+
+    n, d, dim = 5, 3, 4
+    gen = torch.Generator().manual_seed(0)
+    history = [torch.randn(n, dim, generator=gen) for _ in range(d + 1)]
+    actions = [torch.randn(n, n, dim, generator=gen) for _ in range(d)]
+    links = torch.rand(n, n, generator=gen) * (1 - torch.eye(n))
+    alike = torch.full((n, n), d)
+    own = delay_gain_sim.own_pair_action(history, actions, alike, links, 0.4)
+    common = delay_gain_sim.link_action(history[0], sum(actions), links, 0.4)
+    torch.testing.assert_close(own, common)
+    fresh = delay_gain_sim.own_pair_action(history, actions, torch.zeros(n, n, dtype=torch.long), links, 0.4)
+    torch.testing.assert_close(fresh, delay_gain_sim.link_action(history[-1], 0.0, links, 0.4))
+
+
 def test_delay_gain_simulation_runs_every_rule():
     cmd = [
         sys.executable,
@@ -276,7 +294,15 @@ def test_delay_gain_simulation_runs_every_rule():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [r["rule"] for r in rows] == ["dsgd", "dsgd-late", "whole", "whole-qgm", "whole-gt-qgm", "link-qgm"]
+    assert [r["rule"] for r in rows] == [
+        "dsgd",
+        "dsgd-late",
+        "whole",
+        "whole-qgm",
+        "whole-gt-qgm",
+        "link-qgm",
+        "link-own-qgm",
+    ]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows), rows
     assert rows[0]["theta"] is None and rows[2]["theta"] > rows[3]["theta"] > 0, "the momentum lowers the edge"
     assert rows[4]["theta"] == rows[3]["theta"]
