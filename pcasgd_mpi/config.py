@@ -305,10 +305,9 @@ class TrainConfig:
                 "--overwrite starts it afresh: give one"
             )
         check_rule_settings(self.theta, self.lam, self.lam_mode, self.resolved_tolerance(), self.horizon)
-        check_kinds(self.theta_rule, self.momentum_kind, self.algorithm, self.mode)
+        check_kinds(self.theta_rule, self.momentum_kind, self.algorithm, self.mode, self.momentum)
         if self.momentum_kind is MomentumKind.QUASI_GLOBAL and not self.momentum > 0:
             raise ValueError("--momentum-kind quasi-global needs a momentum > 0 (--momentum 0.9, say)")
-        check_link_momentum(self.theta_rule, self.momentum_kind, self.momentum)
         self.balance = resolve_balance(self.balance, self.mode)
 
     # ------------------------------------------------------------------ building one
@@ -461,10 +460,14 @@ def check_rule_settings(theta: float, lam: float, lam_mode: str, tolerance: int,
 
 
 def check_kinds(
-    theta_rule: ThetaRule | str, momentum_kind: MomentumKind | str, algorithm: Algorithm | str, mode: Mode | str
+    theta_rule: ThetaRule | str,
+    momentum_kind: MomentumKind | str,
+    algorithm: Algorithm | str,
+    mode: Mode | str,
+    momentum: float = 0.0,
 ) -> None:
-    """--theta-rule and --momentum-kind against the algorithm and mode, for the command line and the
-    API alike (the wrapped optimizer itself is checked by momentum.check)."""
+    """--theta-rule and --momentum-kind against the algorithm, mode and momentum, for the command line
+    and the API alike (the wrapped optimizer itself is checked by momentum.check)."""
     rule = ThetaRule(theta_rule)
     if rule is not ThetaRule.FIXED and Algorithm(algorithm) is not Algorithm.PC_ASGD:
         raise ValueError(
@@ -478,12 +481,9 @@ def check_kinds(
         )
     if MomentumKind(momentum_kind) is MomentumKind.QUASI_GLOBAL and Algorithm(algorithm) is Algorithm.ALLREDUCE:
         raise ValueError("--momentum-kind quasi-global is for the decentralized algorithms; allreduce has one model")
-
-
-def check_link_momentum(theta_rule: ThetaRule | str, momentum_kind: MomentumKind | str, momentum: float) -> None:
-    """A local momentum carries a rank's own gradients on while the links pull it back late: with
-    --theta-rule link that resonance made the agents fall apart (RESULTS-fidelity.md section 15)."""
-    if ThetaRule(theta_rule) is ThetaRule.LINK and MomentumKind(momentum_kind) is MomentumKind.LOCAL and momentum > 0:
+    # A local momentum carries a rank's own gradients on while the links pull it back late: with
+    # --theta-rule link that resonance made the agents fall apart (RESULTS-fidelity.md section 15).
+    if rule is ThetaRule.LINK and MomentumKind(momentum_kind) is MomentumKind.LOCAL and momentum > 0:
         raise ValueError(
             "--theta-rule link under momentum needs --momentum-kind quasi-global "
             "(with a local momentum the agents fall apart); or use --momentum 0"

@@ -53,31 +53,25 @@ class LinkPulls:
         self.own = _Ring(depth, numel, dtype, device)
         # the pulls of steps k − D … k − 1 (depth D + 1: the one leaving is read after the new one is put)
         self.pulls = {n: _Ring(d + 1, numel, dtype, device) for n, (_, d) in self.links.items() if d > 0}
-        self.pulled = {n: torch.zeros(numel, dtype=dtype, device=device) for n in self.pulls}
+        self.pulled = {n: torch.zeros(numel, dtype=dtype, device=device) for n in self.links}  # 0 when D = 0
         self._now = {n: torch.zeros(numel, dtype=dtype, device=device) for n in self.links}
-        self._active: set[int] = set()
         self._step: int | None = None
 
     def pull(self, k: int, x_k: torch.Tensor, late: dict[int, torch.Tensor | None], out: torch.Tensor) -> list[int]:
         """Writes Σ_l a^{jl}_k into ``out``; ``late[l]`` is x^l_{k−D} (None: not held, no pull).
         Returns the neighbours pulled."""
         self.own.put(k, x_k)
-        self._step, self._active = k, set()
+        self._step, pulled_from = k, []
         out.zero_()
-        zero = None
         for n, (weight, delay) in self.links.items():
             x_l, x_j = late.get(n), self.own.get(k - delay)
             if x_l is None or x_j is None:
+                self._now[n].zero_()
                 continue
-            if n in self.pulled:
-                pulled = self.pulled[n]
-            else:
-                zero = torch.zeros_like(x_k) if zero is None else zero
-                pulled = zero
-            rule.link_pull(x_l, x_j, pulled, self.gain, weight, out=self._now[n])
+            rule.link_pull(x_l, x_j, self.pulled[n], self.gain, weight, out=self._now[n])
             out.add_(self._now[n])
-            self._active.add(n)
-        return sorted(self._active)
+            pulled_from.append(n)
+        return pulled_from
 
     def commit(self) -> None:
         """Keeps the pulls of the step last computed: C ← C + a_k − a_{k−D}."""
@@ -86,8 +80,8 @@ class LinkPulls:
             return
         for n, ring in self.pulls.items():
             delay = self.links[n][1]
-            ring.put(k, self._now[n] if n in self._active else torch.zeros_like(self._now[n]))
-            self.pulled[n].add_(ring.get(k))
+            ring.put(k, self._now[n])  # zero when the link did not pull
+            self.pulled[n].add_(self._now[n])
             leaving = ring.get(k - delay)
             if leaving is not None:
                 self.pulled[n].sub_(leaving)
@@ -105,4 +99,5 @@ class LinkPulls:
         self.own.load_state_dict(state["own"])
         for n, ring in self.pulls.items():
             ring.load_state_dict(state["pulls"][str(n)])
-            self.pulled[n].copy_(state["pulled"][str(n)])
+        for n, c in self.pulled.items():
+            c.copy_(state["pulled"].get(str(n), torch.zeros_like(c)))

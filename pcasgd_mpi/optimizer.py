@@ -27,7 +27,6 @@ from .config import (
     ThetaRule,
     TrainConfig,
     check_kinds,
-    check_link_momentum,
     check_rule_settings,
     resolve_balance,
 )
@@ -608,9 +607,8 @@ def _is_plain_sgd(opt: torch.optim.Optimizer) -> bool:
 
 def _check_settings(opt: DistributedOptimizer, link_delay: float) -> None:
     check_rule_settings(opt.theta, opt.lam, opt.lam_mode, opt.tolerance, opt.horizon)
-    check_kinds(opt.theta_rule, opt.momentum_kind, opt.algorithm, opt.mode)
     momentum = max((float(g.get("momentum", 0.0) or 0.0) for g in opt.inner.param_groups), default=0.0)
-    check_link_momentum(opt.theta_rule, opt.momentum_kind, momentum)
+    check_kinds(opt.theta_rule, opt.momentum_kind, opt.algorithm, opt.mode, momentum)
     if opt.theta_rule is ThetaRule.LINK and type(opt.inner) is not torch.optim.SGD:
         opt._warn(
             "--theta-rule link was measured with torch.optim.SGD only (plain, or with quasi-global momentum); "

@@ -443,8 +443,8 @@ def link_edge(W: tuple[tuple[float, ...], ...], delays: tuple[tuple[int, ...], .
     p_{k+1} = β p_k − (1 − β) u_k (p = α m). It has no closed form on a graph: each trial gain is
     run for LINK_STEPS steps from a fixed random start of mean zero (the mean never moves: the
     pulls of a link cancel) and counts as stable when the disagreement shrank over the second half
-    (or vanished).
-    Bisection between 0 and 2 (the stable gains form an interval; checked in tests/test_rule.py).
+    (or vanished). Bisection between 0 and 2, taking the stable gains to form an interval from 0
+    (tests/test_links.py steps the rank's own bookkeeping on a ring below and above the edge).
     """
     import numpy as np  # noqa: PLC0415  (an analysis of the graph, run once per job)
 

@@ -66,6 +66,22 @@ def test_a_ring_settles_at_the_gain_of_its_loop_and_keeps_its_mean():
     assert gain > 2 * rule.stable_edge(8) / topology.largest_disagreement_rate(W)
 
 
+def test_the_edge_parts_the_gains_that_settle_from_those_that_grow():
+    W = np.array(topology.mixing_matrix(topology.build("ring", 8), "metropolis"))
+    delays = np.where((W > 0) & ~np.eye(8, dtype=bool), 8, 0)
+    edge = rule.link_edge(tuple(map(tuple, W)), tuple(map(tuple, delays)))
+    start = torch.tensor(np.random.default_rng(2).standard_normal(8))
+
+    def spread(gain: float) -> float:
+        xs, _ = run(W, 8, gain, 1500, start)
+        return float((xs[-1] - xs[-1].mean()).abs().max())
+
+    initial = float((start - start.mean()).abs().max())
+    for fraction in (0.3, 0.6, 0.9):
+        assert spread(fraction * edge) < initial, fraction
+    assert spread(1.15 * edge) > initial
+
+
 def test_a_step_made_again_counts_once_and_a_checkpoint_continues_exactly():
     W = np.array(topology.mixing_matrix(topology.build("ring", 4), "metropolis"))
     start = torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=torch.float64)
