@@ -121,7 +121,11 @@ class RuleStep:
         on_predict = None
         if self.algorithm is Algorithm.PC_ASGD_AV:
             thetas, reaches, on_predict = self._av_blend(view, x_k)
-            info.thetas = {n: t for n, t, s in zip(self.neighbours, thetas, stale) if s}
+            # The measured blend, held inside the delayed loop's stable region (ALGORITHM.md,
+            # "Adaptive variant"): the cap and the pull on both ends of a late link are θ by the delay's.
+            caps, nbs, w_self, info.thetas = self._stable_thetas(nbs, stale, w_self, info.step, view.made_at, view.back)
+            thetas = [min(t, c) if s else t for t, c, s in zip(thetas, caps, stale)]
+            info.thetas.update({n: t for n, t, s in zip(self.neighbours, thetas, stale) if s})
         elif self.algorithm is Algorithm.PC_ASGD and self.theta_rule is ThetaRule.STABLE:
             thetas, nbs, w_self, info.thetas = self._stable_thetas(
                 nbs, stale, w_self, info.step, view.made_at, view.back

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from pcasgd_mpi import data, models, topology
+from pcasgd_mpi import data, models, rule, topology
 from pcasgd_mpi.optimizer import DistributedOptimizer
 from pcasgd_mpi.trainer import TrainConfig, run
 from pcasgd_mpi.transport import CudaAwareTransport
@@ -152,11 +152,14 @@ def test_adaptive_variant_measures_substitutes_and_reports_theta(tmp_path):
             assert 0.0 <= av["theta"] <= 1.0 and 0.0 <= av["reach"] <= 1.0
             # E_PC is an inner product of the two errors: Cauchy–Schwarz bounds it
             assert abs(av["cross"]) <= av["e_p"] * av["e_c"] * (1 + 1e-9)
+        # the θ used is the measured one capped by θ by the delay of a link 3 steps late
+        W = topology.mixing_matrix(topology.build("ring", size))
+        cap = round(rule.stable_theta(3, topology.largest_disagreement_rate(W)), 4)
         lines = [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
         thetas = [t for l in lines if "theta" in l for t in l["theta"].values()]
-        assert thetas and all(0.0 <= t <= 1.0 for t in thetas)
-        assert thetas[0] == 0.5, "before the first measurement θ is 0.5"
-        assert len(set(thetas)) > 1, "θ must move once errors are measured"
+        assert thetas and all(0.0 <= t <= cap for t in thetas), (cap, thetas)
+        assert thetas[0] == min(0.5, cap), "before the first measurement the measured θ is 0.5"
+        assert any(av["theta"] != 0.5 for _, _, av in states), "θ_l must move once errors are measured"
 
 
 @pytest.mark.mpi(min_size=2)
@@ -272,8 +275,6 @@ def test_lockstep_movement_with_theta_by_the_delay_follows_its_rule_on_both_ends
     """ranks:0,2:3 on a ring: a link to rank 0 or 2 has one late direction. Each rank's step must be
     x_{k+1} = x_k + Δ_k + Σ_l θ_jl W_jl (x^l_{k−d_l} − x^j_{k−d_l}), θ_jl = θ(3) on both ends of such a
     link (the end that sees a fresh copy pulls with θ too) and 1 elsewhere, whatever the momentum."""
-    from pcasgd_mpi import rule
-
     late, lag, steps, lr = (0, 2), 3, 14, 0.1
     torch.manual_seed(rank)
     model = torch.nn.Linear(3, 1)
@@ -314,13 +315,58 @@ def test_lockstep_movement_with_theta_by_the_delay_follows_its_rule_on_both_ends
 
 
 @pytest.mark.mpi(min_size=4)
+def test_lockstep_adaptive_variant_stays_within_theta_by_the_delay_on_both_ends_of_a_late_link():
+    """ranks:0:4 on a ring: rank 0's messages arrive 4 steps late. Its neighbours blend the stale copy
+    with their measured θ_l, but never above θ by the delay; rank 0 sees fresh copies and pulls
+    towards them with θ by the delay too (both ends of the link alike): x_{k+1} = x_k + Δ_k +
+    Σ_l θ W_jl (x^l_k − x^j_k). Rank 2, whose links are on time, mixes fully and logs no θ."""
+    lag, steps, lr = 4, 30, 0.1
+    torch.manual_seed(rank)
+    model = torch.nn.Linear(3, 1)
+    world = init("ring", comm=comm)
+    opt = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=lr),
+        model,
+        world=world,
+        algorithm="pc-asgd-av",
+        mode="lockstep",
+        delay=f"ranks:0:{lag}",
+    )
+    flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()  # noqa: E731
+    xs, deltas, infos = [], [], []
+    for _ in range(steps):
+        xs.append(flat())
+        opt.zero_grad()
+        (model(torch.randn(4, 3)) ** 2).mean().backward()
+        infos.append(opt.step())
+        deltas.append(opt._delta.clone())
+    xs.append(flat())
+    opt.finalize()
+    every = [torch.tensor(a) for a in comm.allgather(torch.stack(xs).numpy())]
+    cap = rule.stable_theta(lag, world.mu_max)
+    assert cap < 0.5, "the cap must bind below AV's starting θ for this test to mean anything"
+    late_links = [n for n in world.neighbours if n == 0 or rank == 0]
+    for k in range(lag, steps):
+        thetas = infos[k].thetas or {}
+        assert set(thetas) == set(late_links), (k, thetas)
+        if rank == 0:
+            assert all(t == cap for t in thetas.values()), (k, thetas)
+            expected = every[0][k] + deltas[k]
+            for n in world.neighbours:
+                expected = expected + world.W[0, n] * cap * (every[n][k] - every[0][k])
+            torch.testing.assert_close(every[0][k + 1], expected, rtol=0, atol=1e-6)
+        elif late_links:
+            assert 0.0 <= thetas[0] <= cap, (k, thetas)
+    if rank != 0 and late_links:
+        assert infos[-1].thetas[0] == min(opt.trackers[0].theta, cap), "the measured θ_l, capped"
+
+
+@pytest.mark.mpi(min_size=4)
 def test_lockstep_link_prediction_follows_its_rule_and_the_pulls_of_a_link_cancel():
     """ranks:0,2:3 on a ring: every link has a late direction, so both its ends use the pair of step
     k − 3 and x_{k+1} = x_k + Δ_k + Σ_l a^{jl}_k, a^{jl}_k = γ W_jl (x^l_{k−3} − x^j_{k−3} − 2 C^{jl}_k),
     C the pulls of the last 3 steps. Summed over the ranks the pulls vanish: the average model moves
     by the average local step alone. A checkpoint taken midway continues to the same bits."""
-    from pcasgd_mpi import rule
-
     lag, steps, half = 3, 14, 7
     torch.manual_seed(rank)
     world = init("ring", comm=comm)
