@@ -269,38 +269,46 @@ def test_allreduce_through_device_collectives_gives_the_same_bits():
     assert not torch.equal(results[0], initial), "five steps must have moved the weights"
 
 
+def _linear_trajectories(steps: int, momentum: float = 0.0, **options):
+    """Every rank trains a tiny linear model in lockstep; returns every rank's weights at each step,
+    this rank's own local steps Δ_k, the StepInfo of each step, the optimizer and the world."""
+    torch.manual_seed(rank)
+    model = torch.nn.Linear(3, 1)
+    world = init("ring", comm=comm)
+    opt = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum), model, world=world, mode="lockstep", **options
+    )
+    flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()  # noqa: E731
+    xs, deltas, infos = [], [], []
+    for _ in range(steps):
+        xs.append(flat())
+        opt.zero_grad()
+        (model(torch.randn(4, 3)) ** 2).mean().backward()
+        infos.append(opt.step())
+        deltas.append(opt._delta.clone())  # the wrapped optimizer's own step of this step
+    xs.append(flat())
+    opt.finalize()
+    every = [torch.tensor(a) for a in comm.allgather(torch.stack(xs).numpy())]
+    return every, deltas, infos, opt, world
+
+
 @pytest.mark.mpi(min_size=4)
 @pytest.mark.parametrize("momentum_kind", ["local", "quasi-global"])
 def test_lockstep_movement_with_theta_by_the_delay_follows_its_rule_on_both_ends_of_a_late_link(momentum_kind):
     """ranks:0,2:3 on a ring: a link to rank 0 or 2 has one late direction. Each rank's step must be
     x_{k+1} = x_k + Δ_k + Σ_l θ_jl W_jl (x^l_{k−d_l} − x^j_{k−d_l}), θ_jl = θ(3) on both ends of such a
     link (the end that sees a fresh copy pulls with θ too) and 1 elsewhere, whatever the momentum."""
-    late, lag, steps, lr = (0, 2), 3, 14, 0.1
-    torch.manual_seed(rank)
-    model = torch.nn.Linear(3, 1)
-    world = init("ring", comm=comm)
-    opt = DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
-        model,
-        world=world,
+    late, lag, steps = (0, 2), 3, 14
+    every, deltas, infos, _, world = _linear_trajectories(
+        steps,
+        momentum=0.9,
         algorithm="pc-asgd",
-        mode="lockstep",
         theta_rule="stable",
         slope="movement",
         momentum_kind=momentum_kind,
         delay=f"ranks:0,2:{lag}",
     )
-    flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()  # noqa: E731
-    xs, deltas = [], []
-    for _ in range(steps):
-        xs.append(flat())
-        opt.zero_grad()
-        (model(torch.randn(4, 3)) ** 2).mean().backward()
-        info = opt.step()
-        deltas.append(opt._delta.clone())  # the wrapped optimizer's own step of this step
-    xs.append(flat())
-    opt.finalize()
-    every = [torch.tensor(a) for a in comm.allgather(torch.stack(xs).numpy())]
+    info = infos[-1]
     beta = 0.9 if momentum_kind == "quasi-global" else 0.0  # quasi-global momentum carries the mixing too
     theta = rule.stable_theta(lag, world.mu_max, momentum=beta)
     linked = [n for n in world.neighbours if n in late or rank in late]
@@ -320,29 +328,8 @@ def test_lockstep_adaptive_variant_stays_within_theta_by_the_delay_on_both_ends_
     with their measured θ_l, but never above θ by the delay; rank 0 sees fresh copies and pulls
     towards them with θ by the delay too (both ends of the link alike): x_{k+1} = x_k + Δ_k +
     Σ_l θ W_jl (x^l_k − x^j_k). Rank 2, whose links are on time, mixes fully and logs no θ."""
-    lag, steps, lr = 4, 30, 0.1
-    torch.manual_seed(rank)
-    model = torch.nn.Linear(3, 1)
-    world = init("ring", comm=comm)
-    opt = DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=lr),
-        model,
-        world=world,
-        algorithm="pc-asgd-av",
-        mode="lockstep",
-        delay=f"ranks:0:{lag}",
-    )
-    flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()  # noqa: E731
-    xs, deltas, infos = [], [], []
-    for _ in range(steps):
-        xs.append(flat())
-        opt.zero_grad()
-        (model(torch.randn(4, 3)) ** 2).mean().backward()
-        infos.append(opt.step())
-        deltas.append(opt._delta.clone())
-    xs.append(flat())
-    opt.finalize()
-    every = [torch.tensor(a) for a in comm.allgather(torch.stack(xs).numpy())]
+    lag, steps = 4, 30
+    every, deltas, infos, opt, world = _linear_trajectories(steps, algorithm="pc-asgd-av", delay=f"ranks:0:{lag}")
     cap = rule.stable_theta(lag, world.mu_max)
     assert cap < 0.5, "the cap must bind below AV's starting θ for this test to mean anything"
     late_links = [n for n in world.neighbours if n == 0 or rank == 0]
