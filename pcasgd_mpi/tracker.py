@@ -95,36 +95,42 @@ class SubstitutionTracker:
         (E_C² − E_PC) / (E_P² + E_C² − 2 E_PC). Where the averages leave a choice open (the two
         substitutes coincide) the earlier value wins: θ = 0.5, r = 1.
         """
+        return self.within(1.0)
+
+    def within(self, top: float) -> tuple[float, float]:
+        """(θ, r) as ``blend``, with θ held to 0 ≤ θ ≤ top: the least averaged error over the
+        smaller triangle 0 ≤ θ r ≤ θ ≤ top, so that r is the best share for the θ allowed."""
+        top = min(1.0, max(0.0, float(top)))
         if self._gram is None:
-            return 0.5, 1.0
+            return min(0.5, top), 1.0
         g = self._gram.tolist()
         if not self._split:
-            return self._along_prediction(g), 1.0
-        return self._least_on_triangle(g)
+            return self._along_prediction(g, top), 1.0
+        return self._least_on_triangle(g, top)
 
-    def _along_prediction(self, g) -> float:
+    def _along_prediction(self, g, top: float) -> float:
         # v = u + ρ = x̂ − x^j: minimise ‖e_C + θ v‖²
         vv = g[1][1] + 2 * g[1][2] + g[2][2]
         cv = g[0][1] + g[0][2]
         if vv <= self.eps * max(1.0, g[0][0]):
-            return 0.5
-        return min(1.0, max(0.0, -cv / vv))
+            return min(0.5, top)
+        return min(top, max(0.0, -cv / vv))
 
-    def _least_on_triangle(self, g) -> tuple[float, float]:
+    def _least_on_triangle(self, g, top: float) -> tuple[float, float]:
         uu, ur, rr, cu, cr = g[1][1], g[1][2], g[2][2], g[0][1], g[0][2]
 
         def cost(a: float, b: float) -> float:  # the averaged error minus its constant E_C²
             return uu * a * a + 2 * ur * a * b + rr * b * b + 2 * cu * a + 2 * cr * b
 
-        def clamp(v: float, lo: float = 0.0, hi: float = 1.0) -> float:
-            return min(hi, max(lo, v))
+        def clamp(v: float) -> float:
+            return min(top, max(0.0, v))
 
         tiny = self.eps * max(1.0, g[0][0])
-        points = [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0)]
+        points = [(0.0, 0.0), (top, 0.0), (top, top)]
         if uu > tiny:  # edge b = 0
             points.append((clamp(-cu / uu), 0.0))
-        if rr > tiny:  # edge θ = 1
-            points.append((1.0, clamp(-(ur + cr) / rr)))
+        if rr > tiny:  # edge θ = top
+            points.append((top, clamp(-(ur * top + cr) / rr)))
         vv = uu + 2 * ur + rr
         if vv > tiny:  # edge b = θ
             a = clamp(-(cu + cr) / vv)
@@ -132,11 +138,11 @@ class SubstitutionTracker:
         det = uu * rr - ur * ur
         if det > tiny * max(uu, rr, tiny):
             a, b = (-(cu * rr) + cr * ur) / det, (-(cr * uu) + cu * ur) / det
-            if 0.0 <= b <= a <= 1.0:
+            if 0.0 <= b <= a <= top:
                 points.append((a, b))
         best = min(points, key=lambda p: cost(*p))
         if vv <= tiny and uu <= tiny:
-            return 0.5, 1.0  # both substitutes coincide with x^j: nothing to choose
+            return min(0.5, top), 1.0  # both substitutes coincide with x^j: nothing to choose
         a, b = best
         return a, (b / a if a > 0 else 1.0)
 

@@ -120,11 +120,10 @@ class RuleStep:
             return
         on_predict = None
         if self.algorithm is Algorithm.PC_ASGD_AV:
-            thetas, reaches, on_predict = self._av_blend(view, x_k)
-            # The measured blend, held inside the delayed loop's stable region (ALGORITHM.md,
-            # "Adaptive variant"): the cap and the pull on both ends of a late link are θ by the delay's.
+            # The blend of least measured error within the delayed loop's stable region (ALGORITHM.md,
+            # "Adaptive variant"): θ_l at most θ by the delay, which also pulls both ends of a late link.
             caps, nbs, w_self, info.thetas = self._stable_thetas(nbs, stale, w_self, info.step, view.made_at, view.back)
-            thetas = [min(t, c) if s else t for t, c, s in zip(thetas, caps, stale)]
+            thetas, reaches, on_predict = self._av_blend(view, x_k, caps)
             info.thetas.update({n: t for n, t, s in zip(self.neighbours, thetas, stale) if s})
         elif self.algorithm is Algorithm.PC_ASGD and self.theta_rule is ThetaRule.STABLE:
             thetas, nbs, w_self, info.thetas = self._stable_thetas(
@@ -183,9 +182,9 @@ class RuleStep:
             self._pv_buffers = (torch.empty_like(self.flat.data), torch.empty_like(self.flat.data))
         return self._pv_buffers
 
-    def _av_blend(self, view: View, x_k):
-        """θ_l and r_l from each tracker; measure the substitutes of earlier steps against what
-        arrived.
+    def _av_blend(self, view: View, x_k, caps):
+        """θ_l ≤ caps[i] and r_l from each tracker, the blend of least measured error with θ so
+        bounded; measure the substitutes of earlier steps against what arrived.
 
         Records are keyed by the sender's step: the substitute made now stands for the sender's
         weights at its current (estimated) step, and is measured against its message of that step.
@@ -197,7 +196,7 @@ class RuleStep:
             if self.mode is Mode.LOCKSTEP:  # async measures every message as it arrives instead
                 self._measure_overtaken(n, tracker, s)
             tracker.observe(s, nb.x)
-        thetas, reaches = zip(*(t.blend for t in trackers)) if trackers else ((), ())
+        thetas, reaches = zip(*(t.within(c) for t, c in zip(trackers, caps))) if trackers else ((), ())
 
         def record(i: int, x_hat: torch.Tensor) -> None:
             if view.sender_steps[i] is not None:

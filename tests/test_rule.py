@@ -454,6 +454,44 @@ def test_tracker_blend_minimises_the_measured_error_over_theta_and_reach():
     assert error(theta, reach) < min(error(a, 1.0) for a in grid)
 
 
+@pytest.mark.parametrize("top", [0.05, 0.3, 1.0])
+def test_tracker_blend_within_a_smaller_theta_takes_the_best_share_of_the_roll_forward_for_it(top):
+    # The stale copy lies beyond the truth and the roll-forward goes further that way and sideways:
+    # with θ free the best blend moves 2/3 of the way and takes none of it; held to a smaller θ, some
+    # of the roll-forward is worth taking.
+    gen = torch.Generator().manual_seed(5)
+    tr = SubstitutionTracker(beta=0.9)
+    cs, us, rhos = [], [], []
+    for t in range(60):
+        noise = lambda s: s * torch.randn(6, generator=gen, dtype=F64)  # noqa: E731
+        truth = noise(1.0)
+        x_self = truth + torch.tensor([1.0, 0, 0, 0, 0, 0], dtype=F64) + noise(0.05)
+        x_stale = truth + torch.tensor([-0.5, 0, 0, 0, 0, 0], dtype=F64) + noise(0.05)
+        x_hat = x_stale + torch.tensor([-1.0, 1.5, 0, 0, 0, 0], dtype=F64) + noise(0.05)
+        cs.append(x_self - truth), us.append(x_stale - x_self), rhos.append(x_hat - x_stale)
+        assert tr.record(t, x_hat, x_self, x_stale) and tr.observe(t, truth)
+    w = torch.tensor([0.9 ** (len(cs) - 1 - i) * (0.1 if i else 1.0) for i in range(len(cs))], dtype=F64)
+    c, u, rho = torch.stack(cs), torch.stack(us), torch.stack(rhos)
+
+    def error(theta, reach):  # ‖x^j + θ (x_s + r ρ − x^j) − x‖², averaged as the tracker does
+        return float((w * ((c + theta * (u + reach * rho)) ** 2).sum(1)).sum())
+
+    grid = [i / 100 for i in range(101)]
+    best = min(((top * a, r) for a in grid for r in grid), key=lambda ar: error(*ar))
+    theta, reach = tr.within(top)
+    assert 0.0 <= theta <= top and 0.0 <= reach <= 1.0
+    assert error(theta, reach) <= error(*best) + 1e-9
+    free_theta, free_reach = tr.blend
+    assert free_theta == pytest.approx(2 / 3, abs=0.05) and free_reach < 0.05
+    if top < free_theta:
+        # holding θ and keeping the share chosen for the free θ errs more
+        assert theta == pytest.approx(top) and reach > 0.3
+        assert error(theta, reach) < error(top, free_reach) - 1e-3
+    else:
+        assert (theta, reach) == (free_theta, free_reach)
+    assert SubstitutionTracker().within(0.2) == (0.2, 1.0), "before any measurement: 0.5, held to the bound"
+
+
 def test_tracker_without_the_stale_copy_keeps_the_whole_roll_forward():
     tr = SubstitutionTracker()
     tr.record(1, t64(3.0, 0.0), t64(1.0, 0.0))  # no x_s: θ along x̂ − x^j only
