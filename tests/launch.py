@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pcasgd_mpi.launch import LAUNCHER_DID_NOT_START, TRAIN, mpi_environment, mpirun_command, run_captured
@@ -51,3 +55,36 @@ def train_command(n: int, args: list[str], launcher_options: Sequence[str] = ())
 
 def train(n: int, args: list[str], timeout: float = 180, env: dict | None = None):
     return run(train_command(n, args), timeout, env)
+
+
+def start_until(
+    cmd: list[str], ready: Callable[[subprocess.Popen], bool], timeout: float, env: dict | None = None
+) -> subprocess.Popen:
+    """Start cmd in its own process group (output piped as text) and return it once ready(proc) holds.
+
+    A launch whose launcher did not start is made once more; a job that ends before it is ready, or
+    is not ready within `timeout` seconds, fails the test (its whole group killed)."""
+    for attempt in range(2):
+        proc = subprocess.Popen(
+            cmd,
+            env=mpi_env(env),
+            cwd=ROOT,
+            start_new_session=True,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and not ready(proc):
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                _, err = proc.communicate()
+                raise AssertionError(f"not ready after {timeout} s: {' '.join(cmd)}\n{err[-3000:]}")
+            time.sleep(0.05)
+        if proc.poll() is None:
+            return proc
+        _, err = proc.communicate()
+        if attempt == 0 and LAUNCHER_DID_NOT_START in err:
+            continue
+        raise AssertionError(f"ended (status {proc.returncode}) before it was ready: {' '.join(cmd)}\n{err[-3000:]}")
+    raise AssertionError("unreachable")

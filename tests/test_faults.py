@@ -5,12 +5,11 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from launch import ROOT, mpi_env, train_command
+from launch import run, start_until, train_command
 from pcasgd_mpi import checkpoint
 
 pytestmark = pytest.mark.mpi
@@ -50,24 +49,19 @@ def _rank_pids(root_pid: int) -> dict[int, int]:
     return found
 
 
-def _start(out: Path, args: list[str]) -> subprocess.Popen:
-    cmd = train_command(4, ["--out", str(out), *args])
-    return subprocess.Popen(
-        cmd, env=mpi_env(), cwd=ROOT, start_new_session=True, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+def _start_training(
+    out: Path, args: list[str], size: int = 4, lines: int = 20
+) -> tuple[subprocess.Popen, dict[int, int]]:
+    """Start a 4-rank training job; return it and its ranks' pids once every rank has logged `lines` steps."""
+    files = [out / "metrics" / f"rank-{r}.jsonl" for r in range(size)]
 
+    def ready(proc: subprocess.Popen) -> bool:
+        return (
+            all(f.exists() and f.read_text().count("\n") >= lines for f in files) and len(_rank_pids(proc.pid)) == size
+        )
 
-def _wait_training(proc: subprocess.Popen, out: Path, size: int = 4, lines: int = 20) -> dict[int, int]:
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "training did not start"
-        files = [out / "metrics" / f"rank-{r}.jsonl" for r in range(size)]
-        if all(f.exists() and f.read_text().count("\n") >= lines for f in files):
-            pids = _rank_pids(proc.pid)
-            if len(pids) == size:
-                return pids
-        time.sleep(0.1)
+    proc = start_until(train_command(4, ["--out", str(out), *args]), ready, 120)
+    return proc, _rank_pids(proc.pid)
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
@@ -84,9 +78,8 @@ def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
 def test_sigterm_to_one_rank_in_async_mode_stops_every_rank_with_a_checkpoint(tmp_path, victim):
     out = tmp_path / "run"
     slow = [a for r in range(4) for a in ("--straggler", f"{r}:3")]
-    proc = _start(out, ["--steps", "100000", "--timeout", "30", *slow])
+    proc, pids = _start_training(out, ["--steps", "100000", "--timeout", "30", *slow])
     try:
-        pids = _wait_training(proc, out)
         os.kill(pids[victim], signal.SIGTERM)
         code, err = _finish(proc, 90)
     finally:
@@ -101,9 +94,8 @@ def test_sigterm_to_one_rank_in_async_mode_stops_every_rank_with_a_checkpoint(tm
 
 def _freeze_one_rank(out: Path, args: list[str], victim: int) -> tuple[int, str]:
     """Start a job, SIGSTOP one rank once all train, and return how the job ended."""
-    proc = _start(out, args)
+    proc, pids = _start_training(out, args)
     try:
-        pids = _wait_training(proc, out)
         os.kill(pids[victim], signal.SIGSTOP)
         return _finish(proc, 120)
     finally:
@@ -147,8 +139,13 @@ def test_sigstop_of_one_rank_in_async_mode_is_named_at_the_end(tmp_path):
 
 def test_a_diverging_run_stops_with_one_line_and_a_failure_status(tmp_path):
     out = tmp_path / "run"
-    proc = _start(out, ["--mode", "lockstep", "--steps", "300", "--lr", "1e6", "--algorithm", "dsgd"])
-    code, err = _finish(proc, 180)
+    proc = run(
+        train_command(
+            4, ["--out", str(out), "--mode", "lockstep", "--steps", "300", "--lr", "1e6", "--algorithm", "dsgd"]
+        ),
+        180,
+    )
+    code, err = proc.returncode, proc.stderr
     assert code != 0
     ours = [line for line in err.splitlines() if line.startswith("pcasgd-mpi")]
     assert ours and "became inf or NaN" in ours[0] and "lower --lr" in ours[0], err[-3000:]
@@ -160,8 +157,8 @@ def test_a_diverging_run_stops_with_one_line_and_a_failure_status(tmp_path):
 def test_on_diverge_continue_finishes_the_run_and_names_the_diverged_ranks(tmp_path):
     out = tmp_path / "run"
     args = ["--mode", "lockstep", "--steps", "40", "--lr", "1e6", "--algorithm", "dsgd", "--on-diverge", "continue"]
-    proc = _start(out, args)
-    code, err = _finish(proc, 180)
+    proc = run(train_command(4, ["--out", str(out), *args]), 180)
+    code, err = proc.returncode, proc.stderr
     assert code == 0, err[-3000:]
     strict = dict(parse_constant=lambda c: pytest.fail(f"a bare {c} in the JSON output"))
     summary = json.loads((out / "summary.json").read_text(), **strict)

@@ -2,6 +2,9 @@ import os
 import sys
 import time
 
+import pytest
+
+from launch import start_until
 from pcasgd_mpi import launch
 
 
@@ -53,3 +56,20 @@ def test_env_rank_reads_the_launchers_variables(monkeypatch):
     assert launch.env_rank() == 5
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "2")
     assert launch.env_rank() == 2, "Open MPI's own variable comes first"
+
+
+def test_start_until_makes_a_launch_whose_launcher_did_not_start_once_more(tmp_path):
+    tries = tmp_path / "tries"
+    failing = f'echo x >> {tries}; echo "{launch.LAUNCHER_DID_NOT_START}" >&2; exit 213'
+    with pytest.raises(AssertionError, match="status 213"):
+        start_until(["sh", "-c", failing], lambda _: False, 10)
+    assert tries.read_text().count("x") == 2, "one launch, then once more"
+    other = f"echo x >> {tries}; echo 'another failure' >&2; exit 1"
+    with pytest.raises(AssertionError, match="another failure"):
+        start_until(["sh", "-c", other], lambda _: False, 10)
+    assert tries.read_text().count("x") == 3, "any other early end is not retried"
+    marker = tmp_path / "ready"
+    proc = start_until(["sh", "-c", f"touch {marker}; sleep 30"], lambda _: marker.exists(), 10)
+    assert proc.poll() is None
+    os.killpg(proc.pid, 9)
+    proc.communicate()

@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from launch import ROOT, mpi_env, mpirun_prefix, run, train, train_command
+from launch import ROOT, mpirun_prefix, run, start_until, train, train_command
 from pcasgd_mpi import checkpoint
 
 LOCKSTEP = ["--mode", "lockstep", "--algorithm", "pc-asgd-pv", "--delay", "random:0.5:3", "--steps", "60"]
@@ -62,18 +61,11 @@ def test_killed_run_resumes_to_the_identical_model(tmp_path, rule):
     out = tmp_path / "killed"
     # The straggler only sleeps, so it slows the run down enough to kill it midway without changing it.
     cmd = train_command(4, [*setting, "--out", str(out), "--checkpoint-every", "10", "--straggler", "0:30"])
-    proc = subprocess.Popen(
-        cmd, env=mpi_env(), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    proc = start_until(
+        cmd, lambda _: all(20 in checkpoint.steps_available(out / "checkpoints", r) for r in range(4)), 120
     )
-    deadline = time.monotonic() + 120
-    try:
-        while not all(20 in checkpoint.steps_available(out / "checkpoints", r) for r in range(4)):
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint of step 20 appeared"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
     assert not (out / "summary.json").exists()
     resumed = train(4, [*setting, "--out", str(out), "--checkpoint-every", "10", "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -87,16 +79,9 @@ def test_sigusr1_checkpoints_every_rank_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     args = ["--mode", "lockstep", "--steps", "100000", "--out", str(out), "--straggler", "1:5"]
     cmd = train_command(4, args)
-    proc = subprocess.Popen(
-        cmd, env=mpi_env(), cwd=ROOT, start_new_session=True, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    metrics = out / "metrics" / "rank-0.jsonl"
+    proc = start_until(cmd, lambda _: metrics.exists() and metrics.stat().st_size >= 2000, 90)
     try:
-        deadline = time.monotonic() + 90
-        while (
-            not (out / "metrics" / "rank-0.jsonl").exists() or (out / "metrics" / "rank-0.jsonl").stat().st_size < 2000
-        ):
-            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
-            time.sleep(0.1)
         proc.send_signal(signal.SIGUSR1)  # mpirun forwards it to every rank
         _, err = proc.communicate(timeout=60)
     finally:
