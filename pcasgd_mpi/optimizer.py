@@ -167,7 +167,7 @@ class DistributedOptimizer(RuleStep):
         size, W = self.world.size, self.world.W
         delays = [[self.delay.link_delay(a, b) if W[a, b] > 0 else 0 for b in range(size)] for a in range(size)]
         beta = 0.0 if self.quasi_global is None else self.quasi_global.beta
-        gain = rule.link_gain(self.world.W, delays, momentum=beta)
+        gain = rule.link_gain(W, delays, momentum=beta)
         links = {n: (self.world.weight(n), delays[self.world.rank][n]) for n in self.neighbours}
         return LinkPulls(links, gain, self.flat.numel, self.flat.dtype, self.flat.device)
 

@@ -139,14 +139,14 @@ class RuleStep:
         rule.mix(x_k, delta, w_self, nbs, thetas, on_predict=on_predict, out=x, reaches=reaches, **kw)
 
     def _stable_thetas(self, nbs, stale, w_self: float, k: int, made_at=None, backs=None):
-        """--theta-rule stable: θ_l from the lag of the link, the longer of its two directions
-        (ALGORITHM.md, "θ by the delay"). The lag of this rank's own copy at neighbour l is, in
-        lockstep, the delay model's (a function of sender, receiver and step) and, in async mode,
-        what l's newest message says (``backs``). A fresh neighbour whose copy of this rank is late
-        is then pulled towards with weight θ·W too, the rest staying with this rank's own weights,
-        so that both ends of the link pull alike. In async mode a stale copy's lag is counted in
-        this rank's own steps since the copy was made (the steps of the loop it closes) when the
-        trail holds them."""
+        """θ by the delay (--theta-rule stable, and the bound of pc-asgd-av's θ_l): θ_l from the lag
+        of the link, the longer of its two directions (ALGORITHM.md, "θ by the delay"). The lag of
+        this rank's own copy at neighbour l is, in lockstep, the delay model's (a function of
+        sender, receiver and step) and, in async mode, what l's newest message says (``backs``).
+        A fresh neighbour whose copy of this rank is late is then pulled towards with weight θ·W
+        too, the rest staying with this rank's own weights, so that both ends of the link pull
+        alike. In async mode a stale copy's lag is counted in this rank's own steps since the copy
+        was made (the steps of the loop it closes) when the trail holds them."""
         lockstep = self.mode is Mode.LOCKSTEP
         beta = 0.0 if self.quasi_global is None else self.quasi_global.beta  # its buffer carries the mixing too
         thetas, out, logged = [], list(nbs), {}

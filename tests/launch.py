@@ -64,7 +64,8 @@ def start_until(
 
     A launch whose launcher did not start is made once more; a job that ends before it is ready, or
     is not ready within `timeout` seconds, fails the test (its whole group killed)."""
-    for attempt in range(2):
+    retry = True
+    while True:
         proc = subprocess.Popen(
             cmd,
             env=mpi_env(env),
@@ -84,7 +85,7 @@ def start_until(
         if proc.poll() is None:
             return proc
         _, err = proc.communicate()
-        if attempt == 0 and LAUNCHER_DID_NOT_START in err:
-            continue
-        raise AssertionError(f"ended (status {proc.returncode}) before it was ready: {' '.join(cmd)}\n{err[-3000:]}")
-    raise AssertionError("unreachable")
+        if not (retry and LAUNCHER_DID_NOT_START in err):
+            what = f"ended (status {proc.returncode}) before it was ready: {' '.join(cmd)}"
+            raise AssertionError(f"{what}\n{err[-3000:]}")
+        retry = False
