@@ -118,24 +118,23 @@ class RuleStep:
             torch.add(x_k, delta, out=x).add_(self._pull)
             info.thetas = dict.fromkeys(pulled, self.links.gain)
             return
-        on_predict = None
-        if self.algorithm is Algorithm.PC_ASGD_AV:
-            # The blend of least measured error within the delayed loop's stable region (ALGORITHM.md,
-            # "Adaptive variant"): θ_l at most θ by the delay, which also pulls both ends of a late link.
-            caps, nbs, w_self, info.thetas = self._stable_thetas(nbs, stale, w_self, info.step, view.made_at, view.back)
-            thetas, reaches, on_predict = self._av_blend(view, x_k, caps)
-            info.thetas.update({n: t for n, t, s in zip(self.neighbours, thetas, stale) if s})
-        elif self.algorithm is Algorithm.PC_ASGD and self.theta_rule is ThetaRule.STABLE:
+        on_predict, reaches = None, None
+        av = self.algorithm is Algorithm.PC_ASGD_AV
+        if av or (self.algorithm is Algorithm.PC_ASGD and self.theta_rule is ThetaRule.STABLE):
+            # θ by the delay, which also pulls both ends of a late link; for AV it bounds the blend of
+            # least measured error (ALGORITHM.md, "Adaptive variant").
             thetas, nbs, w_self, info.thetas = self._stable_thetas(
                 nbs, stale, w_self, info.step, view.made_at, view.back
             )
-            reaches = None
+            if av:
+                thetas, reaches, on_predict = self._av_blend(view, x_k, thetas)
+                info.thetas.update({n: t for n, t, s in zip(self.neighbours, thetas, stale) if s})
         else:
             # PV without a stale neighbour: both candidates are x^C, the θ = 0 mix.
             theta = {Algorithm.CLIP: 0.0, Algorithm.PREDICT: 1.0, Algorithm.PC_ASGD_PV: 0.0}.get(
                 self.algorithm, self.theta
             )
-            thetas, reaches = [theta] * len(nbs), None
+            thetas = [theta] * len(nbs)
         rule.mix(x_k, delta, w_self, nbs, thetas, on_predict=on_predict, out=x, reaches=reaches, **kw)
 
     def _stable_thetas(self, nbs, stale, w_self: float, k: int, made_at=None, backs=None):
