@@ -16,7 +16,7 @@ import networkx as nx
 import torch
 from mpi4py import MPI
 
-from . import collectives, rule
+from . import collectives, momentum, rule
 from .config import (
     Algorithm,
     Balance,
@@ -34,7 +34,7 @@ from .delay import DelayModel, LinkDelays
 from .exchange import INITIAL, Exchange
 from .flat import FlatParameters
 from .links import LinkPulls
-from .momentum import QuasiGlobalMomentum
+from .momentum import QuasiGlobalMomentum, SharedMomentum
 from .neighbours import AsyncNeighbours, LockstepNeighbours, View
 from .roster import Roster, StopReason
 from .staleness import SenderClock, clock_offset
@@ -115,6 +115,7 @@ class DistributedOptimizer(RuleStep):
             if self.momentum_kind is MomentumKind.QUASI_GLOBAL
             else None
         )
+        self.shared_momentum = self._make_shared_momentum()
         self.step_count = 0
         # Collectives after training run among these ranks: all of them, or the survivors (ULFM).
         self.collective_comm: MPI.Comm = world.comm
@@ -158,6 +159,20 @@ class DistributedOptimizer(RuleStep):
             return None
         depth = self.delay.max_delay + 2 if self.mode is Mode.LOCKSTEP else 2 * (self.horizon + 1)
         return OwnTrail(self.flat.numel, self.flat.dtype, self.flat.device, depth)
+
+    def _make_shared_momentum(self) -> SharedMomentum | None:
+        """pc-asgd-av under a local momentum mixes the momentum buffers too (ALGORITHM.md "Adaptive variant")."""
+        if (
+            self.algorithm is not Algorithm.PC_ASGD_AV
+            or self.momentum_kind is not MomentumKind.LOCAL
+            or not momentum.has_momentum(self.inner)
+        ):
+            return None
+        reason = momentum.why_not_shared(self.inner, self.slope, self.balance)
+        if reason is not None:
+            self._warn(f"pc-asgd-av leaves each rank's momentum its own: {reason}")
+            return None
+        return SharedMomentum(self.inner, [p for _, p in self.flat.named])
 
     def _make_links(self) -> LinkPulls | None:
         """--theta-rule link: one γ for the whole graph (every rank computes the same), from the

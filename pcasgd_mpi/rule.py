@@ -37,6 +37,7 @@ __all__ = [
     "blend",
     "pv_choose",
     "mix",
+    "mix_momentum",
     "SubstitutionTracker",
     "link_pull",
     "link_edge",
@@ -598,3 +599,17 @@ def mix(
         elif s is Status.STALE and theta > 0.0:
             _add_prediction_(out, nb.weight * theta, nb, lr, lam, lam_mode, segments)
     return out
+
+
+def mix_momentum(m: Tensor, neighbours: Sequence[Neighbour], *, tolerance: int, horizon: int) -> Tensor:
+    """Section "Adaptive variant", momentum consensus: (1 − Σ_l W_jl) m^j + Σ_l W_jl m^l_s over the
+    neighbours whose newest message is fresh or stale, ``nb.grad`` being the momentum m^l_s it
+    carries; a dropped neighbour, or one whose message has no momentum, counts as m^j. Every weight
+    is in [0, 1] and they sum to at most 1, so the result is a convex combination of buffers, old
+    and new, whatever their age. A new tensor; m is not written.
+    """
+    used = [nb for nb in neighbours if nb.grad is not None and classify(nb, tolerance, horizon) is not Status.DROPPED]
+    out = torch.zeros_like(m)
+    for nb in used:
+        out.add_(nb.grad, alpha=nb.weight)
+    return out.add_(m, alpha=1.0 - sum(nb.weight for nb in used))

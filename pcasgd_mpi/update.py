@@ -63,6 +63,7 @@ class RuleStep:
         """
         if not self.check_finite:
             self._update(x_k, view, closure, info)
+            self._share_momentum(view.neighbours)
             return
         nbs = [
             left_out(nb) if s is not None and s == self._bad_step[n] else nb
@@ -71,6 +72,7 @@ class RuleStep:
         view.neighbours = nbs
         self._update(x_k, view, closure, info)
         if all_finite(self.flat.data):
+            self._share_momentum(nbs)
             return
         bad = [i for i, nb in enumerate(nbs) if nb.x is not None and not message_finite(nb)]
         for i in bad:
@@ -86,7 +88,9 @@ class RuleStep:
         if bad:
             info.choice = None
             self._update(x_k, view, closure, info)
-        if not all_finite(self.flat.data):
+        if all_finite(self.flat.data):
+            self._share_momentum(nbs)
+        else:
             what = f"rank {self.world.rank}: the model's weights became inf or NaN at step {self.step_count}"
             if self.on_diverge is not OnDiverge.CONTINUE:
                 raise Diverged(f"{what}; lower --lr (now {self.lr:g}) or --momentum")
@@ -94,6 +98,16 @@ class RuleStep:
                 # Its neighbours leave its messages out from now on, as they do any non-finite message.
                 self.diverged_at = self.step_count
                 self._warn(f"{what}; training goes on without it (--on-diverge continue)")
+
+    def _share_momentum(self, nbs) -> None:
+        """pc-asgd-av: the momentum buffer mixed with the neighbours' (their messages' slopes); with
+        a neighbour's non-finite slope among them, with the finite ones only."""
+        if self.shared_momentum is None:
+            return
+        kw = dict(tolerance=self.tolerance, horizon=self.horizon)
+        if not self.shared_momentum.mix(nbs, **kw):
+            finite = [nb if nb.grad is None or all_finite(nb.grad) else left_out(nb) for nb in nbs]
+            self.shared_momentum.mix(finite, **kw)
 
     def _update(self, x_k: torch.Tensor, view: View, closure, info: StepInfo) -> None:
         """Writes x^j_{k+1} into the parameters (ALGORITHM.md "The two candidates and the update")."""

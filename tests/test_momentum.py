@@ -1,10 +1,13 @@
-"""Quasi-global momentum (momentum.py): the recurrence, its checkpoints, and what it accepts."""
+"""momentum.py: quasi-global momentum (the recurrence, its checkpoints, what it accepts) and
+pc-asgd-av's shared momentum."""
 
 import pytest
 import torch
 
+from pcasgd_mpi import rule
+from pcasgd_mpi.choices import Balance, Slope
 from pcasgd_mpi.flat import FlatParameters
-from pcasgd_mpi.momentum import QuasiGlobalMomentum, check
+from pcasgd_mpi.momentum import QuasiGlobalMomentum, SharedMomentum, check, has_momentum, why_not_shared
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -78,3 +81,66 @@ def test_a_checkpoint_of_the_wrapped_optimizer_carries_it_on():
 def test_it_refuses_what_it_cannot_replace(make, words):
     with pytest.raises(ValueError, match=words):
         check(make(_model().parameters()))
+
+
+# ---------------------------------------------------------------- pc-asgd-av's shared momentum
+
+
+def _sgd_with_buffer(**kw):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, **kw)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return model, opt
+
+
+def test_shared_momentum_writes_the_convex_mix_into_the_buffers_and_refuses_a_non_finite_one():
+    model, opt = _sgd_with_buffer(momentum=0.9)
+    params = list(model.parameters())
+    m = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in params]).clone()
+    n = m.numel()
+    other = torch.arange(n, dtype=m.dtype)
+    shared = SharedMomentum(opt, params)
+    assert shared.mix([rule.Neighbour(0.25, torch.zeros(n), other, 2)], tolerance=0, horizon=16)
+    got = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in params])
+    torch.testing.assert_close(got, 0.75 * m + 0.25 * other)
+    bad = torch.full((n,), float("nan"))
+    assert not shared.mix([rule.Neighbour(0.25, torch.zeros(n), bad, 0)], tolerance=0, horizon=16)
+    torch.testing.assert_close(torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in params]), got)
+
+
+def test_shared_momentum_before_the_first_step_leaves_the_buffers_alone():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    n = sum(p.numel() for p in model.parameters())
+    assert SharedMomentum(opt, list(model.parameters())).mix(
+        [rule.Neighbour(0.5, torch.zeros(n), torch.ones(n), 0)], tolerance=0, horizon=16
+    )
+    assert all("momentum_buffer" not in opt.state.get(p, {}) for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "make, slope, balance, reason",
+    [
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), Slope.UPDATE, Balance.NONE, None),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4), Slope.UPDATE, Balance.MIX, None),
+        (lambda ps: torch.optim.Adam(ps, lr=0.1), Slope.UPDATE, Balance.NONE, "Adam is not torch.optim.SGD"),
+        (
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+            Slope.UPDATE,
+            Balance.NONE,
+            "Nesterov",
+        ),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), Slope.OWN, Balance.NONE, "--slope own sends"),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), Slope.UPDATE, Balance.LR, "--balance lr"),
+    ],
+)
+def test_why_not_shared_names_what_keeps_the_update_from_being_the_buffer(make, slope, balance, reason):
+    got = why_not_shared(make(_model().parameters()), slope, balance)
+    assert got is None if reason is None else reason in got
+
+
+def test_has_momentum():
+    assert has_momentum(torch.optim.SGD(_model().parameters(), lr=0.1, momentum=0.9))
+    assert not has_momentum(torch.optim.SGD(_model().parameters(), lr=0.1))

@@ -16,6 +16,7 @@ from pcasgd_mpi.rule import (
     candidates,
     classify,
     mix,
+    mix_momentum,
     phi,
     predict_weights,
     pv_choose,
@@ -790,3 +791,20 @@ def test_quasi_global_momentum_lowers_the_stability_edge_and_the_edge_bounds_an_
     assert peak(stable_edge(8, 0.9) / 2, 8, 0.9) < 1e-2
     with pytest.raises(ValueError):
         stable_edge(2, 1.0)
+
+
+def test_mix_momentum_is_the_convex_mix_of_the_buffers_that_count():
+    """Fresh and stale neighbours count with W; a dropped one, one never heard from and one whose
+    message has no momentum count as the agent's own buffer. The input is not written."""
+    m = torch.tensor([1.0, -2.0])
+    fresh = Neighbour(0.2, torch.zeros(2), torch.tensor([3.0, 0.0]), 0)
+    stale = Neighbour(0.3, torch.zeros(2), torch.tensor([0.0, 4.0]), 5)
+    dropped = Neighbour(0.1, torch.zeros(2), torch.tensor([100.0, 100.0]), 17)
+    never = Neighbour(0.1, None, None, 0)
+    no_slope = Neighbour(0.1, torch.zeros(2), None, 0)
+    before = m.clone()
+    got = mix_momentum(m, [fresh, stale, dropped, never, no_slope], tolerance=0, horizon=16)
+    expected = 0.5 * before + 0.2 * torch.tensor([3.0, 0.0]) + 0.3 * torch.tensor([0.0, 4.0])
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(m, before)
+    torch.testing.assert_close(mix_momentum(m, [], tolerance=0, horizon=16), m)

@@ -349,6 +349,55 @@ def test_lockstep_adaptive_variant_stays_within_theta_by_the_delay_on_both_ends_
 
 
 @pytest.mark.mpi(min_size=4)
+def test_lockstep_adaptive_variant_mixes_the_momentum_buffers_with_the_neighbours_messages():
+    """pc-asgd-av under torch SGD's momentum, ranks:0:4 on a ring: after each step a rank's buffer is
+    (1 − Σ_l W_jl) m^j_k + Σ_l W_jl m^l_{k−d_l}, m the buffer right after torch's own step (its update
+    over −α, the slope its message carries) and d_l how late l's messages arrive here; rank 0's
+    messages count only once one has arrived. The buffer that goes on is this mixed one."""
+    lag, steps, lr, beta = 4, 12, 0.1, 0.9
+    torch.manual_seed(rank)
+    model = torch.nn.Linear(3, 1)
+    world = init("ring", comm=comm)
+    opt = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=lr, momentum=beta),
+        model,
+        world=world,
+        mode="lockstep",
+        algorithm="pc-asgd-av",
+        delay=f"ranks:0:{lag}",
+    )
+    assert opt.shared_momentum is not None
+
+    def buffer():
+        return torch.cat([opt.inner.state[p]["momentum_buffer"].reshape(-1) for p in model.parameters()]).clone()
+
+    own, mixed = [], []
+    for k in range(steps):
+        opt.zero_grad()
+        (model(torch.randn(4, 3)) ** 2).mean().backward()
+        before = buffer() if k else None
+        opt.step()
+        own.append(-opt._delta / lr)  # torch's step is −α·m with m its new buffer
+        if before is not None:
+            torch.testing.assert_close(own[-1], beta * before + _grad(model), rtol=0, atol=1e-6)
+        mixed.append(buffer())
+    opt.finalize()
+    every = [torch.tensor(a) for a in comm.allgather(torch.stack(own).numpy())]
+    for k in range(steps):
+        expected = every[rank][k].clone()
+        for n in world.neighbours:
+            d = lag if n == 0 else 0
+            if k - d >= 0:
+                expected += world.W[rank, n] * (every[n][k - d] - every[rank][k])
+        torch.testing.assert_close(mixed[k], expected, rtol=0, atol=1e-6)
+    assert any(not torch.allclose(m, o) for m, o in zip(mixed, own)), "the mixing must change the buffer"
+
+
+def _grad(model) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.mpi(min_size=4)
 def test_lockstep_link_prediction_follows_its_rule_and_the_pulls_of_a_link_cancel():
     """ranks:0,2:3 on a ring: every link has a late direction, so both its ends use the pair of step
     k − 3 and x_{k+1} = x_k + Δ_k + Σ_l a^{jl}_k, a^{jl}_k = γ W_jl (x^l_{k−3} − x^j_{k−3} − 2 C^{jl}_k),
