@@ -94,6 +94,11 @@ class MomentumKind(TextEnum):
     QUASI_GLOBAL = "quasi-global"  # of the whole movement, mixing included (momentum.py)
 
 
+class AvMomentum(TextEnum):
+    SHARED = "shared"  # pc-asgd-av mixes the momentum buffers with the neighbours' (momentum.py)
+    OWN = "own"  # each rank keeps its own
+
+
 class ThetaRule(TextEnum):
     FIXED = "fixed"  # --theta, the same for every stale neighbour
     STABLE = "stable"  # per neighbour, from its staleness and the mixing matrix (ALGORITHM.md)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from .checks import Choice, Flag, Number, Repeated, Shape, Text, _is_number, _spec_text, link_delay_spec
 from .choices import (  # noqa: F401  (the options' choices are part of this module's API)
     Algorithm,
+    AvMomentum,
     Balance,
     CudaAware,
     Dataset,
@@ -246,6 +247,13 @@ class TrainConfig:
         Group.OPTIMISATION,
         Choice(MomentumKind),
     )
+    av_momentum: AvMomentum = option(
+        AvMomentum.SHARED,
+        "pc-asgd-av under torch SGD's momentum: mix the momentum buffers with the neighbours' like the "
+        "weights (shared), or keep each rank's its own (own); the other algorithms keep their own",
+        Group.OPTIMISATION,
+        Choice(AvMomentum),
+    )
     weight_decay: float = option(0.0, "SGD weight decay", Group.OPTIMISATION, _FINITE_NONNEG)
     seed: int = option(0, "seed of the model, the data split and the batches", Group.OPTIMISATION, _INT0)
     out: str | None = option(
@@ -423,7 +431,7 @@ class TrainConfig:
 
 # Options added after checkpoints were first written: left out of the training hash at their
 # default, so that those checkpoints can still be continued.
-_ADDED_LATER = {"theta_rule": ThetaRule.FIXED, "momentum_kind": MomentumKind.LOCAL}
+_ADDED_LATER = {"theta_rule": ThetaRule.FIXED, "momentum_kind": MomentumKind.LOCAL, "av_momentum": AvMomentum.SHARED}
 
 
 def flag_of(f: dataclasses.Field) -> str:

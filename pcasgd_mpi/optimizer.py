@@ -19,6 +19,7 @@ from mpi4py import MPI
 from . import collectives, momentum, rule
 from .config import (
     Algorithm,
+    AvMomentum,
     Balance,
     Mode,
     MomentumKind,
@@ -90,6 +91,7 @@ class DistributedOptimizer(RuleStep):
         balance: Balance | str = Balance.AUTO,
         on_diverge: OnDiverge | str = _D.on_diverge,
         momentum_kind: MomentumKind | str = _D.momentum_kind,
+        av_momentum: AvMomentum | str = _D.av_momentum,
     ):
         self.inner, self.model, self.world = optimizer, model, world
         self.algorithm, self.mode = Algorithm(algorithm), Mode(mode)
@@ -105,6 +107,7 @@ class DistributedOptimizer(RuleStep):
         self.fault_tolerant = fault_tolerant
         self.slope, self.balance = Slope(slope), resolve_balance(balance, self.mode)
         self.momentum_kind = MomentumKind(momentum_kind)
+        self.av_momentum = AvMomentum(av_momentum)
         self._warn = warn or (lambda msg: None)
         _check_settings(self, link_delay)
         self.delay.check_ranks(world.size)
@@ -161,11 +164,14 @@ class DistributedOptimizer(RuleStep):
         return OwnTrail(self.flat.numel, self.flat.dtype, self.flat.device, depth)
 
     def _make_shared_momentum(self) -> SharedMomentum | None:
-        """pc-asgd-av under a local momentum mixes the momentum buffers too (ALGORITHM.md "Adaptive variant")."""
+        """pc-asgd-av under a local momentum mixes the momentum buffers too (ALGORITHM.md "Adaptive
+        variant"); another optimizer keeps its moments to itself, and is told so."""
+        plain_sgd = type(self.inner) is torch.optim.SGD and not momentum.has_momentum(self.inner)
         if (
             self.algorithm is not Algorithm.PC_ASGD_AV
+            or self.av_momentum is AvMomentum.OWN
             or self.momentum_kind is not MomentumKind.LOCAL
-            or not momentum.has_momentum(self.inner)
+            or plain_sgd
         ):
             return None
         reason = momentum.why_not_shared(self.inner, self.slope, self.balance)
@@ -434,7 +440,27 @@ class DistributedOptimizer(RuleStep):
         view = self.view.at(k, self.lr, self._now())
         if self.balance is Balance.MIX:
             self._mix_per_time(view)
+        if self._tells_lags and self.slope is not Slope.MOVEMENT:  # movement ages copies by the trail
+            self._lags_in_sender_steps(view)
         return view
+
+    @property
+    def _tells_lags(self) -> bool:
+        """Whether this rank's neighbours damp a link by its longer direction (θ by the delay)."""
+        return self.algorithm is Algorithm.PC_ASGD_AV or (
+            self.algorithm is Algorithm.PC_ASGD and self.theta_rule is ThetaRule.STABLE
+        )
+
+    def _lags_in_sender_steps(self, view: View) -> None:
+        """Async, without the trail that counts this rank's own steps: the ages of the copies in use,
+        in their senders' steps, for this rank's next message; a copy past the horizon is dropped
+        and says nothing. (Counted in this rank's own steps from its step rate instead, AV did
+        worse on slow links under label skew: RESULTS-fidelity.md section 18.)"""
+        self._lags = {
+            n: nb.staleness
+            for n, nb in zip(self.neighbours, view.neighbours)
+            if nb.x is not None and nb.staleness <= self.horizon
+        }
 
     def _mix_per_time(self, view: View) -> None:
         """--balance mix: a neighbour slower than this rank weighs W·r_l/r_own per step, so that

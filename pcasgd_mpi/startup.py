@@ -103,6 +103,7 @@ class Setup:
             balance=cfg.balance,
             on_diverge=cfg.on_diverge,
             momentum_kind=cfg.momentum_kind,
+            av_momentum=cfg.av_momentum,
         )
 
 

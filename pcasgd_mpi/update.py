@@ -159,7 +159,7 @@ class RuleStep:
         A fresh neighbour whose copy of this rank is late is then pulled towards with weight θ·W
         too, the rest staying with this rank's own weights, so that both ends of the link pull
         alike. In async mode a stale copy's lag is counted in this rank's own steps since the copy
-        was made (the steps of the loop it closes) when the trail holds them."""
+        was made (the steps of the loop it closes) when the trail holds them, else in its sender's."""
         lockstep = self.mode is Mode.LOCKSTEP
         beta = 0.0 if self.quasi_global is None else self.quasi_global.beta  # its buffer carries the mixing too
         thetas, out, logged = [], list(nbs), {}

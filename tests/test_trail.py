@@ -263,3 +263,24 @@ def test_async_movement_ages_a_copy_by_this_ranks_own_steps_but_drops_only_by_th
     status = [rule.classify(nb, tol, h) for nb in view.neighbours]
     S = rule.Status
     assert status == [S.STALE, S.FRESH, S.STALE, S.DROPPED, S.DROPPED]
+
+
+def test_async_without_a_trail_tells_the_neighbours_the_ages_in_their_senders_steps():
+    """pc-asgd-av (and θ by the delay) with the update slope: no trail counts this rank's own steps,
+    so the next message carries each copy's age in its sender's steps; nothing for a copy never
+    received or past the horizon."""
+    from types import SimpleNamespace
+
+    from pcasgd_mpi.neighbours import View
+    from pcasgd_mpi.optimizer import DistributedOptimizer
+
+    x = torch.zeros(2)
+    nbs = [
+        rule.Neighbour(0.25, x, None, 9),
+        rule.Neighbour(0.25, x, None, 0),
+        rule.Neighbour(0.25, x, None, 17),
+        rule.Neighbour(0.25, None, None, 0),
+    ]
+    fake = SimpleNamespace(horizon=16, neighbours=[1, 2, 3, 4])
+    DistributedOptimizer._lags_in_sender_steps(fake, View(nbs, [1, 9, 0, None], [10, 9, 17, None]))
+    assert fake._lags == {1: 9, 2: 0}

@@ -125,7 +125,16 @@ def test_movement_with_theta_by_the_delay_mixes_each_stale_copy_at_its_stable_ga
 
 
 @pytest.mark.mpi(min_size=4)
-def test_async_movement_with_theta_by_the_delay_damps_both_ends_of_a_slow_link(tmp_path):
+@pytest.mark.parametrize(
+    "rule",
+    [
+        dict(algorithm="pc-asgd", theta_rule="stable", slope="movement", stop="each"),  # in its own steps
+        # the update slope: ages in the senders' steps; AV's records make the late side the slower,
+        # so every rank stops with the first (a finished sender's last copy ages on)
+        dict(algorithm="pc-asgd-av", momentum=0.9, stop="first"),
+    ],
+)
+def test_async_theta_by_the_delay_damps_both_ends_of_a_slow_link(tmp_path, rule):
     """Ranks 0 and 2 send late: ranks 1 and 3 see their copies several steps old and damp them;
     ranks 0 and 2 see fresh copies, learn from the replies how late theirs arrive, and damp too."""
     import json
@@ -134,14 +143,11 @@ def test_async_movement_with_theta_by_the_delay_damps_both_ends_of_a_slow_link(t
     run(
         TrainConfig(
             out=str(out),
-            algorithm="pc-asgd",
-            theta_rule="stable",
-            slope="movement",
+            **rule,
             link_delay=["0,2:20"],
             horizon=100,  # however fast the steps are here, the late copies stay in the mix
             steps=200,
             progress=False,
-            stop="each",
             timeout=60,
         )
     )
@@ -156,20 +162,23 @@ def test_async_movement_with_theta_by_the_delay_damps_both_ends_of_a_slow_link(t
 
 
 @pytest.mark.mpi(min_size=4)
-def test_drift_slope_predicts_a_momentum_sender_better_than_its_update(tmp_path):
-    """Under momentum an agent's own step is mostly undone by its mixing: rolling a copy forward by
-    its update overshoots, by its average movement does not (AV's measured E_P)."""
+def test_drift_slope_predicts_a_momentum_sender_better_than_its_own_update(tmp_path):
+    """Under a momentum each rank keeps to itself, an agent's own step is mostly undone by its mixing:
+    rolling a copy forward by its update overshoots, by its average movement does not (AV's measured
+    E_P). With the buffers shared the update no longer overshoots as much."""
     out = Path(_shared_dir(tmp_path))
     common = dict(
         algorithm="pc-asgd-av", mode="lockstep", delay="ranks:0,2:8", momentum=0.9, lr=0.02, steps=150, progress=False
     )
     d = run(TrainConfig(out=str(out / "drift"), slope="drift", **common))
-    u = run(TrainConfig(out=str(out / "update"), slope="update", **common))
+    u = run(TrainConfig(out=str(out / "update"), slope="update", av_momentum="own", **common))
+    shared = run(TrainConfig(out=str(out / "shared"), slope="update", **common))
     if rank == 0:
         per_msg = lambda s: s["exchange"][0]["bytes_sent"] / s["exchange"][0]["sent"]  # noqa: E731
         assert per_msg(d) == per_msg(u), "the drift travels as the update does"
         e_p = lambda s: [v["e_p"] for per in s["av"].values() for v in per.values() if v["e_p"] is not None]  # noqa: E731
         assert len(e_p(d)) >= 2 and max(e_p(d)) < min(e_p(u)), (e_p(d), e_p(u))
+        assert max(e_p(shared)) < min(e_p(u)), (e_p(shared), e_p(u))
         assert d["final_accuracy"] > 0.8, d["final_accuracy"]
 
 

@@ -393,6 +393,42 @@ def test_lockstep_adaptive_variant_mixes_the_momentum_buffers_with_the_neighbour
     assert any(not torch.allclose(m, o) for m, o in zip(mixed, own)), "the mixing must change the buffer"
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize(
+    "make, options, warning",
+    [
+        (lambda ps: torch.optim.Adam(ps, lr=0.01), {}, "Adam is not torch.optim.SGD"),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), {"slope": "own"}, "--slope own sends no momentum"),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1), {}, None),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), {"av_momentum": "own"}, None),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), {"momentum_kind": "quasi-global"}, None),
+    ],
+)
+def test_adaptive_variant_shares_no_momentum_where_messages_do_not_carry_it(make, options, warning):
+    """Another optimizer or slope: AV leaves each rank's momentum its own and says why, once. Plain
+    SGD has no buffer, quasi-global momentum carries the mixing already, and --av-momentum own asks
+    for it: nothing to say."""
+    model = torch.nn.Linear(3, 1)
+    warned = []
+    opt = DistributedOptimizer(
+        make(model.parameters()),
+        model,
+        world=init("ring", comm=comm),
+        mode="lockstep",
+        algorithm="pc-asgd-av",
+        warn=warned.append,
+        **options,
+    )
+    for _ in range(2):
+        opt.zero_grad()
+        (model(torch.randn(4, 3)) ** 2).mean().backward()
+        opt.step()
+    opt.finalize()
+    assert opt.shared_momentum is None
+    shared = [w for w in warned if "momentum its own" in w]
+    assert (shared == []) if warning is None else (len(shared) == 1 and warning in shared[0]), warned
+
+
 def _grad(model) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
