@@ -351,6 +351,7 @@ class DistributedOptimizer(RuleStep):
         for n, tau in info.staleness.items():
             self.staleness_histogram.setdefault(self.names[n], Counter())[NEVER if tau is None else tau] += 1
         self._update_checked(x_k, view, closure, info)
+        self._share_momentum(view.neighbours)
         if self.links is not None:
             self.links.commit()
         if info.choice is not None:
@@ -440,16 +441,9 @@ class DistributedOptimizer(RuleStep):
         view = self.view.at(k, self.lr, self._now())
         if self.balance is Balance.MIX:
             self._mix_per_time(view)
-        if self._tells_lags and self.slope is not Slope.MOVEMENT:  # movement ages copies by the trail
+        if self._takes_theta_by_the_delay and self.slope is not Slope.MOVEMENT:  # movement: by the trail
             self._lags_in_sender_steps(view)
         return view
-
-    @property
-    def _tells_lags(self) -> bool:
-        """Whether this rank's neighbours damp a link by its longer direction (θ by the delay)."""
-        return self.algorithm is Algorithm.PC_ASGD_AV or (
-            self.algorithm is Algorithm.PC_ASGD and self.theta_rule is ThetaRule.STABLE
-        )
 
     def _lags_in_sender_steps(self, view: View) -> None:
         """Async, without the trail that counts this rank's own steps: the ages of the copies in use,

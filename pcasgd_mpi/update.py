@@ -31,6 +31,13 @@ class Diverged(RuntimeError):
 
 
 class RuleStep:
+    @property
+    def _takes_theta_by_the_delay(self) -> bool:
+        """θ by the delay, on both ends of a late link: pc-asgd-av's bound, and --theta-rule stable."""
+        return self.algorithm is Algorithm.PC_ASGD_AV or (
+            self.algorithm is Algorithm.PC_ASGD and self.theta_rule is ThetaRule.STABLE
+        )
+
     def _rule_kwargs(self) -> dict:
         plain = self.slope in (Slope.VELOCITY, Slope.DRIFT) or self.slope.receiver_side
         lam = 0.0 if plain else self.lam  # plain extrapolations
@@ -63,7 +70,6 @@ class RuleStep:
         """
         if not self.check_finite:
             self._update(x_k, view, closure, info)
-            self._share_momentum(view.neighbours)
             return
         nbs = [
             left_out(nb) if s is not None and s == self._bad_step[n] else nb
@@ -72,7 +78,6 @@ class RuleStep:
         view.neighbours = nbs
         self._update(x_k, view, closure, info)
         if all_finite(self.flat.data):
-            self._share_momentum(nbs)
             return
         bad = [i for i, nb in enumerate(nbs) if nb.x is not None and not message_finite(nb)]
         for i in bad:
@@ -88,9 +93,7 @@ class RuleStep:
         if bad:
             info.choice = None
             self._update(x_k, view, closure, info)
-        if all_finite(self.flat.data):
-            self._share_momentum(nbs)
-        else:
+        if not all_finite(self.flat.data):
             what = f"rank {self.world.rank}: the model's weights became inf or NaN at step {self.step_count}"
             if self.on_diverge is not OnDiverge.CONTINUE:
                 raise Diverged(f"{what}; lower --lr (now {self.lr:g}) or --momentum")
@@ -100,8 +103,9 @@ class RuleStep:
                 self._warn(f"{what}; training goes on without it (--on-diverge continue)")
 
     def _share_momentum(self, nbs) -> None:
-        """pc-asgd-av: the momentum buffer mixed with the neighbours' (their messages' slopes); with
-        a neighbour's non-finite slope among them, with the finite ones only."""
+        """pc-asgd-av, after the update: the momentum buffer mixed with the neighbours' (their
+        messages' slopes, those the update used); with a neighbour's non-finite slope among them,
+        with the finite ones only, and not at all when this agent's own buffer is not finite."""
         if self.shared_momentum is None:
             return
         kw = dict(tolerance=self.tolerance, horizon=self.horizon)
@@ -134,7 +138,7 @@ class RuleStep:
             return
         on_predict, reaches = None, None
         av = self.algorithm is Algorithm.PC_ASGD_AV
-        if av or (self.algorithm is Algorithm.PC_ASGD and self.theta_rule is ThetaRule.STABLE):
+        if self._takes_theta_by_the_delay:
             # θ by the delay, which also pulls both ends of a late link; for AV it bounds the blend of
             # least measured error (ALGORITHM.md, "Adaptive variant").
             thetas, nbs, w_self, info.thetas = self._stable_thetas(
